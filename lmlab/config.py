@@ -1,0 +1,135 @@
+"""Model configuration: one dataclass describes every Transformer lmlab builds, plus named presets."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from lmlab.errors import LmlabError
+
+Arch = Literal["decoder", "encoder", "encoder-decoder"]
+Positions = Literal["learned", "sinusoidal", "rope", "relative", "none"]
+
+
+@dataclass
+class ModelConfig:
+    """Shape and flavour of a Transformer. Field names follow the paper-level vocabulary."""
+
+    arch: Arch = "decoder"
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None  # None = n_head (multi-head); 1 = multi-query; else grouped-query
+    d_model: int = 768
+    d_ff: int | None = None  # None = 4 * d_model
+    head_dim: int | None = None  # None = d_model // n_head
+    n_decoder_layer: int | None = None  # encoder-decoder only; None = n_layer
+    max_seq_len: int = 1024
+    # positions
+    pos: Positions = "learned"
+    rope_theta: float = 10000.0
+    rel_buckets: int = 32  # T5-style relative position bias
+    rel_max_distance: int = 128
+    # norms and blocks
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    prenorm: bool = True
+    embed_norm: bool = False  # BERT: LayerNorm right after the embedding sum
+    mlp: Literal["gelu", "gelu_tanh", "relu", "swiglu", "geglu"] = "gelu"
+    attn_bias: bool = True  # q/k/v projection bias
+    out_bias: bool = True  # attention output and MLP biases
+    attn_scale: float | None = None  # None = 1/sqrt(head_dim); T5 uses 1.0
+    tie_embeddings: bool = True
+    tied_logit_scale: bool = False  # T5: scale hidden by d_model**-0.5 before a tied LM head
+    dropout: float = 0.0
+    # encoder extras
+    type_vocab_size: int = 0  # BERT segment embeddings (0 = none)
+    mlm_head: bool = False  # BERT MLM transform (dense + act + norm) before the vocabulary projection
+    pooler: bool = False  # BERT pooler + 2-way next-sentence classifier
+    # special ids (informational; the tokenizer is the source of truth)
+    pad_id: int = 0
+    bos_id: int | None = None
+    eos_id: int | None = None
+    decoder_start_id: int | None = None  # encoder-decoder: first decoder token
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model
+        if self.head_dim is None:
+            if self.d_model % self.n_head:
+                raise LmlabError(f"config: d_model={self.d_model} is not divisible by n_head={self.n_head}")
+            self.head_dim = self.d_model // self.n_head
+        if self.n_head % self.n_kv_head:
+            raise LmlabError(f"config: n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
+        if self.arch == "encoder-decoder" and self.n_decoder_layer is None:
+            self.n_decoder_layer = self.n_layer
+        if self.pos == "rope" and self.head_dim % 2:
+            raise LmlabError(f"config: rotary positions need an even head_dim, got {self.head_dim}")
+
+    @property
+    def causal(self) -> bool:
+        return self.arch == "decoder"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in d:
+            if key not in known:
+                hint = difflib.get_close_matches(key, known, n=1)
+                extra = f" (did you mean '{hint[0]}'?)" if hint else ""
+                raise LmlabError(f"{source}: unknown model config key '{key}'{extra}")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelConfig":
+        try:
+            d = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise LmlabError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        return cls.from_dict(d, source=str(path))
+
+
+def _llama(**kw: Any) -> dict[str, Any]:
+    return dict(arch="decoder", pos="rope", norm="rmsnorm", mlp="swiglu", attn_bias=False,
+                out_bias=False, prenorm=True, **kw)
+
+
+# Named architectures as the keyword arguments of ModelConfig, so overrides re-derive dependent
+# sizes. A preset whose weights can be downloaded also appears in lmlab.hub.
+PRESETS: dict[str, dict[str, Any]] = {
+    "smollm2-135m": _llama(name="smollm2-135m", vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3,
+                           d_model=576, d_ff=1536, max_seq_len=8192, rope_theta=100000.0,
+                           norm_eps=1e-5, tie_embeddings=True, bos_id=1, eos_id=2, pad_id=2),
+    "gpt2": dict(name="gpt2", vocab_size=50257, n_layer=12, n_head=12, d_model=768,
+                        max_seq_len=1024, pos="learned", mlp="gelu_tanh", bos_id=50256, eos_id=50256),
+    "baby-gpt": dict(name="baby-gpt", vocab_size=65, n_layer=4, n_head=4, d_model=128,
+                            max_seq_len=64, pos="learned", mlp="gelu", out_bias=False, attn_bias=False),
+    "bert-base": dict(name="bert-base", arch="encoder", vocab_size=30522, n_layer=12, n_head=12,
+                             d_model=768, max_seq_len=512, pos="learned", prenorm=False, embed_norm=True,
+                             norm_eps=1e-12, type_vocab_size=2, mlm_head=True, pooler=True),
+    "t5-small": dict(name="t5-small", arch="encoder-decoder", vocab_size=32128, n_layer=6,
+                            n_head=8, d_model=512, d_ff=2048, head_dim=64, max_seq_len=512, pos="relative",
+                            norm="rmsnorm", norm_eps=1e-6, mlp="relu", attn_bias=False, out_bias=False,
+                            attn_scale=1.0, tied_logit_scale=True, pad_id=0, eos_id=1, decoder_start_id=0),
+    "tiny-llama": _llama(name="tiny-llama", vocab_size=512, n_layer=2, n_head=4, n_kv_head=2,
+                         d_model=64, d_ff=128, max_seq_len=256),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """The named architecture, with any field overridden (dependent sizes are derived again)."""
+    if name not in PRESETS:
+        raise LmlabError(f"unknown preset '{name}'; known presets: {', '.join(sorted(PRESETS))}")
+    return ModelConfig.from_dict({**PRESETS[name], **overrides}, source=f"preset {name}")
