@@ -54,6 +54,7 @@ class ModelConfig:
     bos_id: int | None = None
     eos_id: int | None = None
     decoder_start_id: int | None = None  # encoder-decoder: first decoder token
+    family: str = ""  # checkpoint family for HF export: llama, qwen2, gpt2, bert, t5
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -103,7 +104,7 @@ class ModelConfig:
 
 def _llama(**kw: Any) -> dict[str, Any]:
     return dict(arch="decoder", pos="rope", norm="rmsnorm", mlp="swiglu", attn_bias=False,
-                out_bias=False, prenorm=True, **kw)
+                out_bias=False, prenorm=True, family="llama", **kw)
 
 
 # Named architectures as the keyword arguments of ModelConfig, so overrides re-derive dependent
@@ -112,14 +113,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smollm2-135m": _llama(name="smollm2-135m", vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3,
                            d_model=576, d_ff=1536, max_seq_len=8192, rope_theta=100000.0,
                            norm_eps=1e-5, tie_embeddings=True, bos_id=1, eos_id=2, pad_id=2),
-    "gpt2": dict(name="gpt2", vocab_size=50257, n_layer=12, n_head=12, d_model=768,
+    "gpt2": dict(name="gpt2", family="gpt2", vocab_size=50257, n_layer=12, n_head=12, d_model=768,
                         max_seq_len=1024, pos="learned", mlp="gelu_tanh", bos_id=50256, eos_id=50256),
     "baby-gpt": dict(name="baby-gpt", vocab_size=65, n_layer=4, n_head=4, d_model=128,
                             max_seq_len=64, pos="learned", mlp="gelu", out_bias=False, attn_bias=False),
-    "bert-base": dict(name="bert-base", arch="encoder", vocab_size=30522, n_layer=12, n_head=12,
+    "bert-base": dict(name="bert-base", family="bert", arch="encoder", vocab_size=30522, n_layer=12, n_head=12,
                              d_model=768, max_seq_len=512, pos="learned", prenorm=False, embed_norm=True,
                              norm_eps=1e-12, type_vocab_size=2, mlm_head=True, pooler=True),
-    "t5-small": dict(name="t5-small", arch="encoder-decoder", vocab_size=32128, n_layer=6,
+    "t5-small": dict(name="t5-small", family="t5", arch="encoder-decoder", vocab_size=32128, n_layer=6,
                             n_head=8, d_model=512, d_ff=2048, head_dim=64, max_seq_len=512, pos="relative",
                             norm="rmsnorm", norm_eps=1e-6, mlp="relu", attn_bias=False, out_bias=False,
                             attn_scale=1.0, tied_logit_scale=True, pad_id=0, eos_id=1, decoder_start_id=0),

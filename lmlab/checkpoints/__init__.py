@@ -1,0 +1,90 @@
+"""Loading any model spec: a preset name, a .gguf file, an HF-format folder or an lmlab checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from lmlab import hub
+from lmlab.config import PRESETS, ModelConfig
+from lmlab.errors import LmlabError
+from lmlab.model import Transformer
+from lmlab.tokenizer import Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise LmlabError(f"{path}: file not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LmlabError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0]})") from None
+
+
+def resolve(spec: str) -> Path:
+    """Turn a model spec into a local file or folder (downloading a preset's weights on first use)."""
+    if spec in hub.SOURCES:
+        return hub.resolve(spec)
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    if spec in PRESETS:
+        raise LmlabError(f"preset '{spec}' is an architecture without downloadable weights; "
+                         f"downloadable: {', '.join(hub.SOURCES)}")
+    known = sorted(set(hub.SOURCES))
+    raise LmlabError(f"unknown model '{spec}': not a file or folder, and not a known preset "
+                     f"(known presets: {', '.join(known)})")
+
+
+def read(spec: str) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer | None]:
+    """Config, float state dict (lmlab names) and tokenizer for any model spec."""
+    from lmlab.checkpoints import gguf, hf, native
+
+    path = resolve(spec)
+    if path.is_file():
+        if path.suffix == ".gguf" or _is_gguf(path):
+            return gguf.read(path)
+        raise LmlabError(f"{path}: not a GGUF file (a model is a .gguf file or a checkpoint folder)")
+    if native.is_native(path):
+        return native.read(path)
+    if (path / "config.json").is_file():
+        return hf.read(path)
+    raise LmlabError(f"{path}: not a model folder (expected lmlab.json or config.json inside)")
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def build(cfg: ModelConfig, sd: dict[str, torch.Tensor], source: str) -> Transformer:
+    """A model with exactly these weights; a missing, unexpected or mis-shaped tensor is named."""
+    model = Transformer(cfg)
+    expected = model.state_dict()
+    tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    for name, t in sd.items():
+        if name not in expected:
+            raise LmlabError(f"{source}: unexpected tensor '{name}' for this config")
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise LmlabError(f"{source}: tensor '{name}' has shape {tuple(t.shape)}, "
+                             f"config expects {tuple(expected[name].shape)}")
+    missing = [n for n in expected if n not in sd and n not in tied]
+    if missing:
+        raise LmlabError(f"{source}: missing tensor '{missing[0]}'")
+    model.load_state_dict(sd, strict=False)
+    return model
+
+
+def load(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu") -> tuple[Transformer, Tokenizer | None]:
+    """Load a model and its tokenizer, ready for inference (eval mode)."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise LmlabError(f"unknown dtype '{dtype}' (choose from {', '.join(DTYPES)})")
+        dtype = DTYPES[dtype]
+    cfg, sd, tok = read(spec)
+    model = build(cfg, sd, str(spec))
+    return model.to(device=device, dtype=dtype).eval(), tok

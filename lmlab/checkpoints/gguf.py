@@ -1,0 +1,135 @@
+"""GGUF files (llama.cpp): metadata → ModelConfig and tokenizer, tensors de-quantized with `gguf`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QType, GGUFReader, quants
+
+from lmlab.config import ModelConfig
+from lmlab.errors import LmlabError
+from lmlab.tokenizer import Tokenizer
+
+# Tensor types `gguf` can turn back into floats (plain floats need no de-quantizing).
+FLOAT_TYPES = {QType.F32, QType.F16, QType.BF16, QType.F64}
+UNSUPPORTED = {QType.Q8_1, QType.Q8_K, QType.I8, QType.I16, QType.I32, QType.I64} | (
+    {QType.Q1_0} if hasattr(QType, "Q1_0") else set())
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}  # GGUF architecture → lmlab family
+
+
+def open_gguf(path: str | Path) -> GGUFReader:
+    path = Path(path)
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:
+        raise LmlabError(f"{path}: not a readable GGUF file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    size = path.stat().st_size
+    for t in reader.tensors:
+        end = t.data_offset + t.n_bytes
+        if end > size:
+            raise LmlabError(f"{path}: truncated: tensor '{t.name}' needs bytes up to {end}, file has {size}")
+    return reader
+
+
+def metadata(reader: GGUFReader) -> dict[str, Any]:
+    out = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        out[key] = field.contents()
+    return out
+
+
+def config_from_metadata(meta: dict[str, Any], source: str) -> ModelConfig:
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise LmlabError(f"{source}: unsupported GGUF architecture '{arch}' (supported: {', '.join(ARCHITECTURES)})")
+
+    def get(key: str, default: Any = None) -> Any:
+        value = meta.get(f"{arch}.{key}", default)
+        if value is None:
+            raise LmlabError(f"{source}: GGUF metadata lacks '{arch}.{key}'")
+        return value
+
+    n_head = int(get("attention.head_count"))
+    d_model = int(get("embedding_length"))
+    vocab = meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"])
+    return ModelConfig(
+        arch="decoder", family=ARCHITECTURES[arch], name=str(meta.get("general.name", "")),
+        vocab_size=int(vocab), n_layer=int(get("block_count")), n_head=n_head,
+        n_kv_head=int(get("attention.head_count_kv", n_head)), d_model=d_model,
+        d_ff=int(get("feed_forward_length")),
+        head_dim=int(meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count")
+                     or d_model // n_head),
+        max_seq_len=int(get("context_length")), pos="rope", rope_theta=float(get("rope.freq_base", 10000.0)),
+        norm="rmsnorm", norm_eps=float(get("attention.layer_norm_rms_epsilon")), mlp="swiglu",
+        attn_bias=arch == "qwen2", out_bias=False, tie_embeddings=False,
+        bos_id=meta.get("tokenizer.ggml.bos_token_id"), eos_id=meta.get("tokenizer.ggml.eos_token_id"),
+        pad_id=meta.get("tokenizer.ggml.padding_token_id") or 0,
+    )
+
+
+def dequantize(t, source: str) -> np.ndarray:
+    qtype = QType(t.tensor_type)
+    if qtype in UNSUPPORTED:
+        raise LmlabError(f"{source}: tensor '{t.name}' has unsupported GGUF type {qtype.name}")
+    shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists dimensions innermost first
+    if qtype in FLOAT_TYPES:
+        arr = np.asarray(t.data)
+        if qtype == QType.BF16:
+            arr = (arr.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        return arr.astype(np.float32).reshape(shape)
+    try:
+        return quants.dequantize(t.data, qtype).reshape(shape)
+    except NotImplementedError:
+        raise LmlabError(f"{source}: tensor '{t.name}' has unsupported GGUF type {qtype.name}") from None
+
+
+def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's interleaving of Q/K rows so rotary pairs are (i, i + d/2) again."""
+    rest = w.shape[1:]
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *rest).transpose(1, 2).reshape(w.shape)
+
+
+def state_dict(reader: GGUFReader, cfg: ModelConfig, source: str) -> dict[str, torch.Tensor]:
+    raw = {t.name: torch.from_numpy(np.ascontiguousarray(dequantize(t, source))) for t in reader.tensors}
+
+    def take(name: str) -> torch.Tensor:
+        if name not in raw:
+            raise LmlabError(f"{source}: missing tensor '{name}'")
+        return raw.pop(name)
+
+    sd = {"tok_emb.weight": take("token_embd.weight"), "decoder.norm.weight": take("output_norm.weight")}
+    if "output.weight" in raw:
+        sd["lm_head.weight"] = take("output.weight")
+    permute = cfg.family == "llama"
+    for i in range(cfg.n_layer):
+        p, q = f"blk.{i}.", f"decoder.blocks.{i}."
+        wq, wk, wv = take(p + "attn_q.weight"), take(p + "attn_k.weight"), take(p + "attn_v.weight")
+        if permute:
+            wq, wk = unpermute(wq, cfg.n_head), unpermute(wk, cfg.n_kv_head)
+        sd[q + "attn.qkv.weight"] = torch.cat([wq, wk, wv])
+        if cfg.attn_bias:
+            sd[q + "attn.qkv.bias"] = torch.cat([take(p + "attn_q.bias"), take(p + "attn_k.bias"),
+                                                 take(p + "attn_v.bias")])
+        sd[q + "attn.out.weight"] = take(p + "attn_output.weight")
+        sd[q + "norm1.weight"] = take(p + "attn_norm.weight")
+        sd[q + "norm2.weight"] = take(p + "ffn_norm.weight")
+        sd[q + "mlp.gate_up.weight"] = torch.cat([take(p + "ffn_gate.weight"), take(p + "ffn_up.weight")])
+        sd[q + "mlp.proj.weight"] = take(p + "ffn_down.weight")
+    raw.pop("rope_freqs.weight", None)
+    if raw:
+        raise LmlabError(f"{source}: unexpected tensor '{next(iter(raw))}' for architecture {cfg.family}")
+    return sd
+
+
+def read(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+    reader = open_gguf(path)
+    meta = metadata(reader)
+    cfg = config_from_metadata(meta, str(path))
+    names = {t.name for t in reader.tensors}
+    cfg.tie_embeddings = "output.weight" not in names
+    sd = state_dict(reader, cfg, str(path))
+    return cfg, sd, Tokenizer.from_gguf_metadata(meta, str(path))
