@@ -195,6 +195,7 @@ EXPORTS = {
     "llama-gqa-untied": (lambda: tiny("tiny-llama", n_kv_head=2, tie_embeddings=False), "AutoModelForCausalLM"),
     "qwen2": (lambda: tiny("tiny-llama", family="qwen2", attn_bias=True, n_kv_head=1), "AutoModelForCausalLM"),
     "bert": (lambda: tiny("bert-base", norm_eps=1e-12), "BertForPreTraining"),
+    "bert-untied": (lambda: tiny("bert-base", tie_embeddings=False), "BertForPreTraining"),
     "bert-mlm-only": (lambda: tiny("bert-base", pooler=False), "BertForMaskedLM"),
     "t5-relu-scaled": (lambda: tiny("t5-small"), "AutoModelForSeq2SeqLM"),
     "t5-geglu-untied": (lambda: tiny("t5-small", mlp="geglu", tie_embeddings=False, tied_logit_scale=False),

@@ -266,13 +266,12 @@ def bert_names(cfg: ModelConfig, p: str = "bert.") -> list[Entry]:
 T5_MLP = {"relu": "relu", "gated-gelu": "geglu", "gated-silu": "swiglu"}
 
 
-def t5_config(c: _Conf, names: set[str], lm_head_is_shared: bool | None = None) -> ModelConfig:
+def t5_config(c: _Conf, names: set[str]) -> ModelConfig:
     mlp = T5_MLP[c.require("feed_forward_proj", tuple(T5_MLP), "relu")]
     tie_flag = c.d.get("tie_word_embeddings", True) is not False
     # transformers 5.x writes scale_decoder_outputs and always ties; 4.x scales exactly when tied.
     scale = bool(c.d.get("scale_decoder_outputs", tie_flag))
-    # a stored lm_head that equals the shared embedding is the tied head written out for 4.x readers
-    tied = "lm_head.weight" not in names or bool(lm_head_is_shared)
+    tied = "lm_head.weight" not in names  # (read() drops a stored copy of the shared embedding)
     if scale and not tied:
         raise LmlabError(f"{c.source}: a separate lm_head with scaled decoder outputs is not supported by lmlab")
     pad = c.get("pad_token_id", int, 0)
@@ -348,7 +347,7 @@ FAMILIES: dict[str, Family] = {
                     r"rotary_emb\.inv_freq$"),
     "gpt2": Family(gpt2_config, gpt2_to_hf, gpt2_names, "decoder", "transformer.", r"\.attn\.(masked_)?bias$"),
     "bert": Family(bert_config, bert_to_hf, bert_names, "encoder", "bert.",
-                   r"embeddings\.position_ids$|^cls\.predictions\.decoder\.bias$"),
+                   r"embeddings\.position_ids$"),
     "t5": Family(t5_config, t5_to_hf, t5_names, "encoder-decoder", "",
                  r"^(encoder|decoder)\.embed_tokens\.weight$|EncDecAttention\.relative_attention_bias"),
 }
@@ -415,6 +414,10 @@ def family_of(conf: dict[str, Any], source: str) -> str:
     return model_type
 
 
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return a is not None and b is not None and a.shape == b.shape and torch.equal(a, b)
+
+
 def read(folder: str | Path):
     """(ModelConfig, state dict with lmlab names, Tokenizer or None) from an HF-format folder."""
     from lmlab.tokenizer import Tokenizer
@@ -427,15 +430,10 @@ def read(folder: str | Path):
     raw, where = _read_tensors(folder)
     names = set(raw)
     prefix = fam.prefix if any(n.startswith(fam.prefix) for n in names) else ""
-    c = _Conf(conf, source)
-    if fam_name == "t5":
-        shared = raw.get("shared.weight")
-        head = raw.get("lm_head.weight")
-        same = head is not None and shared is not None and head.shape == shared.shape and torch.equal(head, shared)
-        cfg = t5_config(c, names, lm_head_is_shared=same)
-    else:
-        cfg = fam.config_from_hf(c, names)
-    if fam_name == "bert" and "cls.predictions.bias" not in raw and "cls.predictions.decoder.bias" in raw:
+    if fam_name == "t5" and _same(raw.get("lm_head.weight"), raw.get("shared.weight")):
+        names.discard("lm_head.weight")  # the tied head written out for transformers 4.x (see t5_to_hf)
+    cfg = fam.config_from_hf(_Conf(conf, source), names)
+    if fam_name == "bert" and "cls.predictions.decoder.bias" in raw:  # the bias BERT's forward adds
         raw["cls.predictions.bias"] = raw.pop("cls.predictions.decoder.bias")
         where["cls.predictions.bias"] = where["cls.predictions.decoder.bias"]
     sd = _gather(raw, where, fam.names(cfg, prefix), expected_shapes(cfg), folder)
@@ -485,9 +483,8 @@ def _mismatch(cfg: ModelConfig, family: str) -> str | None:
         return f"arch={cfg.arch!r} but {family} is {fam.arch!r}"
     try:
         hf_conf = fam.config_to_hf(cfg)
-        names = {n for e in _export_entries(cfg, family) for n in e.theirs}
-        c = _Conf(hf_conf, f"{family} config")
-        back = t5_config(c, names, lm_head_is_shared=cfg.tie_embeddings) if family == "t5" else fam.config_from_hf(c, names)
+        names = {n for e in fam.names(cfg, fam.prefix) for n in e.theirs}
+        back = fam.config_from_hf(_Conf(hf_conf, f"{family} config"), names)
     except (LmlabError, KeyError) as e:
         return str(e)
     for f in fields(ModelConfig):
@@ -519,6 +516,8 @@ def _export_entries(cfg: ModelConfig, family: str) -> list[Entry]:
         # a tied head without the d_model**-0.5 scaling: transformers 4.x can only say so with
         # tie_word_embeddings=false and a stored lm_head (5.x ties it again as the values are equal)
         entries.append(_one("tok_emb.weight", "lm_head.weight"))
+    if family == "bert" and cfg.mlm_head:  # tied to cls.predictions.bias only while the embeddings are tied
+        entries.append(_one("lm_bias", "cls.predictions.decoder.bias"))
     return entries
 
 
@@ -530,7 +529,7 @@ def hf_state_dict(model: torch.nn.Module, family: str) -> dict[str, torch.Tensor
         t = sd[e.ours].detach()
         pieces = t.split(list(e.split)) if e.split else [t]
         for name, piece in zip(e.theirs, pieces):
-            out[name] = (piece.t() if e.transpose else piece).contiguous().clone()
+            out[name] = (piece.t() if e.transpose else piece).to("cpu", copy=True).contiguous()
     return out
 
 
