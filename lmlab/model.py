@@ -23,9 +23,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # one fused kernel
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -35,7 +35,11 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding (half-split layout, as in GPT-NeoX and HF Llama)."""
+    """Rotary position embedding (half-split layout, as in GPT-NeoX and HF Llama).
+
+    `sin` is stored with the first half negated, so rotating is x*cos + roll(x, D/2)*sin: the same
+    products as x*cos + cat(-x2, x1)*sin, in fewer kernels.
+    """
 
     def __init__(self, head_dim: int, max_len: int, theta: float):
         super().__init__()
@@ -43,16 +47,18 @@ class Rotary(nn.Module):
         freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
         self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        sin = emb.sin()
+        sin[:, : head_dim // 2] *= -1
+        self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)  # B×1×T×D
+        return self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)  # B×T×1×D
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    """Rotate x (B×T×heads×D) by per-position cos and half-negated sin (B×T×1×D), in float32."""
+    xf = x.float()
+    return (xf * cos + xf.roll(x.shape[-1] // 2, dims=-1) * sin).to(x.dtype)
 
 
 def sinusoidal_table(max_len: int, dim: int) -> torch.Tensor:
@@ -128,11 +134,12 @@ class Attention(nn.Module):
             q = self._heads(self.q(x), self.n_head)
             k, v = memory_kv
         else:
-            q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
-            q, k, v = self.qkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
-            q, k, v = self._heads(q, self.n_head), self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)
-            if rope is not None:
-                q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            H, KV = self.n_head, self.n_kv_head
+            qkv = self.qkv(x).view(B, T, H + 2 * KV, self.head_dim)
+            qk = qkv[:, :, : H + KV]
+            if rope is not None:  # queries and keys rotated together
+                qk = apply_rotary(qk, *rope)
+            q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), qkv[:, :, H + KV:].transpose(1, 2)
             if cache is not None:
                 k, v = cache.update(layer, start, k, v)
         y = F.scaled_dot_product_attention(
@@ -164,7 +171,7 @@ class MLP(nn.Module):
             h = self.act(gate) * up
         else:
             h = self.act(self.fc(x))
-        return self.proj(self.dropout(h))
+        return self.proj(self.dropout(h) if self.training else h)
 
 
 # --------------------------------------------------------------------------- block and stack
@@ -178,17 +185,19 @@ class Block(nn.Module):
         self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def _residual(self, x: torch.Tensor, norm: nn.Module, fn) -> torch.Tensor:
+    def _residual(self, x: torch.Tensor, norm: nn.Module, fn, *args, **kw) -> torch.Tensor:
         if self.prenorm:
-            return x + self.drop(fn(norm(x)))
-        return norm(x + self.drop(fn(x)))
+            y = fn(norm(x), *args, **kw)
+            return x + (self.drop(y) if self.training else y)
+        y = fn(x, *args, **kw)
+        return norm(x + (self.drop(y) if self.training else y))
 
     def forward(self, x, mask, *, is_causal=False, rope=None, cache=None, layer=0, start=0,
                 cross_mask=None, memory_kv=None):
-        x = self._residual(x, self.norm1, lambda h: self.attn(
-            h, mask, is_causal=is_causal, rope=rope, cache=cache, layer=layer, start=start))
+        x = self._residual(x, self.norm1, self.attn, mask, is_causal=is_causal, rope=rope, cache=cache,
+                           layer=layer, start=start)
         if self.cross is not None:
-            x = self._residual(x, self.norm_cross, lambda h: self.cross(h, cross_mask, memory_kv=memory_kv))
+            x = self._residual(x, self.norm_cross, self.cross, cross_mask, memory_kv=memory_kv)
         return self._residual(x, self.norm2, self.mlp)
 
 
@@ -212,6 +221,10 @@ class Stack(nn.Module):
         if key_valid is None and self.rel_bias is None and start == 0:
             return None
         S = start + T
+        if T == 1 and key_valid is not None and self.causal:  # one decoding step: every earlier slot is causal
+            allowed = key_valid[:, None, None, :S].clone()
+            allowed[..., start] = True  # a padding query still sees itself
+            return allowed
         q_slot = torch.arange(start, S, device=device)[:, None]
         k_slot = torch.arange(S, device=device)[None, :]
         allowed = (k_slot <= q_slot) if self.causal else torch.ones(T, S, dtype=torch.bool, device=device)
@@ -241,13 +254,13 @@ class Stack(nn.Module):
                 memory_kv = [block.cross.project_kv(memory) for block in self.blocks]
                 if cache is not None:
                     cache.cross = memory_kv
-        x = self.drop(x)
+        x = self.drop(x) if self.training else x
         for i, block in enumerate(self.blocks):
             x = block(x, mask, is_causal=self.causal, rope=rope, cache=cache, layer=i, start=start,
                       cross_mask=cross_mask, memory_kv=memory_kv[i])
         if self.norm is not None:
             x = self.norm(x)
-        return self.drop(x)
+        return self.drop(x) if self.training else x
 
 
 # --------------------------------------------------------------------------- the model

@@ -287,6 +287,12 @@ def test_error_hidden_size_mismatch_names_tensor(llama_folder):
         load(str(llama_folder))
 
 
+def test_error_inconsistent_config_names_file(llama_folder):
+    edit_config(llama_folder, hidden_size=30)  # not a multiple of 4 heads
+    with pytest.raises(LmlabError, match=r"config\.json: .*d_model=30"):
+        load(str(llama_folder))
+
+
 def test_error_intermediate_size_mismatch_names_tensor(llama_folder):
     edit_config(llama_folder, intermediate_size=80)
     with pytest.raises(LmlabError, match=r"model\.layers\.0\.mlp\.gate_proj\.weight"):

@@ -240,9 +240,10 @@ def bert_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def bert_names(cfg: ModelConfig, p: str = "bert.") -> list[Entry]:
-    d = cfg.d_model
+    d = cfg.n_head * cfg.head_dim
     e = p + "embeddings."
-    out = [_one("tok_emb.weight", e + "word_embeddings.weight"), _one("pos_emb.weight", e + "position_embeddings.weight"),
+    out = [_one("tok_emb.weight", e + "word_embeddings.weight"),
+           _one("pos_emb.weight", e + "position_embeddings.weight"),
            _one("type_emb.weight", e + "token_type_embeddings.weight"), *_norm("emb_norm", e + "LayerNorm", cfg)]
     for i in range(cfg.n_layer):
         o, h = f"encoder.blocks.{i}.", f"{p}encoder.layer.{i}."
@@ -308,7 +309,8 @@ def t5_names(cfg: ModelConfig, p: str = "") -> list[Entry]:
     if not cfg.tie_embeddings:
         out.append(_one("lm_head.weight", "lm_head.weight"))
     for stack, n in (("encoder", cfg.n_layer), ("decoder", cfg.n_decoder_layer)):
-        out.append(_one(f"{stack}.rel_bias.weight", f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"))
+        rel = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"  # first layer only
+        out.append(_one(f"{stack}.rel_bias.weight", rel))
         out.append(_one(f"{stack}.norm.weight", f"{stack}.final_layer_norm.weight"))
         for i in range(n):
             o, h = f"{stack}.blocks.{i}.", f"{stack}.block.{i}.layer."
@@ -432,7 +434,10 @@ def read(folder: str | Path):
     prefix = fam.prefix if any(n.startswith(fam.prefix) for n in names) else ""
     if fam_name == "t5" and _same(raw.get("lm_head.weight"), raw.get("shared.weight")):
         names.discard("lm_head.weight")  # the tied head written out for transformers 4.x (see t5_to_hf)
-    cfg = fam.config_from_hf(_Conf(conf, source), names)
+    try:
+        cfg = fam.config_from_hf(_Conf(conf, source), names)
+    except LmlabError as e:  # ModelConfig's own checks do not know the file
+        raise LmlabError(str(e) if str(e).startswith(source) else f"{source}: {e}") from None
     if fam_name == "bert" and "cls.predictions.decoder.bias" in raw:  # the bias BERT's forward adds
         raw["cls.predictions.bias"] = raw.pop("cls.predictions.decoder.bias")
         where["cls.predictions.bias"] = where["cls.predictions.decoder.bias"]
@@ -443,15 +448,21 @@ def read(folder: str | Path):
     if leftover:
         raise LmlabError(f"{where[leftover[0]]}: unexpected tensor '{leftover[0]}' for {fam_name} "
                          f"as configured in config.json")
-    if cfg.bos_id is None and cfg.eos_id is None and (folder / "generation_config.json").is_file():
-        gen = _Conf(_load_json(folder / "generation_config.json"), str(folder / "generation_config.json"))
-        cfg.bos_id, cfg.eos_id = gen.get("bos_token_id", int, None), gen.get("eos_token_id", int, None)
     tok = Tokenizer.from_folder(folder) if (folder / "tokenizer.json").is_file() else None
-    if tok is not None:
-        cfg.bos_id = cfg.bos_id if cfg.bos_id is not None else tok.bos_id
-        cfg.eos_id = cfg.eos_id if cfg.eos_id is not None else tok.eos_id
+    _fill_special_ids(cfg, folder, tok)
     cfg.name = cfg.name or folder.resolve().name
     return cfg, sd, tok
+
+
+def _fill_special_ids(cfg: ModelConfig, folder: Path, tok) -> None:
+    """bos/eos from generation_config.json, then the tokenizer, where config.json has none."""
+    gen_path = folder / "generation_config.json"
+    gen = _Conf(_load_json(gen_path) if gen_path.is_file() else {}, str(gen_path))
+    for field, key, tok_attr in (("bos_id", "bos_token_id", "bos_id"), ("eos_id", "eos_token_id", "eos_id")):
+        if getattr(cfg, field) is None:
+            setattr(cfg, field, gen.get(key, int, None))
+        if getattr(cfg, field) is None and tok is not None:
+            setattr(cfg, field, getattr(tok, tok_attr))
 
 
 def _gather(raw: dict[str, torch.Tensor], where: dict[str, Path], entries: list[Entry],

@@ -30,6 +30,8 @@ class Piece:
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
     """Files named directly, found in folders (recursively, text and jsonl files) or matched by globs."""
+    if isinstance(inputs, (str, Path)):
+        inputs = [str(inputs)]
     files: list[Path] = []
     for spec in inputs:
         path = Path(spec).expanduser()

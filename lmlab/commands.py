@@ -1,0 +1,231 @@
+"""Core subcommands: download, info, generate, chat, convert and the end-to-end demo.
+
+Each subcommand is a typed function; `register` only maps argparse options onto its arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from lmlab.errors import LmlabError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+# --------------------------------------------------------------------------- typed functions
+def download(name: str) -> Path:
+    from lmlab import hub
+
+    path = hub.download(name)
+    print(path)
+    return path
+
+
+def info(model: str) -> dict:
+    import torch
+
+    from lmlab.checkpoints import read, resolve
+
+    path = resolve(model)
+    cfg, sd, tok = read(model)
+    n_params = sum(t.numel() for name, t in sd.items())
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in sd.values()})
+    facts = {
+        "model": model,
+        "path": str(path),
+        "architecture": f"{cfg.arch} ({cfg.family or 'custom'})",
+        "parameters": f"{n_params:,}",
+        "dtype": ", ".join(dtypes) + (" (de-quantized from GGUF)" if path.suffix == ".gguf" else ""),
+        "layers": cfg.n_layer if cfg.arch != "encoder-decoder" else f"{cfg.n_layer} encoder + {cfg.n_decoder_layer} decoder",
+        "width": cfg.d_model,
+        "heads": f"{cfg.n_head} query / {cfg.n_kv_head} key-value (head dim {cfg.head_dim})",
+        "mlp": f"{cfg.mlp}, {cfg.d_ff} hidden",
+        "positions": cfg.pos + (f" (theta {cfg.rope_theta:g})" if cfg.pos == "rope" else ""),
+        "norm": f"{cfg.norm}, {'pre' if cfg.prenorm else 'post'}-norm, eps {cfg.norm_eps:g}",
+        "context length": cfg.max_seq_len,
+        "tied embeddings": cfg.tie_embeddings,
+    }
+    if tok is not None:
+        facts["tokenizer"] = (f"vocabulary {tok.vocab_size}, bos {tok.bos_id}, eos {tok.eos_id}, "
+                              f"chat template {'yes' if tok.chat_template else 'no'}")
+    width = max(len(k) for k in facts)
+    for k, v in facts.items():
+        print(f"{k:<{width}}  {v}")
+    del torch
+    return facts
+
+
+def _load(model: str, dtype: str):
+    from lmlab.checkpoints import load
+
+    m, tok = load(model, dtype=dtype)
+    if tok is None:
+        raise LmlabError(f"{model}: has no tokenizer (tokenizer.json) to turn text into tokens")
+    return m, tok
+
+
+def generate(model: str, prompts: list[str], *, max_new_tokens: int = 128, temperature: float = 0.8,
+             top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, stop: list[str] | None = None,
+             seed: int | None = None, dtype: str = "float32", stats: bool = False, stream: bool = True) -> list[str]:
+    from lmlab.generation import GenerationConfig, generate as run
+
+    m, tok = _load(model, dtype)
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                           repetition_penalty=repetition_penalty, stop=list(stop or []), seed=seed)
+    single = len(prompts) == 1 and stream
+    if single:
+        sys.stdout.write(prompts[0])
+        sys.stdout.flush()
+
+    def on_text(row: int, piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    t0 = time.perf_counter()
+    outs = run(m, tok, prompts, cfg, on_text=on_text if single else None)
+    elapsed = time.perf_counter() - t0
+    if single:
+        sys.stdout.write("\n")
+    else:
+        for prompt, out in zip(prompts, outs):
+            print(prompt + out.text)
+            if len(prompts) > 1:
+                print("-" * 40)
+    if stats:
+        n = sum(len(o.token_ids) for o in outs)
+        print(f"[{n} tokens in {elapsed:.2f} s: {n / max(elapsed, 1e-9):.1f} tok/s; "
+              f"finish: {', '.join(o.finish_reason for o in outs)}]", file=sys.stderr)
+    return [o.text for o in outs]
+
+
+def chat(model: str, *, system: str | None = None, max_new_tokens: int = 512, temperature: float = 0.7,
+         top_p: float = 0.95, seed: int | None = None, dtype: str = "float32") -> None:
+    from lmlab.generation import GenerationConfig, chat_turn
+
+    m, tok = _load(model, dtype)
+    if not tok.chat_template:
+        raise LmlabError(f"{model}: has no chat template; use `lmlab generate`")
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Chatting with", model, "— empty line or Ctrl-D to quit, /reset to start over.")
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        if not line.strip():
+            if interactive:
+                break
+            continue
+        if line.strip() == "/reset":
+            messages = messages[:1] if system else []
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = chat_turn(m, tok, messages, cfg, on_text=lambda row, piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": reply})
+
+
+def convert(model: str, out: str, to: str = "lmlab", dtype: str = "float32") -> Path:
+    from lmlab.checkpoints import hf, load, native
+
+    m, tok = load(model, dtype=dtype)
+    if to == "lmlab":
+        path = native.save(m, tok, out)
+    elif to == "hf":
+        path = hf.export(m, tok, out)
+    else:
+        raise LmlabError(f"unknown target format '{to}' (choose lmlab or hf)")
+    print(f"wrote {path} ({to} format)")
+    return Path(path)
+
+
+def demo(model: str = DEFAULT_MODEL, out_dir: str = "runs/demo") -> None:
+    """The main job on the embedded defaults: fetch the default model and generate from it."""
+    from lmlab import hub
+
+    print(f"== 1. the default model: {model}")
+    hub.resolve(model)
+    info(model)
+    print("\n== 2. greedy generation")
+    generate(model, ["The capital of France is"], max_new_tokens=24, temperature=0.0, stats=True)
+    print("\n== 3. a chat turn through the model's chat template")
+    from lmlab.generation import GenerationConfig, chat_turn
+    m, tok = _load(model, "float32")
+    question = "What is the tallest mountain on Earth? Answer in one sentence."
+    print(f"user: {question}\nassistant: ", end="", flush=True)
+    chat_turn(m, tok, [{"role": "user", "content": question}], GenerationConfig(max_new_tokens=48, temperature=0.0),
+              on_text=lambda row, piece: (sys.stdout.write(piece), sys.stdout.flush()))
+    print()
+    try:
+        from lmlab.train import demo_pretrain
+    except ImportError:
+        return
+    print("\n== 4. pretrain a small model on an embedded corpus")
+    result = demo_pretrain(str(Path(out_dir) / "pretrain"))
+    print(result)
+
+
+# --------------------------------------------------------------------------- argparse mapping
+def _model_arg(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("-m", "--model", required=required, default=None if required else DEFAULT_MODEL,
+                   help="preset name (e.g. smollm2-135m), .gguf file, HF folder or lmlab checkpoint folder")
+
+
+def _dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def register(sub) -> None:
+    p = sub.add_parser("download", help="fetch a preset's weights into $LMLAB_HOME")
+    p.add_argument("name", help="preset name, e.g. smollm2-135m")
+    p.set_defaults(func=lambda a: download(a.name) and 0)
+
+    p = sub.add_parser("info", help="architecture, parameters, dtype, context length, tokenizer")
+    _model_arg(p)
+    p.set_defaults(func=lambda a: info(a.model) and 0)
+
+    p = sub.add_parser("generate", help="continue a prompt")
+    _model_arg(p)
+    p.add_argument("-p", "--prompt", action="append", required=True,
+                   help="prompt text (repeat for a batch); '-' reads stdin")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stats", action="store_true", help="print tokens/s and finish reasons to stderr")
+    _dtype_arg(p)
+    p.set_defaults(func=lambda a: generate(
+        a.model, [sys.stdin.read() if x == "-" else x for x in a.prompt], max_new_tokens=a.max_new_tokens,
+        temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty,
+        stop=a.stop, seed=a.seed, dtype=a.dtype, stats=a.stats) and 0)
+
+    p = sub.add_parser("chat", help="talk to a model through its chat template")
+    _model_arg(p)
+    p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=None)
+    _dtype_arg(p)
+    p.set_defaults(func=lambda a: chat(a.model, system=a.system, max_new_tokens=a.max_new_tokens,
+                                       temperature=a.temperature, top_p=a.top_p, seed=a.seed, dtype=a.dtype))
+
+    p = sub.add_parser("convert", help="GGUF / HF folder / lmlab checkpoint → lmlab checkpoint or HF folder")
+    _model_arg(p)
+    p.add_argument("-o", "--out", required=True, help="output folder")
+    p.add_argument("--to", default="lmlab", choices=["lmlab", "hf"])
+    _dtype_arg(p)
+    p.set_defaults(func=lambda a: convert(a.model, a.out, a.to, a.dtype) and 0)
+
+    p = sub.add_parser("demo", help="the main job: fetch the default model, generate, chat, pretrain")
+    _model_arg(p, required=False)
+    p.add_argument("--out-dir", default="runs/demo")
+    p.set_defaults(func=lambda a: demo(a.model, a.out_dir))

@@ -1,0 +1,108 @@
+"""Reading local benchmark files (jsonl, json, csv) into documents that remember where they came from.
+
+Every document carries its origin ("file:line") so an error about it can name the line to fix.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmlab.errors import LmlabError
+
+
+@dataclass
+class Docs:
+    docs: list[dict[str, Any]]
+    origins: list[str]
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def __add__(self, other: "Docs") -> "Docs":
+        return Docs(self.docs + other.docs, self.origins + other.origins)
+
+
+def _need(path: Path) -> Path:
+    if not path.is_file():
+        raise LmlabError(f"{path}: file not found")
+    return path
+
+
+def read_jsonl(path: str | Path) -> Docs:
+    path = _need(Path(path))
+    docs, origins = [], []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LmlabError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(doc, dict):
+                raise LmlabError(f"{path}:{n}: expected a JSON object, got {type(doc).__name__}")
+            docs.append(doc)
+            origins.append(f"{path}:{n}")
+    return Docs(docs, origins)
+
+
+def read_json(path: str | Path) -> Docs:
+    """A JSON list of objects (or an object holding one list, as HF `field` datasets do), else jsonl."""
+    path = _need(Path(path))
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return read_jsonl(path)
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise LmlabError(f"{path}: expected a list of objects")
+        data = lists[0]
+    if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
+        raise LmlabError(f"{path}: expected a list of objects")
+    return Docs(data, [f"{path}:item {i + 1}" for i in range(len(data))])
+
+
+def read_csv(path: str | Path, header: bool | list[str] = True) -> Docs:
+    """Rows as dicts; `header=False` names columns by position ('0', '1', ...); a list names them."""
+    path = _need(Path(path))
+    docs, origins = [], []
+    with open(path, encoding="utf-8", newline="") as f:
+        try:
+            rows = list(csv.reader(f))
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise LmlabError(f"{path}: not valid csv ({e})") from None
+    names: list[str] | None = header if isinstance(header, list) else None
+    start = 0
+    if header is True:
+        if not rows:
+            raise LmlabError(f"{path}: empty csv file (expected a header line)")
+        names, start = rows[0], 1
+    for n, row in enumerate(rows[start:], start + 1):
+        if not row:
+            continue
+        cols = names or [str(i) for i in range(len(row))]
+        if len(row) != len(cols):
+            raise LmlabError(f"{path}:{n}: expected {len(cols)} columns, found {len(row)}")
+        docs.append(dict(zip(cols, row)))
+        origins.append(f"{path}:{n}")
+    return Docs(docs, origins)
+
+
+def read_lines(path: str | Path) -> list[str]:
+    path = _need(Path(path))
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def read_any(path: str | Path, kind: str | None = None) -> Docs:
+    path = Path(path)
+    kind = kind or {".jsonl": "jsonl", ".json": "json", ".csv": "csv"}.get(path.suffix, "jsonl")
+    if kind == "csv":
+        return read_csv(path)
+    if kind == "json":
+        return read_json(path)
+    return read_jsonl(path)

@@ -1,0 +1,24 @@
+"""Causal language modelling: predict every next token (GPT)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmlab.objectives.base import Objective, ObjectiveConfig, cross_entropy
+
+
+@dataclass
+class CLMConfig(ObjectiveConfig):
+    name: str = "clm"
+
+
+class CLM(Objective):
+    archs = ("decoder",)
+
+    def batch(self, stream, n, gen):
+        w = stream.windows(n, self.seq_len + 1, gen)
+        return {"input_ids": w[:, :-1], "labels": w[:, 1:]}
+
+    def loss(self, model, batch):
+        return cross_entropy(model(batch["input_ids"]), batch["labels"]), {}

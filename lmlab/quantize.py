@@ -1,0 +1,237 @@
+"""Weight-only quantization: int8 per output channel and int4 in groups along the input dimension.
+
+`quantize_model(model, "int8" | "int4", group_size=32)` swaps every nn.Linear of the model (the LM
+head included, untied from the embedding, which stays in floating point) for a module that stores
+integer weights and scales. Activations stay in floating point.
+
+Storage is the same on every device: int8 weights (N×K) with one scale per row, or int4 codes packed
+two per byte (N×K/2, low nibble = even column) with a scale and a minimum per group of `group_size`
+columns (w ≈ code * scale + minimum). The matmul takes the fastest route that exists here:
+PyTorch's own weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) where the
+device has them and they agree with the reference on this very weight (checked once), else the
+reference route, which de-quantizes the weight to the activation dtype and calls F.linear (the same
+on CPU, CUDA or anything else; torch.compile fuses it).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmlab.errors import LmlabError
+
+SCHEMES = ("int8", "int4")
+
+
+# --------------------------------------------------------------------------- quantizers (pure functions)
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: w ≈ q * scale[:, None]; |error| ≤ scale / 2 per element."""
+    w = w.detach().float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return q.to(dtype) * scale.to(dtype)[:, None]
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 in groups of `group_size` columns: w ≈ code * scale + minimum.
+
+    Returns packed codes (uint8 N×Kp/2, Kp = K rounded up to the group size, padding codes 0), and
+    float32 scale and minimum of shape N×(Kp/group_size). |error| ≤ scale / 2 per element.
+    """
+    if group_size < 2 or group_size % 2:
+        raise LmlabError(f"int4 group_size must be an even number ≥ 2, got {group_size}")
+    w = w.detach().float()
+    N, K = w.shape
+    Kp = -(-K // group_size) * group_size
+    groups = F.pad(w, (0, Kp - K)).view(N, Kp // group_size, group_size)
+    if Kp != K:  # padding must not widen the last group's range: fill it with the group's first value
+        last = groups[:, -1]
+        n_real = group_size - (Kp - K)
+        last[:, n_real:] = last[:, :1]
+    lo, hi = groups.amin(-1), groups.amax(-1)
+    scale = ((hi - lo) / 15.0).clamp_min(1e-12)
+    codes = torch.round((groups - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).view(N, Kp)
+    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return packed, scale, lo
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 N×Kp/2 → codes N×Kp (uint8 0..15)."""
+    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).view(packed.shape[0], -1)
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, in_features: int,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    codes = unpack_int4(packed)
+    N, Kp = codes.shape
+    g = Kp // scale.shape[1]
+    w = codes.view(N, -1, g).to(dtype) * scale.to(dtype)[..., None] + minimum.to(dtype)[..., None]
+    return w.view(N, Kp)[:, :in_features]
+
+
+# --------------------------------------------------------------------------- kernels available here
+_UNSET = object()
+
+
+def _has_op(name: str) -> bool:
+    try:
+        return hasattr(torch.ops.aten, name)
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def kernel_dtype(device: torch.device) -> torch.dtype:
+    """Activation dtype the weight-only kernels run fastest in on this device."""
+    from lmlab.runtime import bf16_supported
+
+    return torch.bfloat16 if bf16_supported(device) else torch.float32
+
+
+class QuantLinear(nn.Module):
+    """Common part of the weight-only linears: bias, shapes, and a fast kernel checked once per device."""
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self._fast: dict = {}  # (device, dtype) → prepared kernel state, or None when it is unavailable
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    # subclasses: _prepare(device, dtype) → state or None; _run(state, x2d) → y2d
+    def _kernel(self, x: torch.Tensor):
+        key = (x.device, x.dtype)
+        if key not in self._fast:
+            self._fast[key] = None
+            try:
+                state = self._prepare(x.device, x.dtype)
+                if state is not None and self._agrees(state, x.device, x.dtype):
+                    self._fast[key] = state
+            except (RuntimeError, NotImplementedError, TypeError):
+                pass
+        return self._fast[key]
+
+    @torch.no_grad()
+    def _agrees(self, state, device, dtype) -> bool:
+        """The fast kernel against de-quantize + F.linear on this weight, for two random rows."""
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(2, self.in_features, generator=gen).to(device=device, dtype=dtype)
+        got = self._run(state, x).float()
+        want = F.linear(x.float(), self.dequantize(torch.float32))
+        tol = 0.05 if dtype != torch.float32 else 1e-3
+        return bool(((got - want).norm() <= tol * want.norm() + 1e-6).item())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = self._fast.get((x.device, x.dtype), _UNSET)
+        if state is _UNSET:  # first call on this device/dtype (prepared eagerly, never while compiling)
+            state = None if torch.compiler.is_compiling() else self._kernel(x)
+        if state is None:
+            return self.reference(x)
+        y = self._run(state, x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def _apply(self, fn, recurse=True):  # .to(device/dtype) invalidates prepared kernels
+        self._fast = {}
+        return super()._apply(fn, recurse)
+
+
+class Int8Linear(QuantLinear):
+    """Per-output-channel symmetric int8 weights."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__(weight.shape[1], weight.shape[0], bias)
+        q, scale = quantize_int8(weight)
+        self.register_buffer("qweight", q.to(weight.device))
+        self.register_buffer("scale", scale.to(weight.device))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_int8(self.qweight, self.scale, dtype)
+
+    def _prepare(self, device, dtype):
+        if not _has_op("_weight_int8pack_mm"):
+            return None
+        kdtype = kernel_dtype(device) if device.type == "cpu" else dtype
+        return kdtype, self.scale.to(kdtype)
+
+    def _run(self, state, x):
+        kdtype, scale = state
+        return torch.ops.aten._weight_int8pack_mm(x.to(kdtype), self.qweight, scale).to(x.dtype)
+
+
+class Int4Linear(QuantLinear):
+    """Group-wise asymmetric int4 weights (codes 0..15, a scale and a minimum per group)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int = 32):
+        super().__init__(weight.shape[1], weight.shape[0], bias)
+        self.group_size = group_size
+        packed, scale, minimum = quantize_int4(weight, group_size)
+        self.register_buffer("qweight", packed.to(weight.device))
+        self.register_buffer("scale", scale.to(weight.device))
+        self.register_buffer("minimum", minimum.to(weight.device))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group_size={self.group_size}"
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_int4(self.qweight, self.scale, self.minimum, self.in_features, dtype)
+
+    def _prepare(self, device, dtype):
+        # PyTorch's CPU int4 kernel: codes repacked by the op, w = (code - 8) * scale + zero.
+        if device.type != "cpu" or not _has_op("_weight_int4pack_mm_for_cpu") or self.out_features % 16:
+            return None
+        kdtype = kernel_dtype(device)
+        codes = unpack_int4(self.qweight).to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        zero = self.minimum + 8 * self.scale
+        scale_zero = torch.stack([self.scale, zero], dim=-1).transpose(0, 1).contiguous().to(kdtype)
+        return kdtype, packed, scale_zero, codes.shape[1]
+
+    def _run(self, state, x):
+        kdtype, packed, scale_zero, Kp = state
+        xk = x.to(kdtype)
+        if Kp != self.in_features:
+            xk = F.pad(xk, (0, Kp - self.in_features))
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xk, packed, self.group_size, scale_zero)
+        return y.to(x.dtype)
+
+
+# --------------------------------------------------------------------------- whole models
+def quantize_model(model: nn.Module, scheme: str, group_size: int = 32, *, skip: tuple[str, ...] = ()) -> nn.Module:
+    """Replace every nn.Linear (except names in `skip`) by its weight-only quantized version, in place.
+
+    The LM head is untied from the token embedding first, so the embedding lookup keeps exact rows.
+    """
+    if scheme not in SCHEMES:
+        raise LmlabError(f"unknown quantization '{scheme}' (choose from {', '.join(SCHEMES)})")
+    if getattr(model, "lm_head", None) is not None and hasattr(model, "tok_emb") \
+            and model.lm_head.weight is model.tok_emb.weight:
+        model.lm_head.weight = nn.Parameter(model.tok_emb.weight.detach().clone(), requires_grad=False)
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in skip]
+    for name, lin in targets:
+        w, b = lin.weight.data, lin.bias.data if lin.bias is not None else None
+        new = Int8Linear(w, b) if scheme == "int8" else Int4Linear(w, b, group_size=group_size)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of matrix weights one decoding step reads (every linear, LM head included; not the embedding)."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, QuantLinear)):
+            total += sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
+    return total

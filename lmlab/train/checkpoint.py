@@ -1,0 +1,56 @@
+"""Training checkpoints: everything needed to continue exactly (model, optimizer, step, data and RNG
+states), written atomically; read back with torch.load(weights_only=True)."""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmlab.errors import LmlabError
+
+NAME = "ckpt.pt"
+
+
+def rng_state(data_gen: torch.Generator) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
+             "python": list(random.getstate()[1])}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], data_gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    data_gen.set_state(state["data"])
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(path: Path, state: dict[str, Any]) -> None:
+    """Write to a temporary file and rename: a crash leaves the previous checkpoint intact."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise LmlabError(f"{path}: cannot read checkpoint ({str(e).splitlines()[0]})") from None
+
+
+def check_shape(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Resuming with a different model shape is an error that names the first differing field."""
+    for key in sorted(set(saved) | set(current)):
+        if key in ("dropout", "name"):
+            continue
+        if saved.get(key) != current.get(key):
+            raise LmlabError(f"{path}: cannot resume: checkpoint has model {key}={saved.get(key)!r}, "
+                             f"config now gives {key}={current.get(key)!r} (use a new out_dir or resume=false)")

@@ -1,0 +1,204 @@
+"""Training configuration: dataclasses that a YAML recipe mirrors key for key, plus `key=value` overrides.
+
+    model:      {preset: baby-gpt, n_layer: 4, ...}   any lmlab.config.ModelConfig field over a preset
+    data:       DataConfig   (a prepared folder, or corpus files prepared on first use)
+    objectives: [{name: clm, weight: 1.0, ...}]      see lmlab.objectives
+    optim:      OptimConfig
+    everything else: TrainConfig's own fields (batch_size, seq_len, max_iters, ...)
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmlab.errors import LmlabError
+from lmlab.objectives import ObjectiveConfig, objective_config
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # a folder written by `lmlab prepare`; empty = <out_dir>/data, prepared from `corpus`
+    corpus: list[str] = field(default_factory=list)  # files/folders/globs to prepare when `path` is not prepared yet
+    tokenizer: str = "char"  # char | a tokenizer.json or folder | a model spec
+    doc_boundary: str = "file"  # file | blank_line | line
+    val_fraction: float = 0.1
+    workers: int = 2
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    weight_decay: float = 0.1  # on matrices only; never on norms, biases or embeddings
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    warmup_iters: int = 100
+    lr_decay_iters: int = 0  # 0 = max_iters
+    decay_lr: bool = True
+    grad_clip: float = 1.0  # 0 = off
+
+
+@dataclass
+class TrainConfig:
+    model: dict[str, Any] = field(default_factory=lambda: {"preset": "baby-gpt"})
+    data: DataConfig = field(default_factory=DataConfig)
+    objectives: list[ObjectiveConfig] = field(default_factory=lambda: [ObjectiveConfig()])
+    mixture: str = "sum"  # sum: weighted sum of every objective each step | sample: one per micro-batch
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    seq_len: int = 64
+    batch_size: int = 12  # per process, per micro-step
+    grad_accum: int = 1
+    max_iters: int = 2000
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    checkpoint_interval: int = 0  # 0 = at every evaluation
+    out_dir: str = "out"
+    resume: bool = True  # continue from <out_dir>/ckpt.pt when it exists
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bfloat16 where the GPU has it, else float32) | float32 | bfloat16
+    compile: bool = False
+    threads: int = 0  # CPU threads for torch (0 = torch's default; 1 is fastest on a busy shared machine)
+    distributed: str = "ddp"  # under torchrun: ddp | fsdp
+    deterministic: bool = False
+    tensorboard: bool = True  # when the tensorboard package is installed
+    plot: bool = True  # loss-curve PNG when matplotlib is installed
+    progress: bool = True
+    peak_flops: float = 0.0  # per device, for MFU; 0 = a guess from the device
+    save_model: bool = True  # final model in lmlab's native format at <out_dir>/model
+
+    def __post_init__(self) -> None:
+        if self.mixture not in ("sum", "sample"):
+            raise LmlabError(f"config: mixture must be 'sum' or 'sample', got '{self.mixture}'")
+        if self.distributed not in ("ddp", "fsdp"):
+            raise LmlabError(f"config: distributed must be 'ddp' or 'fsdp', got '{self.distributed}'")
+        if not self.objectives:
+            raise LmlabError("config: objectives is empty")
+        for key in ("batch_size", "grad_accum", "seq_len", "eval_interval", "eval_iters", "log_interval"):
+            if getattr(self, key) < 1:
+                raise LmlabError(f"config: {key} must be at least 1, got {getattr(self, key)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _unknown(source: str, key: str, known) -> LmlabError:
+    hint = difflib.get_close_matches(key, list(known), n=1)
+    extra = f" (did you mean '{hint[0]}'?)" if hint else ""
+    return LmlabError(f"{source}: unknown key '{key}'{extra}")
+
+
+def from_dict(cls, d: Any, source: str = "config"):
+    """A dataclass from nested dicts; an unknown key is named with the closest known one."""
+    if not isinstance(d, dict):
+        raise LmlabError(f"{source}: expected a mapping, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in d.items():
+        if key not in fields:
+            raise _unknown(source, key, fields)
+        kind = hints[key]
+        where = f"{source}.{key}" if source != "config" else key
+        if dataclasses.is_dataclass(kind):
+            value = from_dict(kind, value or {}, where)
+        elif key == "objectives":
+            if not isinstance(value, list):
+                raise LmlabError(f"{where}: expected a list of objectives")
+            value = [objective_config(v if isinstance(v, dict) else {"name": v}, f"{where}[{i}]")
+                     for i, v in enumerate(value)]
+        elif key == "model" and not isinstance(value, dict):
+            raise LmlabError(f"{where}: expected a mapping such as {{preset: baby-gpt, n_layer: 4}}")
+        elif typing.get_origin(kind) is list and isinstance(value, str):
+            value = [value]
+        kwargs[key] = _check_scalar(where, kind, value)
+    return cls(**kwargs)
+
+
+def _check_scalar(where: str, kind, value):
+    if kind is bool and not isinstance(value, bool):
+        raise LmlabError(f"{where}: expected true or false, got {value!r}")
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise LmlabError(f"{where}: expected an integer, got {value!r}")
+    if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise LmlabError(f"{where}: expected a number, got {value!r}")
+    if kind is float:
+        return float(value)
+    if kind is str and not isinstance(value, str):
+        raise LmlabError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def apply_override(d: dict[str, Any], item: str) -> None:
+    """Apply one `a.b.c=value` (value parsed as YAML; list items by index: objectives.0.weight=2)."""
+    if "=" not in item:
+        raise LmlabError(f"override '{item}': expected key=value")
+    path, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    keys = path.split(".")
+    node: Any = d
+    for i, key in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise LmlabError(f"override '{item}': no item {key} in {'.'.join(keys[:i])} (it has {len(node)})")
+            node = node[int(key)]
+        elif isinstance(node, dict):
+            if key not in node:
+                raise _unknown(f"override '{item}'", key, node)
+            node = node[key]
+    last = keys[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise LmlabError(f"override '{item}': no item {last} in {'.'.join(keys[:-1])}")
+        node[int(last)] = value
+    elif isinstance(node, dict):
+        if node is not d.get("model") and last not in node:  # model overrides may add any ModelConfig field
+            raise _unknown(f"override '{item}'", last, node)
+        node[last] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """A TrainConfig from an optional YAML recipe and `key=value` overrides (applied in order)."""
+    d = TrainConfig().to_dict()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise LmlabError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise LmlabError(f"{path}:{where} not valid YAML") from None
+        if not isinstance(loaded, dict):
+            raise LmlabError(f"{path}: expected a mapping at the top level")
+        from_dict(TrainConfig, loaded, str(path))  # names unknown keys against the file
+        _merge(d, loaded)
+    for item in overrides or []:
+        apply_override(d, item)
+    return from_dict(TrainConfig, d)
+
+
+def _merge(base: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict) and k != "model":
+            _merge(base[k], v)
+        else:
+            base[k] = v
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,104 @@
+"""Where a run reports: metrics.jsonl (always), TensorBoard (when installed), a progress bar or plain log
+lines, and a loss-curve PNG at the end (when matplotlib is installed)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """Appends one JSON object per line; on resume, drops lines past the checkpoint's iteration."""
+
+    def __init__(self, out: Path, enabled: bool = True, tensorboard: bool = True, truncate_after: int = 0):
+        self.path, self.enabled, self.tb = out / "metrics.jsonl", enabled, None
+        if not enabled:
+            return
+        if self.path.is_file():
+            keep = [r for r in self.read() if r["iter"] < truncate_after or
+                    (r["iter"] == truncate_after and r.get("split") == "train")] if truncate_after else []
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:  # tensorboard is optional
+                self.tb = None
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "iter":
+                    self.tb.add_scalar(f"{row.get('split', 'train')}/{k}", v, row["iter"])
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Progress:
+    """tqdm bar with loss, tokens/s and MFU on a terminal; plain lines on stderr otherwise."""
+
+    def __init__(self, total: int, start: int, enabled: bool = True):
+        self.enabled, self.bar = enabled, None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="pretrain", unit="it", dynamic_ncols=True)
+
+    def update(self, it: int, *, loss: float, tok_s: float, mfu: float) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.n = it
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}")
+        else:
+            print(f"iter {it}: loss {loss:.4f}, {tok_s:,.0f} tokens/s, MFU {mfu:.2%}", file=sys.stderr, flush=True)
+
+    def note(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def plot_losses(history: list[dict[str, Any]], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # matplotlib is optional
+        return None
+    train = [(r["iter"], r["loss"]) for r in history if r.get("split") == "train"]
+    evals = [(r["iter"], r["val_loss"]) for r in history if r.get("split") == "eval"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train (step)", alpha=0.6)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="validation")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

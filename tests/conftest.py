@@ -1,0 +1,34 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # test helpers such as tiny_gguf
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """The real SmolLM2-135M GGUF, downloaded once into $LMLAB_HOME; skips when it cannot be had."""
+    from lmlab import hub
+    from lmlab.errors import LmlabError
+
+    try:
+        return hub.resolve("smollm2-135m")
+    except LmlabError as e:
+        pytest.skip(f"SmolLM2-135M not available: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_path):
+    from lmlab.checkpoints import load
+
+    return load(str(smollm2_path))
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not present")
+    return SHARED_DATA

@@ -1,0 +1,53 @@
+"""The default model against HF transformers on the same GGUF weights."""
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+PROMPT = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named "
+          "after the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889. Locally nicknamed 'La dame de fer', "
+          "it was constructed as the centerpiece of the 1889 World's Fair.")
+
+
+@pytest.fixture(scope="module")
+def hf_model(smollm2_path):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(smollm2_path.parent), gguf_file=smollm2_path.name, dtype=torch.float32).eval()
+
+
+def test_logits_match_hf(smollm2, hf_model):
+    model, tok = smollm2
+    ids = torch.tensor([tok.encode(PROMPT)[:64]])
+    assert ids.shape[1] == 64
+    with torch.no_grad():
+        diff = (model(ids) - hf_model(ids).logits).abs().max().item()
+    assert diff <= 1e-4, diff
+
+
+def test_greedy_32_tokens_identical(smollm2, hf_model):
+    model, tok = smollm2
+    ids = torch.tensor([tok.encode("The capital of France is")])
+    with torch.no_grad():
+        theirs = hf_model.generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1]:].tolist()
+        cache = model.make_cache(1, 64)
+        logits = model(ids, cache=cache)
+        ours = []
+        for _ in range(32):
+            nxt = logits[0, -1].argmax().item()
+            ours.append(nxt)
+            if nxt == tok.eos_id:  # HF's generate stops at the model's eos token as well
+                break
+            logits = model(torch.tensor([[nxt]]), cache=cache)
+    assert ours == theirs
+    assert "Paris" in tok.decode(ours)
+
+
+def test_tokenizer_matches_hf(smollm2_path, smollm2):
+    transformers = pytest.importorskip("transformers")
+    _, tok = smollm2
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name)
+    for text in [PROMPT, "Numbers 1234567 and emoji 🙂 and 中文 text", "<|im_start|>user\nhi<|im_end|>\n"]:
+        assert tok.encode(text) == hf_tok(text)["input_ids"]
+    msgs = [{"role": "user", "content": "What is 2+2?"}]
+    assert tok.apply_chat_template(msgs) == hf_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
