@@ -350,3 +350,7 @@ def test_smollm2_gguf_export_loads_in_transformers(smollm2, tmp_path):
     assert diff <= TOL, diff
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
     assert hf_tok(text)["input_ids"] == tok.encode(text)
+    again, tok2 = load(str(folder))  # and lmlab reads the folder back: same weights, same tokenizer
+    with torch.no_grad():
+        assert torch.equal(again(ids), model(ids))
+    assert tok2.encode(text) == tok.encode(text) and tok2.chat_template == tok.chat_template
