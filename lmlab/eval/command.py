@@ -78,6 +78,7 @@ def run(args: EvalArgs) -> int:
     samples = results.pop("samples", None)
     if args.output:
         out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
         if samples is not None:
             for task, records in samples.items():
                 _write_jsonl(out.with_name(f"{out.stem}_samples_{task}.jsonl"), records)
