@@ -9,6 +9,7 @@ Output folder: train_000.bin, ..., val_000.bin (raw uint16 or uint32), tokenizer
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -16,7 +17,7 @@ import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 from typing import Iterator
 
@@ -158,12 +159,16 @@ def prepare(cfg: PrepareConfig) -> dict:
         n_tokens += len(ids)
         bar(done_chars, n_tokens, time.time() - start)
 
-    if cfg.workers <= 1:
+    first = list(itertools.islice(units, 2))
+    units = itertools.chain(first, units)
+    if cfg.workers <= 1 or len(first) < 2:  # one unit: no worker would have anything to do in parallel
         for unit in units:
             consume(sum(len(t) for t, _ in unit), tokenize_unit(unit, tok.eos_id, dtype, tok))
     else:
         pending: deque = deque()
-        with ProcessPoolExecutor(cfg.workers, mp_context=get_context("spawn"), initializer=_init_worker,
+        # fork where the platform has it: spawn would re-run a caller's unguarded __main__ script
+        method = "fork" if "fork" in get_all_start_methods() else "spawn"
+        with ProcessPoolExecutor(cfg.workers, mp_context=get_context(method), initializer=_init_worker,
                                  initargs=(tok.tok.to_str(),)) as pool:
             for unit in units:
                 pending.append((sum(len(t) for t, _ in unit), pool.submit(tokenize_unit, unit, tok.eos_id, dtype)))
