@@ -57,6 +57,11 @@ def info(model: str) -> dict:
     return facts
 
 
+def _write(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
 def _load(model: str, dtype: str):
     from lmlab.checkpoints import load
 
@@ -79,12 +84,8 @@ def generate(model: str, prompts: list[str], *, max_new_tokens: int = 128, tempe
         sys.stdout.write(prompts[0])
         sys.stdout.flush()
 
-    def on_text(row: int, piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-
     t0 = time.perf_counter()
-    outs = run(m, tok, prompts, cfg, on_text=on_text if single else None)
+    outs = run(m, tok, prompts, cfg, on_text=(lambda row, piece: _write(piece)) if single else None)
     elapsed = time.perf_counter() - t0
     if single:
         sys.stdout.write("\n")
@@ -125,7 +126,7 @@ def chat(model: str, *, system: str | None = None, max_new_tokens: int = 512, te
             messages = messages[:1] if system else []
             continue
         messages.append({"role": "user", "content": line})
-        reply = chat_turn(m, tok, messages, cfg, on_text=lambda row, piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        reply = chat_turn(m, tok, messages, cfg, on_text=_write)
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": reply})
 
@@ -159,7 +160,7 @@ def demo(model: str = DEFAULT_MODEL, out_dir: str = "runs/demo") -> None:
     question = "What is the tallest mountain on Earth? Answer in one sentence."
     print(f"user: {question}\nassistant: ", end="", flush=True)
     chat_turn(m, tok, [{"role": "user", "content": question}], GenerationConfig(max_new_tokens=48, temperature=0.0),
-              on_text=lambda row, piece: (sys.stdout.write(piece), sys.stdout.flush()))
+              on_text=_write)
     print()
     try:
         from lmlab.train import demo_pretrain
