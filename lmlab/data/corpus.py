@@ -78,9 +78,10 @@ def read_text_blocks(path: Path, block_bytes: int = BLOCK_BYTES) -> Iterator[str
 
 
 def _text_pieces(path: Path, doc_boundary: str, block_bytes: int) -> Iterator[Piece]:
-    tail = ""
+    tail, seen = "", False
     for block in read_text_blocks(path, block_bytes):
         tail += block
+        seen = True
         if doc_boundary == "file":
             cut = tail.rfind("\n") + 1  # pieces end at line ends, so tokenization is unaffected by blocks
             if not cut and len(tail) > 4 * block_bytes:  # one enormous line: cut it anyway
@@ -95,7 +96,8 @@ def _text_pieces(path: Path, doc_boundary: str, block_bytes: int) -> Iterator[Pi
             if part.strip():
                 yield Piece(part, True)
     if doc_boundary == "file":
-        yield Piece(tail, True)
+        if seen:  # an empty file is no document
+            yield Piece(tail, True)
     elif tail.strip():
         yield Piece(tail.rstrip("\n"), True)
 

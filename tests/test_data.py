@@ -1,0 +1,171 @@
+"""Data preparation: token shards, separators, validation split, streaming, tokenizers and bad input."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lmlab.data import PrepareConfig, TokenData, prepare
+from lmlab.data.corpus import expand_inputs, iter_pieces, read_text_blocks
+from lmlab.data.prepare import pick_dtype
+from lmlab.data.tokenizers import char_level, train_bpe
+from lmlab.errors import LmlabError
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+DOCS = ["Hello wörld, this is the first document.\nIt has two lines.",
+        "Zweites Dokument — mit Umlauten: äöü ß. 中文也可以。",
+        "third\n\nwith a blank line inside"]
+
+
+def write_corpus(tmp_path: Path) -> list[Path]:
+    paths = []
+    for i, d in enumerate(DOCS):
+        p = tmp_path / f"doc{i}.txt"
+        p.write_text(d, encoding="utf-8")
+        paths.append(p)
+    return paths
+
+
+def all_tokens(data: TokenData) -> list[int]:
+    return data.train.read(0, len(data.train)).tolist() + (
+        data.val.read(0, len(data.val)).tolist() if data.val is not data.train else [])
+
+
+def test_prepare_roundtrip_with_separators(tmp_path):
+    write_corpus(tmp_path)
+    meta = prepare(PrepareConfig(inputs=[str(tmp_path / "doc*.txt")], out_dir=str(tmp_path / "out"),
+                                 val_fraction=0.2, workers=1, progress=False))
+    data = TokenData(tmp_path / "out")
+    ids = all_tokens(data)
+    assert meta["dtype"] == "uint16" and meta["tokens"] == len(ids)
+    sep = data.sep_id
+    texts = data.tokenizer.decode(ids, skip_special_tokens=False).split("<|endoftext|>")
+    assert texts == DOCS + [""]
+    assert ids.count(sep) == 3 and ids[-1] == sep
+    assert abs(meta["val_tokens"] - round(0.2 * len(ids))) <= 1
+    assert (tmp_path / "out" / "train_000.bin").stat().st_size == 2 * meta["train_tokens"]
+
+
+def test_streaming_small_blocks_and_two_workers_match_one(tmp_path):
+    """Tiny read blocks and work units (multi-byte characters cut by block edges) give the same tokens;
+    2 worker processes write exactly what 1 does."""
+    text = "".join(f"Línea {i}: ünïcödé ✓ 中文 {'x' * (i % 7)}\n" for i in range(3000))
+    (tmp_path / "big.txt").write_text(text, encoding="utf-8")
+    pieces = list(iter_pieces([tmp_path / "big.txt"], block_bytes=37))
+    assert "".join(p.text for p in pieces) == text and all(p.text.endswith("\n") for p in pieces[:-1])
+    outs = {}
+    for workers in (1, 2):
+        cfg = PrepareConfig(inputs=[str(tmp_path / "big.txt")], out_dir=str(tmp_path / f"w{workers}"),
+                            workers=workers, chunk_chars=5000, progress=False)
+        meta = prepare(cfg)
+        outs[workers] = all_tokens(TokenData(cfg.out_dir))
+        assert meta["val_tokens"] > 0
+    assert outs[1] == outs[2]
+    tok = TokenData(tmp_path / "w2").tokenizer
+    assert tok.decode(outs[2]) == text  # the split interleaves but tokens stay in order
+    # the validation part of each work unit is its tail: about 10% overall
+    meta = json.loads((tmp_path / "w2" / "meta.json").read_text())
+    assert abs(meta["val_tokens"] / meta["tokens"] - 0.1) < 0.01
+
+
+def test_doc_boundaries_and_jsonl(tmp_path):
+    (tmp_path / "a.txt").write_text("p one\nstill one\n\n\np two\n  \np three\n")
+    docs = [p.text for p in iter_pieces([tmp_path / "a.txt"], "blank_line")]
+    assert docs == ["p one\nstill one", "p two", "p three"]
+    assert [p.text for p in iter_pieces([tmp_path / "a.txt"], "line")] == ["p one", "still one", "p two", "p three"]
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "first"}) + "\n\n" + json.dumps({"text": "second"}) + "\n")
+    assert [(p.text, p.end_of_doc) for p in iter_pieces([tmp_path / "c.jsonl"])] == [("first", True), ("second", True)]
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": "no"}\n')
+    with pytest.raises(LmlabError, match=r"bad.jsonl:2: expected an object with a string field 'text'"):
+        list(iter_pieces([tmp_path / "bad.jsonl"]))
+    (tmp_path / "bad2.jsonl").write_text('{"text": "ok"}\n{not json\n')
+    with pytest.raises(LmlabError, match=r"bad2.jsonl:2: not valid JSON"):
+        list(iter_pieces([tmp_path / "bad2.jsonl"]))
+
+
+def test_documents_index(tmp_path):
+    (tmp_path / "a.txt").write_text("aa\n\nbbb\n\nc\n")
+    prepare(PrepareConfig(inputs=[str(tmp_path / "a.txt")], out_dir=str(tmp_path / "o"), doc_boundary="blank_line",
+                          val_fraction=0.0, workers=1, progress=False))
+    data = TokenData(tmp_path / "o")
+    docs = data.train.documents(data.sep_id)
+    assert [data.tokenizer.decode(data.train.read(s, e - s).tolist()) for s, e in docs] == ["aa", "bbb", "c"]
+    w = data.train.windows(5, 3, torch.Generator().manual_seed(0))
+    assert w.shape == (5, 3) and w.dtype == torch.int64
+
+
+def test_not_utf8_names_file_and_offset(tmp_path):
+    p = tmp_path / "latin1.txt"
+    p.write_bytes("good text\n".encode() * 100 + "café".encode("latin-1"))
+    with pytest.raises(LmlabError, match=r"latin1.txt: not UTF-8 text \(invalid byte 0xe9 at byte offset 1003\)"):
+        list(read_text_blocks(p, block_bytes=64))
+    with pytest.raises(LmlabError, match="byte offset 1003"):
+        prepare(PrepareConfig(inputs=[str(p)], out_dir=str(tmp_path / "o"), progress=False))
+
+
+def test_empty_corpus_and_missing_inputs(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    for tokenizer in ("char", None):
+        cfg = PrepareConfig(inputs=[str(tmp_path / "empty.txt")], out_dir=str(tmp_path / "o"), progress=False)
+        if tokenizer is None:
+            char_level("abc").save(tmp_path)
+            cfg.tokenizer = str(tmp_path / "tokenizer.json")
+        with pytest.raises(LmlabError, match="corpus is empty"):
+            prepare(cfg)
+    with pytest.raises(LmlabError, match="no such file, folder or glob match"):
+        expand_inputs([str(tmp_path / "nothing*.txt")])
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(LmlabError, match="folder holds no"):
+        expand_inputs([str(tmp_path / "sub")])
+
+
+def test_vocabulary_too_big_for_dtype(tmp_path):
+    assert pick_dtype("auto", 65536) == "uint16" and pick_dtype("auto", 65537) == "uint32"
+    big = char_level(chr(0x10000 + i) for i in range(70000))
+    big.save(tmp_path)
+    (tmp_path / "c.txt").write_text(chr(0x10005) * 10, encoding="utf-8")
+    cfg = PrepareConfig(inputs=[str(tmp_path / "c.txt")], out_dir=str(tmp_path / "o"), dtype="uint16",
+                        tokenizer=str(tmp_path / "tokenizer.json"), progress=False)
+    with pytest.raises(LmlabError, match=r"\(70001 ids\) does not fit dtype uint16"):
+        prepare(cfg)
+    cfg.dtype = "auto"
+    assert prepare(cfg)["dtype"] == "uint32"
+    assert np.fromfile(tmp_path / "o" / "train_000.bin", dtype=np.uint32).max() < 70001
+
+
+def test_train_bpe_roundtrip(tmp_path):
+    text = " ".join(["the cat sat on the mat with another cat"] * 200)
+    tok = train_bpe([text, "ünïcode too ✓"], vocab_size=300, show_progress=False)
+    assert 256 < tok.vocab_size <= 300 and tok.token(tok.eos_id) == "<|endoftext|>"
+    for s in ("the cat sat", "ünïcode ✓ never seen: Ωmega"):
+        assert tok.decode(tok.encode(s)) == s
+    assert len(tok.encode("the cat sat on the mat")) < len("the cat sat on the mat") / 2
+    with pytest.raises(LmlabError, match="corpus is empty"):
+        train_bpe(["", "  "], vocab_size=300, show_progress=False)
+
+
+def test_cli_tokenizer_train_then_prepare(tmp_path, capsys):
+    from lmlab.cli import main
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document number {i} says hello"}) + "\n" for i in range(300)))
+    with pytest.raises(SystemExit) as e:
+        main(["tokenizer", "train", str(corpus), "-o", str(tmp_path / "tok"), "--vocab-size", "320"])
+    assert e.value.code == 0
+    with pytest.raises(SystemExit) as e:
+        main(["prepare", str(corpus), "-o", str(tmp_path / "data"), "-t", str(tmp_path / "tok"), "-q"])
+    assert e.value.code == 0
+    meta = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    data = TokenData(tmp_path / "data")
+    assert meta["vocab_size"] == data.tokenizer.vocab_size and all_tokens(data).count(data.sep_id) == 300
+
+
+@pytest.mark.skipif(not (SHARED / "corpora" / "tinyshakespeare.txt").is_file(), reason="shared data absent")
+def test_tinyshakespeare_char_split_like_nanogpt(tmp_path):
+    meta = prepare(PrepareConfig(inputs=[str(SHARED / "corpora" / "tinyshakespeare.txt")], out_dir=str(tmp_path),
+                                 workers=2, progress=False))
+    assert meta["vocab_size"] == 66  # nanoGPT's 65 characters + the document separator
+    assert meta["train_tokens"] == int(1115395 * 0.9) + 1 or abs(meta["train_tokens"] - 1003854) <= 1
