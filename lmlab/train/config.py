@@ -66,6 +66,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bfloat16 where the GPU has it, else float32) | float32 | bfloat16
     compile: bool = False
+    scaled_residual_init: bool = True  # GPT-2: output projections of residual branches get std 0.02/sqrt(2·layers)
     threads: int = 0  # CPU threads for torch (0 = torch's default; 1 is fastest on a busy shared machine)
     distributed: str = "ddp"  # under torchrun: ddp | fsdp
     deterministic: bool = False
@@ -96,20 +97,20 @@ def _unknown(source: str, key: str, known) -> LmlabError:
     return LmlabError(f"{source}: unknown key '{key}'{extra}")
 
 
-def from_dict(cls, d: Any, source: str = "config"):
+def from_dict(cls, d: Any, source: str = "config", prefix: str = ""):
     """A dataclass from nested dicts; an unknown key is named with the closest known one."""
     if not isinstance(d, dict):
-        raise LmlabError(f"{source}: expected a mapping, got {type(d).__name__}")
+        raise LmlabError(f"{source}: {prefix.rstrip('.') or 'config'}: expected a mapping, got {type(d).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in d.items():
         if key not in fields:
-            raise _unknown(source, key, fields)
+            raise _unknown(f"{source}: {prefix}" if prefix else source, key, fields)
         kind = hints[key]
-        where = f"{source}.{key}" if source != "config" else key
+        where = f"{source}: {prefix}{key}"
         if dataclasses.is_dataclass(kind):
-            value = from_dict(kind, value or {}, where)
+            value = from_dict(kind, value or {}, source, f"{prefix}{key}.")
         elif key == "objectives":
             if not isinstance(value, list):
                 raise LmlabError(f"{where}: expected a list of objectives")
@@ -130,6 +131,11 @@ def _check_scalar(where: str, kind, value):
         if isinstance(value, float) and value.is_integer():
             return int(value)
         raise LmlabError(f"{where}: expected an integer, got {value!r}")
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
         raise LmlabError(f"{where}: expected a number, got {value!r}")
     if kind is float:
@@ -185,19 +191,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise LmlabError(f"{path}:{where} not valid YAML") from None
         if not isinstance(loaded, dict):
             raise LmlabError(f"{path}: expected a mapping at the top level")
-        from_dict(TrainConfig, loaded, str(path))  # names unknown keys against the file
-        _merge(d, loaded)
+        d = from_dict(TrainConfig, loaded, str(path)).to_dict()  # names unknown keys against the file
     for item in overrides or []:
         apply_override(d, item)
     return from_dict(TrainConfig, d)
-
-
-def _merge(base: dict, new: dict) -> None:
-    for k, v in new.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict) and k != "model":
-            _merge(base[k], v)
-        else:
-            base[k] = v
 
 
 def dump_config(cfg: TrainConfig) -> str:

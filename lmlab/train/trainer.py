@@ -83,6 +83,21 @@ def build_model_config(cfg: TrainConfig, vocab_size: int):
     return preset(name, **spec)
 
 
+def scale_residual_init(model: torch.nn.Module) -> None:
+    """GPT-2's initialisation: each residual branch's output projection gets std 0.02/sqrt(2·layers), so the
+    residual stream's variance does not grow with depth."""
+    stacks = [s for s in (model.encoder, model.decoder) if s is not None]
+    layers = sum(len(s.blocks) for s in stacks)
+    std = 0.02 / math.sqrt(2 * layers)
+    with torch.no_grad():
+        for stack in stacks:
+            for block in stack.blocks:
+                for attn in (block.attn, block.cross):
+                    if attn is not None:
+                        attn.out.weight.normal_(0.0, std)
+                block.mlp.proj.weight.normal_(0.0, std)
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices of linear layers only: never on norms, biases or embeddings."""
     no_decay: set[int] = set()
@@ -210,7 +225,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         mixture = build_objectives(cfg.objectives, tokenizer, cfg.seq_len, data.sep_id, cfg.mixture)
         model_cfg = build_model_config(cfg, tokenizer.vocab_size)
         torch.manual_seed(cfg.seed)  # the same initial weights in every process
-        raw = Transformer(model_cfg).to(device)
+        raw = Transformer(model_cfg)
+        if cfg.scaled_residual_init:
+            scale_residual_init(raw)
+        raw = raw.to(device)
         for obj in mixture.objectives:
             obj.check_model(raw)
         n_params = raw.num_params()

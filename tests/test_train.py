@@ -1,0 +1,154 @@
+"""The trainer: schedule, parameter groups, configs, exact resume after SIGKILL, torchrun equivalence."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmlab.data import PrepareConfig, prepare
+from lmlab.errors import LmlabError
+from lmlab.train.config import TrainConfig, load_config
+from lmlab.train.trainer import lr_at, param_groups
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT / ".." / "shared" / "data"
+TINY = ["model.preset=baby-gpt", "model.n_layer=1", "model.n_head=2", "model.d_model=32", "seq_len=16",
+        "eval_iters=1", "log_interval=5", "threads=1", "plot=false", "progress=false", "tensorboard=false"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("data")
+    text = "".join(f"line {i}: the {'quick' if i % 3 else 'lazy'} fox number {i * 7 % 13} jumps.\n" for i in range(800))
+    (folder / "corpus.txt").write_text(text)
+    prepare(PrepareConfig(inputs=[str(folder / "corpus.txt")], out_dir=str(folder / "prepared"), workers=1,
+                          progress=False))
+    return folder / "prepared"
+
+
+def run_cli(args: list[str], nproc: int = 0) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+               str(29500 + os.getpid() % 1000), "-m", "lmlab", "pretrain", *args]
+    else:
+        cmd = [sys.executable, "-m", "lmlab", "pretrain", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(p: subprocess.Popen) -> str:
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    return err
+
+
+def params(out_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out_dir / "ckpt.pt", weights_only=True)["model"]
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def test_lr_schedule_warmup_cosine():
+    cfg = TrainConfig(max_iters=1000)
+    cfg.optim.warmup_iters, cfg.optim.lr, cfg.optim.min_lr = 100, 1e-3, 1e-4
+    lrs = [lr_at(i, cfg) for i in range(1200)]
+    assert lrs[0] < lrs[50] < lrs[99] < 1e-3 and abs(max(lrs) - 1e-3) < 1e-5
+    assert all(a >= b for a, b in zip(lrs[100:1000], lrs[101:1001]))  # monotone decay after warmup
+    assert abs(lrs[1000] - 1e-4) < 1e-9 and lrs[1100] == 1e-4
+    assert abs(lr_at(550, cfg) - 5.5e-4) < 1e-9  # half-way through the cosine
+
+
+def test_no_weight_decay_on_norms_biases_embeddings():
+    from lmlab.config import preset
+    from lmlab.model import Transformer
+
+    model = Transformer(preset("bert-base", n_layer=1, d_model=32, n_head=2, vocab_size=50))
+    decay, rest = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decayed and all(n.endswith("weight") and "norm" not in n and "emb" not in n for n in decayed)
+    assert {"tok_emb.weight", "pos_emb.weight", "type_emb.weight"} <= {names[id(p)] for p in rest["params"]}
+    assert len(decay["params"]) + len(rest["params"]) == len(list(model.parameters()))
+
+
+def test_config_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lr: 1e-3\n  warmup_iter: 5\n")
+    with pytest.raises(LmlabError, match=r"unknown key 'warmup_iter' \(did you mean 'warmup_iters'\?\)"):
+        load_config(bad)
+    with pytest.raises(LmlabError, match=r"unknown key 'max_iter' \(did you mean 'max_iters'\?\)"):
+        load_config(None, ["max_iter=3"])
+    with pytest.raises(LmlabError, match="expected an integer"):
+        load_config(None, ["batch_size=big"])
+    with pytest.raises(LmlabError, match=r"unknown key 'mask_prb' for objective 'mlm' \(did you mean 'mask_prob'\?\)"):
+        load_config(None, ["objectives=[{name: mlm, mask_prb: 0.2}]"])
+    cfg = load_config(ROOT / "configs" / "baby-gpt-shakespeare-char.yaml", ["optim.lr=3e-4", "objectives.0.weight=2"])
+    assert cfg.optim.lr == 3e-4 and cfg.objectives[0].weight == 2.0 and cfg.max_iters == 2000
+
+
+def test_unknown_model_key_and_shape_change_on_resume(tmp_path, data_dir):
+    from lmlab.train import train
+
+    base = [*TINY, f"data.path={data_dir}", f"out_dir={tmp_path}", "max_iters=2", "eval_interval=2",
+            "save_model=false"]
+    with pytest.raises(LmlabError, match=r"unknown model config key 'n_layers' \(did you mean 'n_layer'\?\)"):
+        train(load_config(None, [*base, "model.n_layers=2"]))
+    train(load_config(None, base))
+    with pytest.raises(LmlabError, match=r"cannot resume: checkpoint has model n_layer=1, config now gives n_layer=2"):
+        train(load_config(None, [*base, "model.n_layer=2", "max_iters=4"]))
+
+
+@pytest.mark.slow
+def test_exact_resume_after_sigkill(tmp_path, data_dir):
+    """A run killed mid-way and resumed ends with the parameters of an uninterrupted run (dropout on, so
+    the RNG state has to be restored too)."""
+    args = [*TINY, f"data.path={data_dir}", "max_iters=80", "eval_interval=80", "checkpoint_interval=10",
+            "model.dropout=0.1", "batch_size=4", "save_model=false", "deterministic=true"]
+    finish(run_cli([*args, f"out_dir={tmp_path / 'whole'}"]))
+    killed = tmp_path / "killed"
+    p = run_cli([*args, f"out_dir={killed}"])
+    ckpt_iter, deadline = 0, time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        if (killed / "ckpt.pt").is_file():
+            try:
+                ckpt_iter = torch.load(killed / "ckpt.pt", weights_only=True)["iter"]
+            except Exception:  # written in this instant
+                ckpt_iter = 0
+            if ckpt_iter >= 20:
+                os.kill(p.pid, signal.SIGKILL)
+                break
+        time.sleep(0.02)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL and 20 <= ckpt_iter < 80, "the run was not killed mid-way"
+    err = finish(run_cli([*args, f"out_dir={killed}"]))
+    assert "resuming from" in err
+    final = torch.load(killed / "ckpt.pt", weights_only=True)
+    assert final["iter"] == 80
+    assert max_diff(final["model"], params(tmp_path / "whole")) <= 1e-6
+    metrics = (killed / "metrics.jsonl").read_text().splitlines()
+    iters = [int(line.split('"iter": ')[1].split(",")[0]) for line in metrics if '"split": "train"' in line]
+    assert iters == sorted(set(iters)), "metrics repeat iterations after resume"
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one_with_double_batch(tmp_path, data_dir):
+    args = [*TINY, f"data.path={data_dir}", "max_iters=10", "eval_interval=10", "save_model=false",
+            "optim.warmup_iters=2"]
+    one = run_cli([*args, "batch_size=8", f"out_dir={tmp_path / 'one'}"])
+    finish(one)
+    two = run_cli([*args, "batch_size=4", f"out_dir={tmp_path / 'two'}"], nproc=2)
+    err = finish(two)
+    assert "2 process(es)" in err
+    a, b = params(tmp_path / "one"), params(tmp_path / "two")
+    start = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)
+    assert start["iter"] == 10
+    assert max_diff(a, b) <= 1e-5
