@@ -204,7 +204,7 @@ def register(sub) -> None:
     p.add_argument("--stats", action="store_true", help="print tokens/s and finish reasons to stderr")
     _dtype_arg(p)
     p.set_defaults(func=lambda a: generate(
-        a.model, [sys.stdin.read() if x == "-" else x for x in a.prompt], max_new_tokens=a.max_new_tokens,
+        a.model, [sys.stdin.read().rstrip("\n") if x == "-" else x for x in a.prompt], max_new_tokens=a.max_new_tokens,
         temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty,
         stop=a.stop, seed=a.seed, dtype=a.dtype, stats=a.stats) and 0)
 
