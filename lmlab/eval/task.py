@@ -285,7 +285,10 @@ def _files(spec: Any, yaml_path: Path, data_dir: Path | None) -> list[Path]:
 
 
 def _load_split(cfg: dict, split: str, yaml_path: Path, data_dir: Path | None) -> Docs:
-    path, files = cfg.get("dataset_path"), cfg.get("data_files")
+    kwargs = cfg.get("dataset_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise LmlabError(f"{yaml_path}: dataset_kwargs must be a mapping")
+    path, files = cfg.get("dataset_path"), cfg.get("data_files", kwargs.get("data_files"))
     kind = None
     if path in ("json", "csv"):
         kind = path

@@ -1,0 +1,176 @@
+"""lmlab vs lm-evaluation-harness (HF backend on the HF export of the same weights), same prompts.
+
+lm_eval cannot reach its hub, so its side reads task YAMLs written here over the same local files.
+Used by tests/eval/test_eval_parity.py (a small set) and runnable for the full comparison:
+
+    python tests/eval/parity.py --items 200 --copa 100 --mmlu-shots 5
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "eval"
+REPO = Path(__file__).resolve().parents[2]
+LETTERS = ["A", "B", "C", "D"]
+
+
+def _jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+def _yaml(folder: Path, name: str, body: dict) -> None:
+    import yaml
+
+    (folder / f"{name}.yaml").write_text(yaml.safe_dump({"task": name, **body}, allow_unicode=True, sort_keys=False))
+
+
+def write_lm_eval_tasks(folder: Path, data: Path, mmlu_subjects: list[str]) -> None:
+    """lm_eval YAMLs whose prompts match lmlab's built-in piqa, boolq, copa and mmlu tasks."""
+    mc = {"dataset_path": "json", "test_split": "test", "output_type": "multiple_choice",
+          "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}]}
+    labels = (data / "piqa" / "valid-labels.lst").read_text().split()
+    piqa = [dict(json.loads(line), label=int(lab)) for line, lab in
+            zip((data / "piqa" / "valid.jsonl").read_text().splitlines(), labels)]
+    _yaml(folder, "p_piqa", {**mc, "dataset_kwargs": {"data_files": {"test": str(_jsonl(folder / "piqa.jsonl", piqa))}},
+                             "doc_to_text": "Question: {{goal}}\nAnswer:", "doc_to_choice": "{{[sol1, sol2]}}",
+                             "doc_to_target": "label"})
+    _yaml(folder, "p_boolq", {**mc, "dataset_kwargs": {"data_files": {"test": str(data / "superglue/BoolQ/val.jsonl")}},
+                              "doc_to_text": "{{passage}}\nQuestion: {{question}}?\nAnswer:",
+                              "doc_to_choice": ["no", "yes"], "doc_to_target": "{{label|int}}"})
+    _yaml(folder, "p_copa", {**mc, "dataset_kwargs": {"data_files": {"test": str(data / "superglue/COPA/val.jsonl")}},
+                             "doc_to_text": "{{premise.strip()[:-1]}} {{'because' if question == 'cause' else 'therefore'}}",
+                             "doc_to_choice": "{{[choice1[0].lower() + choice1[1:], choice2[0].lower() + choice2[1:]]}}",
+                             "doc_to_target": "label"})
+    text = "{{question.strip()}}\nA. {{A}}\nB. {{B}}\nC. {{C}}\nD. {{D}}\nAnswer:"
+    for s in mmlu_subjects:
+        rows = {}
+        for split in ("dev", "val"):
+            with open(data / "mmlu" / split / f"{s}_{split}.csv", newline="") as f:
+                rows[split] = [dict(zip(["question", *LETTERS, "answer"], r)) for r in csv.reader(f) if r]
+        _yaml(folder, f"p_mmlu_{s}", {
+            **mc, "dataset_kwargs": {"data_files": {
+                "test": str(_jsonl(folder / f"mmlu_{s}_val.jsonl", rows["val"])),
+                "dev": str(_jsonl(folder / f"mmlu_{s}_dev.jsonl", rows["dev"]))}},
+            "fewshot_split": "dev", "fewshot_config": {"sampler": "first_n"},
+            "description": f"The following are multiple choice questions (with answers) about {s.replace('_', ' ')}.\n\n",
+            "doc_to_text": text, "doc_to_choice": LETTERS, "doc_to_target": "{{['A','B','C','D'].index(answer)}}"})
+    arc = (REPO / "configs/tasks/arc_easy_mosaic.yaml").read_text().replace(
+        "test: arc_easy.mosaic.jsonl", f"test: {data / 'arc_easy.mosaic.jsonl'}").replace(
+        "task: arc_easy_mosaic", "task: p_arc_easy_mosaic")
+    (folder / "p_arc_easy_mosaic.yaml").write_text(arc)
+
+
+def mmlu_subjects(data: Path, n_items: int) -> list[str]:
+    """The first subjects (sorted) whose val items add up to at least n_items."""
+    out, total = [], 0
+    for f in sorted((data / "mmlu" / "val").glob("*_val.csv")):
+        out.append(f.name[:-len("_val.csv")])
+        total += sum(1 for r in csv.reader(open(f, newline="")) if r)
+        if total >= n_items:
+            break
+    return out
+
+
+def run(items: int, copa: int, mmlu_shots: int, workdir: Path, batch_size: int = 16) -> dict:
+    """Both harnesses on the same items; returns per-task accuracies and per-item loglikelihoods."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from lmlab.checkpoints import load
+    from lmlab.checkpoints.hf import export
+    from lmlab.eval import evaluate
+
+    model, tok = load("smollm2-135m")
+    export(model, tok, workdir / "hf")
+    subjects = mmlu_subjects(DATA, items)
+    write_lm_eval_tasks(workdir, DATA, subjects)
+    per_subject = max(1, -(-items // len(subjects)))
+    plan = {"piqa": ("piqa", items), "boolq": ("boolq", items), "copa": ("copa", copa),
+            "arc_easy_mosaic": (str(REPO / "configs/tasks/arc_easy_mosaic.yaml"), items),
+            **{f"mmlu_{s}": (None, per_subject) for s in subjects}}
+    timings = {}
+    # lmlab
+    t0 = time.perf_counter()
+    ours = {}
+    for name, (spec, limit) in plan.items():
+        if spec is None:
+            continue
+        ours.update(evaluate(model, tok, [spec], data_dir=DATA, limit=limit, batch_size=batch_size,
+                             log_samples=True, progress=False)["samples"])
+    from lmlab.eval.tasks import suites
+    mmlu_tasks = [t for t in suites.mmlu(DATA) if t.name[len("mmlu_"):] in subjects]
+    ours.update(evaluate(model, tok, mmlu_tasks, limit=per_subject, num_fewshot=mmlu_shots, batch_size=batch_size,
+                         log_samples=True, progress=False)["samples"])
+    timings["lmlab_s"] = time.perf_counter() - t0
+    # lm_eval
+    hf_model = AutoModelForCausalLM.from_pretrained(workdir / "hf", dtype=torch.float32).eval()
+    hf_tok = AutoTokenizer.from_pretrained(workdir / "hf")
+    lm = HFLM(pretrained=hf_model, tokenizer=hf_tok, batch_size=batch_size)
+    tm = TaskManager(include_path=str(workdir))
+    theirs = {}
+    t0 = time.perf_counter()
+    groups: dict[tuple[int, int], list[str]] = {}
+    for name, (_, limit) in plan.items():
+        shots = mmlu_shots if name.startswith("mmlu_") else 0
+        groups.setdefault((limit, shots), []).append(f"p_{name}")
+    for (limit, shots), names in groups.items():
+        res = simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit, num_fewshot=shots,
+                              log_samples=True, bootstrap_iters=0, verbosity="ERROR")
+        for n in names:
+            theirs[n[2:]] = res["samples"][n]
+    timings["lm_eval_s"] = time.perf_counter() - t0
+    return {"ours": ours, "theirs": theirs, "timings": timings}
+
+
+def compare(out: dict) -> dict[str, dict]:
+    """Per task: n, both accuracies, the largest per-item loglikelihood difference."""
+    report = {}
+    for name, mine in out["ours"].items():
+        key = name if name in out["theirs"] else None
+        if key is None:
+            continue
+        theirs = {s["doc_id"]: s for s in out["theirs"][key]}
+        diff = 0.0
+        acc = {"acc": [0.0, 0.0], "acc_norm": [0.0, 0.0]}
+        for s in mine:
+            t = theirs[s["doc_id"]]
+            their_lls = [r[0][0] for r in t["resps"]]
+            for (ll, _), tl in zip(s["resps"], their_lls):
+                diff = max(diff, abs(ll - float(tl)))
+            for m in acc:
+                acc[m][0] += s[m]
+                acc[m][1] += t[m]
+        n = len(mine)
+        report[name] = {"n": n, "max_ll_diff": diff, **{f"{m}_lmlab": v[0] / n for m, v in acc.items()},
+                        **{f"{m}_lm_eval": v[1] / n for m, v in acc.items()}}
+    return report
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--items", type=int, default=200)
+    ap.add_argument("--copa", type=int, default=100)
+    ap.add_argument("--mmlu-shots", type=int, default=5)
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        out = run(a.items, a.copa, a.mmlu_shots, Path(d))
+    rep = compare(out)
+    mmlu = [v for k, v in rep.items() if k.startswith("mmlu_")]
+    for k, v in rep.items():
+        print(k, json.dumps({x: round(y, 5) for x, y in v.items()}))
+    print("timings", out["timings"])
