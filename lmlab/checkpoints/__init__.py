@@ -1,9 +1,11 @@
 """Loading any model spec: a preset name, a .gguf file, an HF-format folder or an lmlab checkpoint."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -61,9 +63,25 @@ def _is_gguf(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
+@contextmanager
+def _no_init():
+    saved = {cls: cls.reset_parameters for cls in (nn.Linear, nn.Embedding, nn.LayerNorm)}
+    saved_init = Transformer._init
+    try:
+        for cls in saved:
+            cls.reset_parameters = lambda self: None
+        Transformer._init = lambda self, module: None
+        yield
+    finally:
+        for cls, fn in saved.items():
+            cls.reset_parameters = fn
+        Transformer._init = saved_init
+
+
 def build(cfg: ModelConfig, sd: dict[str, torch.Tensor], source: str) -> Transformer:
     """A model with exactly these weights; a missing, unexpected or mis-shaped tensor is named."""
-    model = Transformer(cfg)
+    with _no_init():  # every parameter is overwritten below, so skip the random initialisation
+        model = Transformer(cfg)
     expected = model.state_dict()
     tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
     for name, t in sd.items():
@@ -75,7 +93,9 @@ def build(cfg: ModelConfig, sd: dict[str, torch.Tensor], source: str) -> Transfo
     missing = [n for n in expected if n not in sd and n not in tied]
     if missing:
         raise LmlabError(f"{source}: missing tensor '{missing[0]}'")
-    model.load_state_dict(sd, strict=False)
+    model.load_state_dict(sd, strict=False, assign=True)  # take the tensors as they are: no copy
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
     return model
 
 

@@ -1,6 +1,8 @@
 """GGUF files (llama.cpp): metadata → ModelConfig and tokenizer, tensors de-quantized with `gguf`."""
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +96,11 @@ def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def state_dict(reader: GGUFReader, cfg: ModelConfig, source: str) -> dict[str, torch.Tensor]:
-    raw = {t.name: torch.from_numpy(np.ascontiguousarray(dequantize(t, source))) for t in reader.tensors}
+    def floats(t) -> tuple[str, torch.Tensor]:
+        return t.name, torch.from_numpy(np.ascontiguousarray(dequantize(t, source)))
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # numpy releases the GIL here
+        raw = dict(pool.map(floats, reader.tensors))
 
     def take(name: str) -> torch.Tensor:
         if name not in raw:
