@@ -24,19 +24,21 @@ def download(name: str) -> Path:
 
 
 def info(model: str) -> dict:
-    import torch
+    from lmlab.checkpoints import load, resolve
 
-    from lmlab.checkpoints import read, resolve
+    m, tok = load(model)
+    return describe(model, resolve(model), m, tok)
 
-    path = resolve(model)
-    cfg, sd, tok = read(model)
-    n_params = sum(t.numel() for name, t in sd.items())
-    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in sd.values()})
+
+def describe(spec: str, path: Path, model, tok) -> dict:
+    """Print (and return) what a user wants to know about a loaded model."""
+    cfg = model.cfg
+    dtypes = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()})
     facts = {
-        "model": model,
+        "model": spec,
         "path": str(path),
         "architecture": f"{cfg.arch} ({cfg.family or 'custom'})",
-        "parameters": f"{n_params:,}",
+        "parameters": f"{model.num_params():,}",
         "dtype": ", ".join(dtypes) + (" (de-quantized from GGUF)" if path.suffix == ".gguf" else ""),
         "layers": cfg.n_layer if cfg.arch != "encoder-decoder" else f"{cfg.n_layer} encoder + {cfg.n_decoder_layer} decoder",
         "width": cfg.d_model,
@@ -53,7 +55,6 @@ def info(model: str) -> dict:
     width = max(len(k) for k in facts)
     for k, v in facts.items():
         print(f"{k:<{width}}  {v}")
-    del torch
     return facts
 
 
@@ -74,16 +75,20 @@ def _load(model: str, dtype: str):
 def generate(model: str, prompts: list[str], *, max_new_tokens: int = 128, temperature: float = 0.8,
              top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, stop: list[str] | None = None,
              seed: int | None = None, dtype: str = "float32", stats: bool = False, stream: bool = True) -> list[str]:
-    from lmlab.generation import GenerationConfig, generate as run
+    from lmlab.generation import GenerationConfig
 
     m, tok = _load(model, dtype)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            repetition_penalty=repetition_penalty, stop=list(stop or []), seed=seed)
+    return _generate(m, tok, prompts, cfg, stream=stream, stats=stats)
+
+
+def _generate(m, tok, prompts: list[str], cfg, *, stream: bool = True, stats: bool = False) -> list[str]:
+    from lmlab.generation import generate as run
+
     single = len(prompts) == 1 and stream
     if single:
-        sys.stdout.write(prompts[0])
-        sys.stdout.flush()
-
+        _write(prompts[0])
     t0 = time.perf_counter()
     outs = run(m, tok, prompts, cfg, on_text=(lambda row, piece: _write(piece)) if single else None)
     elapsed = time.perf_counter() - t0
@@ -92,8 +97,7 @@ def generate(model: str, prompts: list[str], *, max_new_tokens: int = 128, tempe
     else:
         for prompt, out in zip(prompts, outs):
             print(prompt + out.text)
-            if len(prompts) > 1:
-                print("-" * 40)
+            print("-" * 40)
     if stats:
         n = sum(len(o.token_ids) for o in outs)
         print(f"[{n} tokens in {elapsed:.2f} s: {n / max(elapsed, 1e-9):.1f} tok/s; "
@@ -146,26 +150,25 @@ def convert(model: str, out: str, to: str = "lmlab", dtype: str = "float32") -> 
 
 
 def demo(model: str = DEFAULT_MODEL, out_dir: str = "runs/demo") -> None:
-    """The main job on the embedded defaults: fetch the default model and generate from it."""
-    from lmlab import hub
+    """The main job on the embedded defaults: fetch the default model, generate, chat, pretrain."""
+    from lmlab.checkpoints import resolve
+    from lmlab.generation import GenerationConfig, chat_turn
 
     print(f"== 1. the default model: {model}")
-    hub.resolve(model)
-    info(model)
-    print("\n== 2. greedy generation")
-    generate(model, ["The capital of France is"], max_new_tokens=24, temperature=0.0, stats=True)
-    print("\n== 3. a chat turn through the model's chat template")
-    from lmlab.generation import GenerationConfig, chat_turn
+    path = resolve(model)
     m, tok = _load(model, "float32")
+    describe(model, path, m, tok)
+    print("\n== 2. greedy generation")
+    _generate(m, tok, ["The capital of France is"], GenerationConfig(max_new_tokens=24, temperature=0.0), stats=True)
+    print("\n== 3. a chat turn through the model's chat template")
     question = "What is the tallest mountain on Earth? Answer in one sentence."
     print(f"user: {question}\nassistant: ", end="", flush=True)
     chat_turn(m, tok, [{"role": "user", "content": question}], GenerationConfig(max_new_tokens=48, temperature=0.0),
               on_text=_write)
     print()
-    try:
-        from lmlab.train import demo_pretrain
-    except ImportError:
-        return
+    del m
+    from lmlab.train import demo_pretrain
+
     print("\n== 4. pretrain a small model on an embedded corpus")
     result = demo_pretrain(str(Path(out_dir) / "pretrain"))
     print(result)
