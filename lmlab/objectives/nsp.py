@@ -83,8 +83,9 @@ class NSP(MLM):
                                token_type_ids=batch["token_type_ids"], return_hidden=True)
         nsp_logits = model.nsp_logits(hidden) if not hasattr(model, "module") else model.module.nsp_logits(hidden)
         loss = F.cross_entropy(nsp_logits.float(), batch["nsp_labels"])
-        metrics = {"nsp_acc": accuracy(nsp_logits, batch["nsp_labels"])}
+        metrics = {"nsp_loss": loss.item(), "nsp_acc": accuracy(nsp_logits, batch["nsp_labels"])}
         if "labels" in batch:
-            loss = loss + cross_entropy(logits, batch["labels"])
-            metrics["mlm_acc"] = accuracy(logits, batch["labels"])
+            mlm_loss = cross_entropy(logits, batch["labels"])
+            loss = loss + mlm_loss
+            metrics.update(mlm_loss=mlm_loss.item(), mlm_acc=accuracy(logits, batch["labels"]))
         return loss, metrics
