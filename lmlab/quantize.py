@@ -161,7 +161,8 @@ class Int8Linear(QuantLinear):
         return dequantize_int8(self.qweight, self.scale, dtype)
 
     def _prepare(self, device, dtype):
-        if not _has_op("_weight_int8pack_mm"):
+        # the CPU kernel reads K in blocks of 16 and crashes (not raises) on other widths
+        if not _has_op("_weight_int8pack_mm") or (device.type == "cpu" and self.in_features % 16):
             return None
         kdtype = kernel_dtype(device) if device.type == "cpu" else dtype
         return kdtype, self.scale.to(kdtype)
@@ -190,7 +191,8 @@ class Int4Linear(QuantLinear):
 
     def _prepare(self, device, dtype):
         # PyTorch's CPU int4 kernel: codes repacked by the op, w = (code - 8) * scale + zero.
-        if device.type != "cpu" or not _has_op("_weight_int4pack_mm_for_cpu") or self.out_features % 16:
+        if device.type != "cpu" or not _has_op("_weight_int4pack_mm_for_cpu") or self.out_features % 16 \
+                or self.group_size not in (32, 64, 128, 256):
             return None
         kdtype = kernel_dtype(device)
         codes = unpack_int4(self.qweight).to(torch.int32)
