@@ -268,7 +268,7 @@ class Engine:
     @torch.inference_mode()
     def generate_until(self, requests: Sequence[GenerateUntil], desc: str = "generate") -> list[str]:
         try:
-            from lmlab.generation import GenerationConfig, generate
+            from lmlab.generation import GenerationConfig, generate_from_ids
         except ImportError:
             raise LmlabError("generation tasks need lmlab.generation, which this install lacks") from None
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i].context))
@@ -285,7 +285,9 @@ class Engine:
                 settings = {k: v for k, v in dict(kwargs).items() if k in ("temperature", "top_k", "top_p", "seed")}
                 settings.setdefault("temperature", 0.0)
                 cfg = GenerationConfig(max_new_tokens=max_new, stop=list(until), **settings)
-                done = generate(self.model, self.tok, [requests[i].context for i in idx], cfg)
+                keep = max(1, self.max_length - max_new)  # as lm-evaluation-harness: keep the context's end
+                prompts = [self.encode(requests[i].context)[-keep:] or [self.prefix_id] for i in idx]
+                done = generate_from_ids(self.model, self.tok, prompts, cfg)
                 for i, completion in zip(idx, done):
                     local[i] = _cut(completion.text, until)
             bar.update(len(batch) * self.world)
