@@ -223,7 +223,7 @@ class Stack(nn.Module):
         S = start + T
         if T == 1 and key_valid is not None and self.causal:  # one decoding step: every earlier slot is causal
             allowed = key_valid[:, None, None, :S].clone()
-            allowed[..., start] = True  # a padding query still sees itself
+            allowed[..., -1] = True  # a padding query still sees itself (its slot is the last one)
             return allowed
         q_slot = torch.arange(start, S, device=device)[:, None]
         k_slot = torch.arange(S, device=device)[None, :]

@@ -1,0 +1,274 @@
+"""Running a model fast on this machine: threads, dtype and quantization chosen at load time, chunked
+prefill with time to first token, and an optional torch.compile'd forward.
+
+Everything here degrades with a one-line notice instead of failing: a dtype the hardware cannot run
+falls back to float32, a missing fast kernel falls back to the reference route, a compiler that is not
+there leaves the eager model. Nothing assumes a CPU: the same calls run on CUDA.
+
+    model, tok = runtime.load("smollm2-135m", dtype="bfloat16", quantize="int8")
+    logits, cache, seconds = runtime.prefill(model, ids, max_new_tokens=128)
+"""
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lmlab.errors import LmlabError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+NOTES: list[str] = []  # every fallback taken in this process, in order
+
+
+def notice(message: str) -> None:
+    """Tell the user (stderr, once per message) which fallback was taken."""
+    if message not in NOTES:
+        NOTES.append(message)
+        print(f"lmlab: {message}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- the machine
+def machine_threads() -> int:
+    """CPU cores this process may run on (its affinity mask, else the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def set_threads(n: int | None = None) -> int:
+    """Intra-op threads: `n`, or one per usable core. More threads than cores only adds waiting."""
+    n = n or machine_threads()
+    if n < 1:
+        raise LmlabError(f"threads must be >= 1, got {n}")
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def bf16_supported(device: torch.device | str = "cpu") -> bool:
+    """Whether bfloat16 matmuls run natively (not emulated) on this device."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return True  # other accelerators: let the backend decide
+    flags = _cpu_flags()
+    if flags:
+        return bool({"avx512_bf16", "amx_bf16", "bf16"} & flags)  # x86 AVX-512 BF16 / AMX; Arm BF16
+    return platform.machine().lower() in ("arm64",) and platform.system() == "Darwin"
+
+
+def fp16_supported(device: torch.device | str = "cpu") -> bool:
+    device = torch.device(device)
+    if device.type != "cpu":
+        return True
+    flags = _cpu_flags()
+    return bool({"avx512_fp16", "amx_fp16", "fphp", "asimdhp"} & flags)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return default_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LmlabError(f"unknown device '{name}' (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        notice(f"device '{name}' is not available here; falling back to cpu")
+        return torch.device("cpu")
+    return device
+
+
+def resolve_dtype(name: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype to run in: the one asked for, or float32 where the hardware cannot run it natively."""
+    if isinstance(name, torch.dtype):
+        name = str(name).replace("torch.", "")
+    if name not in DTYPES:
+        raise LmlabError(f"unknown dtype '{name}' (choose from {', '.join(DTYPES)})")
+    where = "CPU" if device.type == "cpu" else f"device {device}"
+    if name == "bfloat16" and not bf16_supported(device):
+        notice(f"bfloat16 is not supported on this {where}; falling back to float32")
+        return torch.float32
+    if name == "float16" and not fp16_supported(device):
+        notice(f"float16 is not supported on this {where}; falling back to float32")
+        return torch.float32
+    return DTYPES[name]
+
+
+def quantization_route(scheme: str, device: torch.device) -> str:
+    """'kernel' when PyTorch has a fast weight-only kernel for `scheme` on this device, else 'reference'."""
+    op = {"int8": "_weight_int8pack_mm", "int4": "_weight_int4pack_mm_for_cpu"}[scheme]
+    if scheme == "int4" and device.type != "cpu":
+        return "reference"
+    return "kernel" if hasattr(torch.ops.aten, op) else "reference"
+
+
+# --------------------------------------------------------------------------- loading
+@dataclass
+class RunConfig:
+    """How to run a model: what `--dtype`, `--quantize`, `--compile`, `--threads`, `--device` ask for."""
+
+    dtype: str = "float32"
+    quantize: str | None = None  # None, "int8" or "int4"
+    group_size: int = 32  # int4 only
+    device: str | None = None  # None = cuda when present, else cpu
+    compile: bool = False
+    threads: int | None = None  # None = one per usable core (CPU only)
+
+
+def prepare(model: torch.nn.Module, run: RunConfig) -> torch.nn.Module:
+    """Move, cast, quantize and (optionally) compile a loaded model according to `run`. Returns the model."""
+    from lmlab.quantize import SCHEMES, quantize_model
+
+    device = resolve_device(run.device)
+    if device.type == "cpu":
+        set_threads(run.threads)
+    dtype = resolve_dtype(run.dtype, device)
+    model = model.to(device=device, dtype=dtype).eval()
+    if run.quantize:
+        if run.quantize not in SCHEMES:
+            raise LmlabError(f"unknown quantization '{run.quantize}' (choose from {', '.join(SCHEMES)})")
+        if quantization_route(run.quantize, device) == "reference":
+            notice(f"{run.quantize}: no fast {run.quantize} kernel for {device.type} in this PyTorch; "
+                   "falling back to de-quantizing weights on the fly (correct, slower)")
+        quantize_model(model, run.quantize, group_size=run.group_size)
+        warm(model)  # pick and check each layer's kernel eagerly, before any compiling
+    if run.compile:
+        model = compile_model(model)
+    return model
+
+
+def load(spec: str, run: RunConfig | None = None, **kw):
+    """checkpoints.load + prepare: `runtime.load("smollm2-135m", dtype="bfloat16", quantize="int8")`."""
+    from lmlab.checkpoints import load as load_checkpoint
+
+    run = run or RunConfig(**kw)
+    model, tok = load_checkpoint(spec, dtype="float32", device="cpu")
+    return prepare(model, run), tok
+
+
+@torch.inference_mode()
+def warm(model: torch.nn.Module, steps: int = 2) -> None:
+    """A couple of tiny forward passes: fast kernels chosen and checked, lazy buffers built."""
+    base = model._orig_mod if hasattr(model, "_orig_mod") else model
+    device = base.tok_emb.weight.device
+    if base.decoder is None:
+        model(torch.zeros(1, 2, dtype=torch.long, device=device))
+        return
+    cache = base.make_cache(1, steps + 2)
+    kw = {}
+    if base.encoder is not None:
+        kw["encoder_input_ids"] = torch.zeros(1, 2, dtype=torch.long, device=device)
+    model(torch.zeros(1, 2, dtype=torch.long, device=device), cache=cache, **kw)
+    for _ in range(steps):
+        model(torch.zeros(1, 1, dtype=torch.long, device=device), cache=cache, **kw)
+
+
+# --------------------------------------------------------------------------- compiling
+def compile_model(model: torch.nn.Module, mode: str | None = None) -> torch.nn.Module:
+    """torch.compile the forward pass (dynamic lengths, so one graph serves every step); the eager model
+    when the compiler is unavailable or fails on a first trial step."""
+    if not hasattr(torch, "compile"):
+        notice("torch.compile is not available in this PyTorch; running eagerly")
+        return model
+    if mode is None:
+        device = model.tok_emb.weight.device
+        mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on GPU
+    try:
+        compiled = torch.compile(model, dynamic=True, mode=mode)
+        warm(compiled)
+        return compiled
+    except Exception as e:  # the compiler needs a C++ toolchain (CPU) or Triton (GPU)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        notice(f"torch.compile failed ({type(e).__name__}: {first[:120]}); running eagerly")
+        torch._dynamo.reset()
+        return model
+
+
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The Transformer behind a compiled wrapper (for attributes such as cfg and make_cache)."""
+    return model._orig_mod if hasattr(model, "_orig_mod") else model
+
+
+# --------------------------------------------------------------------------- prefill and decoding
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def prefill(model, ids: torch.Tensor, *, max_new_tokens: int = 0, chunk: int = 512, cache=None,
+            attention_mask: torch.Tensor | None = None):
+    """Run a (B×T) prompt through a fresh KV cache in chunks of at most `chunk` tokens.
+
+    Returns (logits of the last prompt position B×V, cache, seconds to those logits: time to first token).
+    Chunks bound activation memory and run at full matrix-multiply speed; the cache makes them exact.
+    """
+    base = base_model(model)
+    device = base.tok_emb.weight.device
+    B, T = ids.shape
+    if cache is None:
+        cache = base.make_cache(B, T + max_new_tokens)
+    _sync(device)
+    t0 = time.perf_counter()
+    logits = None
+    for s in range(0, T, chunk):
+        part = ids[:, s:s + chunk]
+        mask = attention_mask[:, s:s + chunk] if attention_mask is not None else None
+        logits = model(part, cache=cache, attention_mask=mask)
+    last = logits[:, -1]
+    _sync(device)
+    return last, cache, time.perf_counter() - t0
+
+
+@dataclass
+class DecodeResult:
+    tokens: list[int]
+    prefill_s: float  # time to first token
+    decode_s: float  # the remaining tokens
+    decode_steps: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+@torch.inference_mode()
+def greedy(model, prompt: list[int], max_new_tokens: int, *, chunk: int = 512) -> DecodeResult:
+    """Batch-1 greedy decoding: chunked prefill, then one cached step per token, no per-step host work
+    beyond reading the chosen token. The loop the benchmark times; generation.py runs the same steps."""
+    base = base_model(model)
+    device = base.tok_emb.weight.device
+    ids = torch.tensor([prompt], dtype=torch.long, device=device)
+    last, cache, ttft = prefill(model, ids, max_new_tokens=max_new_tokens, chunk=chunk)
+    nxt = last.argmax(-1, keepdim=True)
+    out = [nxt]
+    t0 = time.perf_counter()
+    for _ in range(max_new_tokens - 1):
+        nxt = model(nxt, cache=cache)[:, -1].argmax(-1, keepdim=True)
+        out.append(nxt)
+    tokens = torch.cat(out, 1)[0].tolist()  # one host sync for the whole run
+    _sync(device)
+    return DecodeResult(tokens, ttft, time.perf_counter() - t0, max_new_tokens - 1)
