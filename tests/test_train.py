@@ -141,14 +141,24 @@ def test_exact_resume_after_sigkill(tmp_path, data_dir):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one_with_double_batch(tmp_path, data_dir):
+    """2 processes (gloo) with batch b end where 1 process with batch 2b does, with DDP and with FSDP."""
     args = [*TINY, f"data.path={data_dir}", "max_iters=10", "eval_interval=10", "save_model=false",
             "optim.warmup_iters=2"]
-    one = run_cli([*args, "batch_size=8", f"out_dir={tmp_path / 'one'}"])
-    finish(one)
-    two = run_cli([*args, "batch_size=4", f"out_dir={tmp_path / 'two'}"], nproc=2)
-    err = finish(two)
-    assert "2 process(es)" in err
-    a, b = params(tmp_path / "one"), params(tmp_path / "two")
-    start = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)
-    assert start["iter"] == 10
-    assert max_diff(a, b) <= 1e-5
+    finish(run_cli([*args, "batch_size=8", f"out_dir={tmp_path / 'one'}"]))
+    one = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)
+    assert one["iter"] == 10
+    for mode in ("ddp", "fsdp"):
+        err = finish(run_cli([*args, "batch_size=4", f"distributed={mode}", f"out_dir={tmp_path / mode}"], nproc=2))
+        assert "2 process(es)" in err
+        assert max_diff(one["model"], params(tmp_path / mode)) <= 1e-5, mode
+
+
+@pytest.mark.slow
+def test_demo_pretrain_lowers_validation_loss(tmp_path):
+    from lmlab.checkpoints import load
+    from lmlab.train import demo_pretrain
+
+    summary = demo_pretrain(tmp_path, max_iters=60, eval_iters=4, progress=False)
+    assert summary["val_loss"] < summary["val_loss_start"] - 0.8
+    model, tok = load(summary["model_dir"])  # the native folder `lmlab generate -m` reads
+    assert model.cfg.vocab_size == tok.vocab_size and (tmp_path / "loss.png").is_file()
