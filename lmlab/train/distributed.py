@@ -40,7 +40,7 @@ def teardown(d: Dist) -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: torch.nn.Module, d: Dist, mode: str, device: str) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, d: Dist, mode: str, device: str, find_unused: bool = False) -> torch.nn.Module:
     """DDP (every process holds the whole model) or FSDP2 (parameters sharded by block)."""
     if not d.enabled:
         return model
@@ -54,7 +54,8 @@ def wrap(model: torch.nn.Module, d: Dist, mode: str, device: str) -> torch.nn.Mo
         return fully_shard(model)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    return DDP(model, device_ids=[d.local_rank] if device.startswith("cuda") else None)
+    return DDP(model, device_ids=[d.local_rank] if device.startswith("cuda") else None,
+               find_unused_parameters=find_unused)
 
 
 def all_mean(x: float, d: Dist) -> float:

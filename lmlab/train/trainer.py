@@ -232,7 +232,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         for obj in mixture.objectives:
             obj.check_model(raw)
         n_params = raw.num_params()
-        model = wrap(raw, d, cfg.distributed, device)
+        # a BERT trained without NSP leaves its pooler unused; DDP must be told
+        unused = model_cfg.pooler and not any(o.cfg.name == "nsp" for o in mixture.objectives)
+        model = wrap(raw, d, cfg.distributed, device, find_unused=unused)
         optimizer = torch.optim.AdamW(param_groups(raw, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                       betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
                                       fused=device.startswith("cuda"))
