@@ -162,3 +162,18 @@ def test_demo_pretrain_lowers_validation_loss(tmp_path):
     assert summary["val_loss"] < summary["val_loss_start"] - 0.8
     model, tok = load(summary["model_dir"])  # the native folder `lmlab generate -m` reads
     assert model.cfg.vocab_size == tok.vocab_size and (tmp_path / "loss.png").is_file()
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_recipes_load_and_run(tmp_path, recipe):
+    """Every recipe parses and trains for two iterations (tiny sizes; the real runs are in the README)."""
+    from lmlab.train import train
+
+    text = "".join(f"Speaker {i % 5}:\nline {i} of the play, with words.\n\n" for i in range(300))
+    (tmp_path / "play.txt").write_text(text)
+    cfg = load_config(ROOT / "configs" / recipe, [
+        f"data.corpus={tmp_path / 'play.txt'}", "data.doc_boundary=blank_line", "data.workers=1",
+        f"out_dir={tmp_path / 'out'}", "max_iters=2", "eval_interval=2", "eval_iters=1", "batch_size=2",
+        "model.n_layer=1", "threads=1", "plot=false", "progress=false", "save_model=false"])
+    summary = train(cfg)
+    assert summary["val_loss"] is not None and summary["val_loss"] > 0
