@@ -203,6 +203,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from lmlab.model import Transformer
     from lmlab.objectives import build_objectives
 
+    threads_before = torch.get_num_threads()
     d = setup("cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
               else "cpu")
     try:
@@ -358,4 +359,5 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         log.close()
         return summary
     finally:
+        torch.set_num_threads(threads_before)
         teardown(d)
