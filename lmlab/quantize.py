@@ -211,20 +211,25 @@ class Int4Linear(QuantLinear):
 
 
 # --------------------------------------------------------------------------- whole models
-def quantize_model(model: nn.Module, scheme: str, group_size: int = 32, *, skip: tuple[str, ...] = ()) -> nn.Module:
+def quantize_model(model: nn.Module, scheme: str, group_size: int = 32, *, head: str | None = "int8",
+                   skip: tuple[str, ...] = ()) -> nn.Module:
     """Replace every nn.Linear (except names in `skip`) by its weight-only quantized version, in place.
 
-    The LM head is untied from the token embedding first, so the embedding lookup keeps exact rows.
+    The LM head (`lm_head`) is quantized with `head` (int8 by default, as llama.cpp keeps its output
+    matrix at 8 bits: the vocabulary projection is the most sensitive matrix), or with `scheme` when
+    head is None. It is untied from the token embedding first, so the embedding keeps exact rows.
     """
-    if scheme not in SCHEMES:
-        raise LmlabError(f"unknown quantization '{scheme}' (choose from {', '.join(SCHEMES)})")
+    for value in (scheme, head or scheme):
+        if value not in SCHEMES:
+            raise LmlabError(f"unknown quantization '{value}' (choose from {', '.join(SCHEMES)})")
     if getattr(model, "lm_head", None) is not None and hasattr(model, "tok_emb") \
             and model.lm_head.weight is model.tok_emb.weight:
         model.lm_head.weight = nn.Parameter(model.tok_emb.weight.detach().clone(), requires_grad=False)
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in skip]
     for name, lin in targets:
         w, b = lin.weight.data, lin.bias.data if lin.bias is not None else None
-        new = Int8Linear(w, b) if scheme == "int8" else Int4Linear(w, b, group_size=group_size)
+        kind = head if name == "lm_head" and head is not None else scheme
+        new = Int8Linear(w, b) if kind == "int8" else Int4Linear(w, b, group_size=group_size)
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
     return model

@@ -138,6 +138,23 @@ class RunConfig:
     threads: int | None = None  # None = one per usable core (CPU only)
 
 
+def add_run_args(p, dtype_default: str = "float32") -> None:
+    """The options every command that runs a model shares (argparse)."""
+    p.add_argument("--dtype", default=dtype_default, choices=list(DTYPES),
+                   help="weights/activations dtype (falls back to float32 where unsupported)")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"], help="weight-only quantization")
+    p.add_argument("--group-size", type=int, default=32, help="int4 group size (32, 64, 128, 256 are fast on CPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the forward (slow start, faster steps)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per usable core)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when present)")
+
+
+def run_config(args) -> RunConfig:
+    """RunConfig from parsed add_run_args options."""
+    return RunConfig(dtype=args.dtype, quantize=args.quantize, group_size=args.group_size, device=args.device,
+                     compile=args.compile, threads=args.threads)
+
+
 def prepare(model: torch.nn.Module, run: RunConfig) -> torch.nn.Module:
     """Move, cast, quantize and (optionally) compile a loaded model according to `run`. Returns the model."""
     from lmlab.quantize import SCHEMES, quantize_model

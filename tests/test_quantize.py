@@ -129,9 +129,19 @@ def test_quantize_model_replaces_every_linear_and_unties_the_head(scheme):
     assert not any(type(m) is nn.Linear for m in model.modules())
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 2 * 4 + 1  # qkv, out, gate_up, proj ×2; head
     assert torch.equal(model.tok_emb.weight, emb)
-    assert weight_bytes(model) < before / (3 if scheme == "int8" else 5)
+    assert weight_bytes(model) < before / 3
+    assert isinstance(model.lm_head, Int8Linear)  # the vocabulary projection stays at 8 bits by default
+    if scheme == "int4":
+        assert isinstance(model.decoder.blocks[0].mlp.gate_up, Int4Linear)
     rel = (got - want).norm() / want.norm()
     assert rel < (0.02 if scheme == "int8" else 0.2)
+
+
+def test_int4_head_can_be_int4_too():
+    model = quantize_model(Transformer(preset("tiny-llama")).eval(), "int4", group_size=32, head=None)
+    assert isinstance(model.lm_head, Int4Linear)
+    with pytest.raises(LmlabError, match="int16"):
+        quantize_model(Transformer(preset("tiny-llama")).eval(), "int4", head="int16")
 
 
 def test_quantized_state_dict_round_trips():

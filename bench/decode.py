@@ -1,0 +1,213 @@
+"""Batch-1 greedy decoding speed and quality: lmlab against HF transformers on the same SmolLM2-135M weights.
+
+One process, one run, every number next to its peer measured in the same run:
+  * memory read bandwidth (sum over a tensor larger than the last-level cache) and the decode limit it implies;
+  * decode tokens/s for --new-tokens after a --prompt-tokens prompt, float32 and bfloat16 for both
+    libraries, plus lmlab int8 and int4; same prompt ids, greedy, tokens compared;
+  * time to first token and prefill tokens/s for a --prefill-tokens prompt;
+  * the fraction of the bandwidth limit each decode reaches (bytes of weights read per token × tokens/s);
+  * wikitext-2 perplexity over --ppl-windows windows for float32 / bfloat16 / int8 / int4, with the
+    +1% / +2% / +5% checks against float32.
+Machines are shared and noisy: each timing is the best of --repeats runs, lmlab and HF interleaved.
+
+    python bench/decode.py                      # everything (~10 min on 2 cores)
+    python bench/decode.py --ppl-windows 0      # speed only
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lmlab import runtime  # noqa: E402
+from lmlab.checkpoints import load, resolve  # noqa: E402
+from lmlab.quantize import weight_bytes  # noqa: E402
+
+WIKITEXT = ROOT / ".." / "shared" / "data" / "corpora" / "wikitext-2-raw-test.txt"
+PPL_LIMITS = {"bfloat16": 0.01, "int8": 0.02, "int4": 0.05}
+LLAMA_CPP_Q4_1 = 199.0  # tok/s measured on this machine class (issue 6), for reference only
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# --------------------------------------------------------------------------- the machine
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Best-of-N GB/s of summing a float32 tensor of `gib` GiB (far beyond the last-level cache)."""
+    x = torch.ones(int(gib * 2**30 / 4), dtype=torch.float32)
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
+# --------------------------------------------------------------------------- HF transformers
+def load_hf(spec: str):
+    from transformers import AutoModelForCausalLM
+
+    path = resolve(spec)
+    if path.is_file():  # a GGUF: transformers de-quantizes it itself
+        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name).eval()
+    return AutoModelForCausalLM.from_pretrained(str(path)).eval()
+
+
+@torch.inference_mode()
+def hf_generate(model, ids: list[int], n: int) -> tuple[list[int], float]:
+    x = torch.tensor([ids])
+    t = time.perf_counter()
+    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False, pad_token_id=0)
+    return out[0, len(ids):].tolist(), time.perf_counter() - t
+
+
+def hf_run(model, prompt: list[int], n: int, long_prompt: list[int]) -> dict:
+    tokens, total = hf_generate(model, prompt, n)
+    _, first = hf_generate(model, prompt, 1)
+    _, ttft = hf_generate(model, long_prompt, 1)
+    return dict(tokens=tokens, decode_tps=(n - 1) / max(total - first, 1e-9), ttft=ttft)
+
+
+# --------------------------------------------------------------------------- lmlab
+def lmlab_run(model, prompt: list[int], n: int, long_prompt: list[int], chunk: int) -> dict:
+    r = runtime.greedy(model, prompt, n)
+    ids = torch.tensor([long_prompt], device=runtime.base_model(model).tok_emb.weight.device)
+    _, _, ttft = runtime.prefill(model, ids, chunk=chunk)
+    return dict(tokens=r.tokens, decode_tps=r.tokens_per_s, ttft=ttft)
+
+
+def best_of(runs: list[dict]) -> dict:
+    return dict(tokens=runs[0]["tokens"], decode_tps=max(r["decode_tps"] for r in runs),
+                ttft=min(r["ttft"] for r in runs))
+
+
+# --------------------------------------------------------------------------- perplexity
+@torch.inference_mode()
+def perplexity(model, windows: list[list[int]]) -> float:
+    nll, count = 0.0, 0
+    for w in windows:
+        ids = torch.tensor([w], device=runtime.base_model(model).tok_emb.weight.device)
+        logits = model(ids[:, :-1]).float()
+        nll += F.cross_entropy(logits[0], ids[0, 1:], reduction="sum").item()
+        count += ids.shape[1] - 1
+    return math.exp(nll / count)
+
+
+def same_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+# --------------------------------------------------------------------------- the run
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("-m", "--model", default="smollm2-135m")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prompt-tokens", type=int, default=21)
+    p.add_argument("--prefill-tokens", type=int, default=512)
+    p.add_argument("--chunk", type=int, default=512, help="lmlab prefill chunk length")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--ppl-windows", type=int, default=12, help="wikitext windows per configuration (0 = skip)")
+    p.add_argument("--ppl-window-len", type=int, default=512)
+    p.add_argument("--group-size", type=int, default=32, help="int4 group size")
+    p.add_argument("--quant-dtype", default="bfloat16", help="activation dtype of the int8/int4 runs")
+    p.add_argument("--compile", action="store_true", help="also torch.compile lmlab's forward")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--data", default=str(WIKITEXT))
+    a = p.parse_args(argv)
+
+    threads = runtime.set_threads(a.threads)
+    bw = read_bandwidth()
+    log(f"machine: {threads} threads, torch {torch.__version__}, memory read bandwidth {bw:.1f} GB/s")
+
+    base, tok = load(a.model, dtype="float32")
+    text = Path(a.data).read_text(encoding="utf-8") if Path(a.data).is_file() else ""
+    if not text:
+        log(f"note: {a.data} not found; prompts repeat a fixed sentence and perplexity is skipped")
+        text = "The quick brown fox jumps over the lazy dog while the capital of France is Paris. " * 400
+        a.ppl_windows = 0
+    need = max(a.prefill_tokens, a.prompt_tokens) + a.ppl_windows * a.ppl_window_len + 1
+    corpus = tok.encode(text[: need * 8])
+    prompt, long_prompt = corpus[: a.prompt_tokens], corpus[: a.prefill_tokens]
+    windows = [corpus[i * a.ppl_window_len: (i + 1) * a.ppl_window_len + 1] for i in range(a.ppl_windows)]
+    windows = [w for w in windows if len(w) == a.ppl_window_len + 1]
+    log(f"prompt: {len(prompt)} tokens ({tok.decode(prompt)!r}); prefill prompt {len(long_prompt)} tokens; "
+        f"{a.new_tokens} new tokens, greedy, batch 1; best of {a.repeats}")
+
+    hf = None if a.no_hf else load_hf(a.model)
+    configs = [("float32", "float32", None), ("bfloat16", "bfloat16", None),
+               ("int8", a.quant_dtype, "int8"), ("int4", a.quant_dtype, "int4")]
+    rows, ppl = [], {}
+    for name, dtype, quant in configs:
+        run = runtime.RunConfig(dtype=dtype, quantize=quant, group_size=a.group_size, compile=a.compile,
+                                threads=threads)
+        model = runtime.prepare(copy.deepcopy(base), run)
+        real_dtype = runtime.base_model(model).tok_emb.weight.dtype
+        hf_model = hf.to(real_dtype) if hf is not None and quant is None else None
+        ours, theirs = [], []
+        for _ in range(a.repeats):
+            ours.append(lmlab_run(model, prompt, a.new_tokens, long_prompt, a.chunk))
+            if hf_model is not None:
+                theirs.append(hf_run(hf_model, prompt, a.new_tokens, long_prompt))
+        o = best_of(ours)
+        h = best_of(theirs) if theirs else None
+        nbytes = weight_bytes(runtime.base_model(model))
+        limit = bw * 1e9 / nbytes
+        rows.append(dict(name=name, o=o, h=h, nbytes=nbytes, limit=limit))
+        log(f"\n[{name}] lmlab: decode {o['decode_tps']:.1f} tok/s ({o['decode_tps'] / limit:.0%} of the "
+            f"{limit:.0f} tok/s bandwidth limit for {nbytes / 1e6:.0f} MB of weights), "
+            f"TTFT {a.prefill_tokens} tokens {o['ttft'] * 1e3:.0f} ms = {a.prefill_tokens / o['ttft']:.0f} tok/s")
+        if h is not None:
+            match = same_prefix(o["tokens"], h["tokens"])
+            log(f"[{name}] HF:    decode {h['decode_tps']:.1f} tok/s, TTFT {h['ttft'] * 1e3:.0f} ms = "
+                f"{a.prefill_tokens / h['ttft']:.0f} tok/s;  ratios lmlab/HF: decode "
+                f"{o['decode_tps'] / h['decode_tps']:.2f}x, prefill {h['ttft'] / o['ttft']:.2f}x;  "
+                f"greedy tokens identical for {match}/{a.new_tokens}")
+        log(f"[{name}] text: {tok.decode(o['tokens'])[:100]!r}")
+        if windows:
+            ppl[name] = perplexity(model, windows)
+            log(f"[{name}] wikitext perplexity ({len(windows)}×{a.ppl_window_len} tokens): {ppl[name]:.3f}")
+        del model
+        if a.compile:
+            torch._dynamo.reset()
+
+    log("\n| run | lmlab tok/s | HF tok/s | ratio | % of BW limit | TTFT ms (lmlab/HF) | prefill ratio | ppl | Δppl |")
+    log("|---|---|---|---|---|---|---|---|---|")
+    ok = True
+    for r in rows:
+        o, h = r["o"], r["h"]
+        d = ""
+        if r["name"] in ppl and "float32" in ppl:
+            rel = ppl[r["name"]] / ppl["float32"] - 1
+            lim = PPL_LIMITS.get(r["name"])
+            passed = lim is None or rel <= lim
+            ok &= passed
+            d = f"{rel:+.2%}" + ("" if lim is None else f" (≤ +{lim:.0%}: {'ok' if passed else 'FAIL'})")
+        hf_cols = (f"{h['decode_tps']:.1f} | {o['decode_tps'] / h['decode_tps']:.2f}x" if h else "– | –")
+        ttft = f"{o['ttft'] * 1e3:.0f} / " + (f"{h['ttft'] * 1e3:.0f} | {h['ttft'] / o['ttft']:.2f}x" if h else "– | –")
+        log(f"| {r['name']} | {o['decode_tps']:.1f} | {hf_cols} | {o['decode_tps'] / r['limit']:.0%} | {ttft} | "
+            f"{ppl.get(r['name'], float('nan')):.3f} | {d} |")
+    best_q = max(r["o"]["decode_tps"] for r in rows if r["name"] in ("int8", "int4"))
+    log(f"\nbest quantized decode {best_q:.1f} tok/s (llama.cpp Q4_1 on this machine class: ≈{LLAMA_CPP_Q4_1:.0f}, "
+        "quoted from issue 6, not measured here)")
+    if runtime.NOTES:
+        log("fallbacks taken: " + "; ".join(runtime.NOTES))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
