@@ -35,7 +35,8 @@ class DataConfig:
 class OptimConfig:
     lr: float = 1e-3
     min_lr: float = 1e-4
-    weight_decay: float = 0.1  # on matrices only; never on norms, biases or embeddings
+    weight_decay: float = 0.1  # on matrices only; never on norms, biases (or embeddings, unless below)
+    decay_embeddings: bool = False  # true = nanoGPT's rule: every matrix decays, embeddings included
     beta1: float = 0.9
     beta2: float = 0.99
     eps: float = 1e-8

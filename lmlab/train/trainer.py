@@ -98,11 +98,11 @@ def scale_residual_init(model: torch.nn.Module) -> None:
                 block.mlp.proj.weight.normal_(0.0, std)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices of linear layers only: never on norms, biases or embeddings."""
+def param_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:
+    """Weight decay on matrices of linear layers only: never on norms, biases or (by default) embeddings."""
     no_decay: set[int] = set()
     for m in model.modules():
-        if isinstance(m, torch.nn.Embedding):
+        if isinstance(m, torch.nn.Embedding) and not decay_embeddings:
             no_decay.add(id(m.weight))
     decay, rest, seen = [], [], set()
     for p in model.parameters():
@@ -236,7 +236,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         # a BERT trained without NSP leaves its pooler unused; DDP must be told
         unused = model_cfg.pooler and not any(o.cfg.name == "nsp" for o in mixture.objectives)
         model = wrap(raw, d, cfg.distributed, device, find_unused=unused)
-        optimizer = torch.optim.AdamW(param_groups(raw, cfg.optim.weight_decay), lr=cfg.optim.lr,
+        optimizer = torch.optim.AdamW(param_groups(raw, cfg.optim.weight_decay, cfg.optim.decay_embeddings), lr=cfg.optim.lr,
                                       betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
                                       fused=device.startswith("cuda"))
         if cfg.compile:
