@@ -57,6 +57,8 @@ class Task:
     filters: dict[str, Callable[[str], str]] = field(default_factory=dict)  # generation answer filters
     doc_to_answer: Callable[[dict], str] | None = None  # generation: the scored answer, when it differs
     # from the few-shot target (gsm8k: the number after '####', while examples show the reasoning)
+    count_text: Callable[[dict], str] | None = None  # rolling: the text whose words/bytes are counted,
+    # when it is not the scored text (wikitext counts the original text, before detokenization)
     group: str | None = None  # suite this task belongs to (mmlu, ceval, ...)
     source: str = ""  # file that defines the task, for error messages
 
@@ -193,9 +195,10 @@ class Task:
             return {m: values[m] for m in self.metrics}
         if self.output_type == "loglikelihood_rolling":
             a = answers[0]
-            values = {"word_perplexity": (a.logprob, metrics.count_words(item.target)),
-                      "byte_perplexity": (a.logprob, metrics.count_bytes(item.target)),
-                      "bits_per_byte": (a.logprob, metrics.count_bytes(item.target)),
+            text = item.target if self.count_text is None else self.count_text(item.doc)
+            values = {"word_perplexity": (a.logprob, metrics.count_words(text)),
+                      "byte_perplexity": (a.logprob, metrics.count_bytes(text)),
+                      "bits_per_byte": (a.logprob, metrics.count_bytes(text)),
                       "perplexity": (a.logprob, a.n_tokens)}
             return {m: values[m] for m in self.metrics}
         text = answers[0]

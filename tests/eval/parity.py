@@ -4,6 +4,7 @@ lm_eval cannot reach its hub, so its side reads task YAMLs written here over the
 Used by tests/eval/test_eval_parity.py (a small set) and runnable for the full comparison:
 
     python tests/eval/parity.py --items 200 --copa 100 --mmlu-shots 5
+    python tests/eval/parity.py --wikitext [--docs N] [--window 2048]     # bits per byte
 """
 from __future__ import annotations
 
@@ -135,6 +136,75 @@ def run(items: int, copa: int, mmlu_shots: int, workdir: Path, batch_size: int =
     return {"ours": ours, "theirs": theirs, "timings": timings}
 
 
+WIKITEXT_YAML = """task: p_wikitext
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: !function p_wikitext_fns.wikitext_detokenizer
+process_results: !function p_wikitext_fns.process_results
+metric_list:
+  - metric: word_perplexity
+  - metric: byte_perplexity
+  - metric: bits_per_byte
+"""
+
+
+def hf_lm(model, tok, workdir: Path, **kwargs):
+    """lm_eval's HF backend on the HF export of the same weights."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmlab.checkpoints.hf import export
+
+    if not (workdir / "hf" / "config.json").is_file():
+        export(model, tok, workdir / "hf")
+    hf_model = AutoModelForCausalLM.from_pretrained(workdir / "hf", dtype=torch.float32).eval()
+    return HFLM(pretrained=hf_model, tokenizer=AutoTokenizer.from_pretrained(workdir / "hf"), **kwargs)
+
+
+def wikitext(docs: int | None, window: int, workdir: Path, batch_size: int = 8) -> dict:
+    """Rolling log-likelihood of SmolLM2-135M over the wikitext file, `window` tokens per window.
+
+    lmlab: its built-in `wikitext` task. lm_eval: its own wikitext task definition (its detokenizer and
+    its process_results, which count words and bytes in the original text), on a dataset of the same
+    documents (lmlab's article split of the file). Returns both results and per-document log-likelihoods."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from lmlab.checkpoints import load
+    from lmlab.eval import evaluate
+    from lmlab.eval.tasks.wikitext import articles
+
+    corpora = DATA.parent / "corpora"
+    model, tok = load("smollm2-135m")
+    t0 = time.perf_counter()
+    ours = evaluate(model, tok, ["wikitext"], data_dir=corpora, limit=docs, max_length=window,
+                    batch_size=batch_size, log_samples=True, progress=False)
+    ours_s = time.perf_counter() - t0
+    pages = articles((corpora / "wikitext-2-raw-test.txt").read_text(encoding="utf-8"))[:docs]
+    _jsonl(workdir / "wikitext.jsonl", [{"page": p} for p in pages])
+    (workdir / "p_wikitext.yaml").write_text(WIKITEXT_YAML.format(data=workdir / "wikitext.jsonl"))
+    (workdir / "p_wikitext_fns.py").write_text(
+        "from lm_eval.tasks.wikitext.preprocess_wikitext import process_results, wikitext_detokenizer  # noqa\n")
+    lm = hf_lm(model, tok, workdir, batch_size=batch_size, max_length=window)
+    t0 = time.perf_counter()
+    theirs = simple_evaluate(model=lm, tasks=["p_wikitext"], task_manager=TaskManager(include_path=str(workdir)),
+                             log_samples=True, bootstrap_iters=0, verbosity="ERROR")
+    theirs_s = time.perf_counter() - t0
+    mine, other = ours["results"]["wikitext"], theirs["results"]["p_wikitext"]
+    their_lls = {s["doc_id"]: float(s["resps"][0][0]) for s in theirs["samples"]["p_wikitext"]}
+    diff = max(abs(s["resps"][0][0] - their_lls[s["doc_id"]]) for s in ours["samples"]["wikitext"])
+    return {"docs": len(pages), "window": window, "max_doc_ll_diff": diff,
+            **{f"{m}_lmlab": mine[m] for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")},
+            **{f"{m}_lm_eval": other[f"{m},none"] for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")},
+            "lmlab_s": ours_s, "lm_eval_s": theirs_s}
+
+
 def compare(out: dict) -> dict[str, dict]:
     """Per task: n, both accuracies, the largest per-item loglikelihood difference."""
     report = {}
@@ -166,7 +236,17 @@ if __name__ == "__main__":
     ap.add_argument("--items", type=int, default=200)
     ap.add_argument("--copa", type=int, default=100)
     ap.add_argument("--mmlu-shots", type=int, default=5)
+    ap.add_argument("--wikitext", action="store_true", help="compare wikitext bits per byte instead")
+    ap.add_argument("--docs", type=int, help="wikitext: the first N articles (default: all 62)")
+    ap.add_argument("--window", type=int, default=2048, help="wikitext: tokens per rolling window")
     a = ap.parse_args()
+    if a.wikitext:
+        with tempfile.TemporaryDirectory() as d:
+            w = wikitext(a.docs, a.window, Path(d))
+        print(json.dumps(w, indent=1))
+        print(f"bits per byte: lmlab {w['bits_per_byte_lmlab']:.5f}  lm_eval {w['bits_per_byte_lm_eval']:.5f}  "
+              f"relative difference {abs(w['bits_per_byte_lmlab'] / w['bits_per_byte_lm_eval'] - 1):.2e}")
+        raise SystemExit(0)
     with tempfile.TemporaryDirectory() as d:
         out = run(a.items, a.copa, a.mmlu_shots, Path(d))
     rep = compare(out)

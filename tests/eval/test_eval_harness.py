@@ -109,11 +109,14 @@ def test_bridge_matches_lmlab_evaluator_on_all_request_types(tiny, tmp_path):
     from lmlab.eval import evaluate
     from lmlab.eval.harness import LmlabLM
 
+    from lmlab.checkpoints import native
+
     model, tok = tiny
     paths = _tasks(tmp_path)
     names = [p.stem for p in paths]
-    lm = LmlabLM(model=model, tokenizer=tok, batch_size=4, progress=False)
-    theirs = simple_evaluate(model=lm, tasks=names, task_manager=TaskManager(include_path=str(tmp_path)),
+    native.save(model, tok, tmp_path / "tiny")  # so the bridge loads it by spec, as from lm_eval's CLI
+    theirs = simple_evaluate(model="lmlab", model_args=f"pretrained={tmp_path / 'tiny'},batch_size=4,progress=false",
+                             tasks=names, task_manager=TaskManager(include_path=str(tmp_path)),
                              log_samples=True, bootstrap_iters=0, verbosity="ERROR")
     ours = evaluate(model, tok, [str(p) for p in paths], batch_size=8, log_samples=True, progress=False)
     assert set(ours["results"]) == set(names)
@@ -156,8 +159,8 @@ def test_missing_lm_eval_is_a_clear_error(monkeypatch):
 
 @pytest.mark.slow
 def test_bridge_on_smollm2_matches_lmlab(data_dir, tmp_path):
-    """simple_evaluate(model="lmlab", model_args="pretrained=smollm2-135m") on local YAMLs over the shared
-    data (COPA and the ARC-Easy mosaic file) vs lmlab's built-in copa and the arc YAML, same items."""
+    """simple_evaluate(model=LmlabLM(SmolLM2-135M)) on lm_eval YAMLs over the shared data (COPA and the
+    ARC-Easy mosaic file) vs lmlab's built-in copa and its own arc YAML: the same items, the same answers."""
     pytest.importorskip("lm_eval")
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -165,19 +168,19 @@ def test_bridge_on_smollm2_matches_lmlab(data_dir, tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     import parity
 
-    import lmlab.eval.harness  # noqa: F401  (registers "lmlab")
     from lmlab.checkpoints import load
     from lmlab.eval import evaluate
+    from lmlab.eval.harness import LmlabLM
 
-    limit = 24
+    limit = 12
     parity.write_lm_eval_tasks(tmp_path, data_dir, [])
-    theirs = simple_evaluate(model="lmlab", model_args="pretrained=smollm2-135m,batch_size=16,progress=false",
+    model, tok = load("smollm2-135m")
+    theirs = simple_evaluate(model=LmlabLM(model=model, tokenizer=tok, batch_size=16, progress=False),
                              tasks=["p_copa", "p_arc_easy_mosaic"], task_manager=TaskManager(include_path=str(tmp_path)),
                              limit=limit, log_samples=True, bootstrap_iters=0, verbosity="ERROR")
-    model, tok = load("smollm2-135m")
     ours = evaluate(model, tok, ["copa", str(parity.REPO / "configs/tasks/arc_easy_mosaic.yaml")], data_dir=data_dir,
                     limit=limit, batch_size=8, log_samples=True, progress=False)
     for mine, their in (("copa", "p_copa"), ("arc_easy_mosaic", "p_arc_easy_mosaic")):
+        assert len(ours["samples"][mine]) == limit
         ours["samples"][their], ours["results"][their] = ours["samples"][mine], ours["results"][mine]
         _compare(theirs, ours, their)
-        assert len(ours["samples"][mine]) == limit

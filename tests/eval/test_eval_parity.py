@@ -30,3 +30,13 @@ def test_loglikelihoods_and_accuracies_match_lm_eval(report):
         assert r["max_ll_diff"] < 1e-3, (name, r)
         assert abs(r["acc_lmlab"] - r["acc_lm_eval"]) <= 0.005, (name, r)
         assert abs(r["acc_norm_lmlab"] - r["acc_norm_lm_eval"]) <= 0.005, (name, r)
+
+
+@pytest.mark.slow
+def test_wikitext_bits_per_byte_match_lm_eval(data_dir, tmp_path):
+    """One article in 256-token windows (lean); the full run is `parity.py --wikitext`."""
+    w = helper.wikitext(1, 256, tmp_path)
+    assert w["docs"] == 1
+    assert w["max_doc_ll_diff"] < 1e-2  # a sum over ~1,300 tokens
+    assert abs(w["bits_per_byte_lmlab"] / w["bits_per_byte_lm_eval"] - 1) < 0.01
+    assert abs(w["word_perplexity_lmlab"] / w["word_perplexity_lm_eval"] - 1) < 0.01

@@ -1,5 +1,6 @@
 """YAML tasks, few-shot sampling, bad input, batch-size invariance and atomic output (tiny model: fast)."""
 import json
+import re
 
 import pytest
 
@@ -102,3 +103,19 @@ def test_interrupted_write_leaves_nothing(tmp_path):
     assert not out.exists() and not list(tmp_path.iterdir())
     write_json({"results": {"t": {"acc": 0.5}}}, out)
     assert json.loads(out.read_text())["results"]["t"]["acc"] == 0.5
+
+
+def test_wikitext_detokenizes_but_counts_the_original_text(tmp_path):
+    from lmlab.eval.requests import RollingResult
+    from lmlab.eval.tasks import wikitext
+
+    raw = " = Title = \r\n Some text @-@ here , and ( a note ) .\r\n = = Section = = \r\n More .\r\n = Other = \r\n x\r\n"
+    (tmp_path / "wikitext-2-raw-test.txt").write_text(raw, newline="")
+    task = wikitext.build(tmp_path)
+    items = task.items()
+    assert len(items) == 2  # split at top-level headings only
+    text, page = items[0].requests[0].text, items[0].doc["page"]
+    assert "Some text-here, and (a note)" in text and "== Section ==" in text and " @-@ " in page
+    scored = task.score(items[0], [RollingResult(-10.0, 7)])
+    assert scored["bits_per_byte"] == (-10.0, len(page.encode("utf-8")))  # as lm-evaluation-harness counts
+    assert scored["word_perplexity"] == (-10.0, len(re.split(r"\s+", page))) and len(page) > len(text)
