@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,14 +43,18 @@ def log(msg: str) -> None:
 
 
 # --------------------------------------------------------------------------- the machine
-def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    """Best-of-N GB/s of summing a float32 tensor of `gib` GiB (far beyond the last-level cache)."""
+def read_bandwidth(gib: float = 1.0, repeats: int = 10) -> float:
+    """Best-of-N GB/s of summing a float32 tensor of `gib` GiB (beyond the last-level cache), on every
+    usable core: the machine's limit, whatever share of it other jobs leave us at the moment."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(runtime.machine_threads())
     x = torch.ones(int(gib * 2**30 / 4), dtype=torch.float32)
     best = math.inf
     for _ in range(repeats):
         t = time.perf_counter()
         x.sum()
         best = min(best, time.perf_counter() - t)
+    torch.set_num_threads(threads)
     return x.numel() * 4 / best / 1e9
 
 
@@ -132,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
 
     threads = runtime.set_threads(a.threads)
     bw = read_bandwidth()
-    log(f"machine: {threads} threads, torch {torch.__version__}, memory read bandwidth {bw:.1f} GB/s")
+    load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    log(f"machine: {runtime.machine_threads()} usable cores, 1-min load {load1:.1f} before start, {threads} threads; "
+        f"torch {torch.__version__}; memory read bandwidth {bw:.1f} GB/s")
 
     base, tok = load(a.model, dtype="float32")
     text = Path(a.data).read_text(encoding="utf-8") if Path(a.data).is_file() else ""

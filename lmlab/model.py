@@ -350,13 +350,16 @@ class Transformer(nn.Module):
                 positions: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None, cache: KVCache | None = None,
                 encoder_out: torch.Tensor | None = None, encoder_mask: torch.Tensor | None = None,
-                encoder_input_ids: torch.Tensor | None = None, return_hidden: bool = False):
+                encoder_input_ids: torch.Tensor | None = None, return_hidden: bool = False,
+                last_logits_only: bool = False):
         """Logits B×T×V.
 
         attention_mask (B×T, 1 = token, 0 = padding) covers the new tokens; with a cache, earlier
         tokens keep their own validity. attn_mask (B×T×T bool, True = may attend) replaces the default
         causal/full pattern, e.g. for prefix LM. Encoder-only models return MLM logits; an
         encoder-decoder takes the source as encoder_input_ids (or a precomputed encoder_out).
+        last_logits_only: logits B×1×V of the last position only (a prompt pass that only needs the next
+        token skips the vocabulary projection of every other position).
         """
         if self.decoder is None:
             h = self.encode(input_ids, attention_mask, token_type_ids)
@@ -387,5 +390,5 @@ class Transformer(nn.Module):
                          memory=memory, memory_valid=memory_valid)
         if cache is not None:
             cache.commit(T)
-        logits = self.head(h)
+        logits = self.head(h[:, -1:] if last_logits_only else h)
         return (logits, h) if return_hidden else logits
