@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -109,12 +109,12 @@ class Tokenizer:
                    chat_template=template, extra_eos=extra)
 
     @classmethod
-    def char_level(cls, text: str) -> "Tokenizer":
+    def char_level(cls, text: Iterable[str]) -> "Tokenizer":
         """A character vocabulary over the characters of `text` (nanoGPT's Shakespeare tokenizer)."""
         chars = sorted(set(text))
         vocab = {c: i for i, c in enumerate(chars)}
         tok = HFTokenizer(models.WordLevel(vocab=vocab, unk_token=None))
-        tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # newlines too
         tok.decoder = decoders.Fuse()
         return cls(tok)
 

@@ -11,7 +11,8 @@ import torch
 from lmlab.data import PrepareConfig, TokenData, prepare
 from lmlab.data.corpus import expand_inputs, iter_pieces, read_text_blocks
 from lmlab.data.prepare import pick_dtype
-from lmlab.data.tokenizers import char_level, train_bpe
+from lmlab.data.tokenizers import train_bpe
+from lmlab.tokenizer import Tokenizer
 from lmlab.errors import LmlabError
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
@@ -111,7 +112,7 @@ def test_empty_corpus_and_missing_inputs(tmp_path):
     for tokenizer in ("char", None):
         cfg = PrepareConfig(inputs=[str(tmp_path / "empty.txt")], out_dir=str(tmp_path / "o"), progress=False)
         if tokenizer is None:
-            char_level("abc").save(tmp_path)
+            Tokenizer.char_level("abc").save(tmp_path)
             cfg.tokenizer = str(tmp_path / "tokenizer.json")
         with pytest.raises(LmlabError, match="corpus is empty"):
             prepare(cfg)
@@ -124,7 +125,7 @@ def test_empty_corpus_and_missing_inputs(tmp_path):
 
 def test_vocabulary_too_big_for_dtype(tmp_path):
     assert pick_dtype("auto", 65536) == "uint16" and pick_dtype("auto", 65537) == "uint32"
-    big = char_level(chr(0x10000 + i) for i in range(70000))
+    big = Tokenizer.char_level(chr(0x10000 + i) for i in range(70000))
     big.save(tmp_path)
     (tmp_path / "c.txt").write_text(chr(0x10005) * 10, encoding="utf-8")
     cfg = PrepareConfig(inputs=[str(tmp_path / "c.txt")], out_dir=str(tmp_path / "o"), dtype="uint16",

@@ -7,7 +7,8 @@ import torch
 
 from lmlab.config import preset
 from lmlab.data.dataset import TokenStream
-from lmlab.data.tokenizers import char_level, with_separator
+from lmlab.data.tokenizers import with_separator
+from lmlab.tokenizer import Tokenizer
 from lmlab.model import Transformer
 from lmlab.objectives import (FIM, MLM, NSP, REGISTRY, PrefixLM, SpanCorruption, build_objectives,
                               objective_config)
@@ -28,7 +29,7 @@ TEXT = ("the quick brown fox jumps over the lazy dog. " * 20 + "\n")
 
 
 def tokenizer():
-    return with_separator(char_level(TEXT + "ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
+    return with_separator(Tokenizer.char_level(TEXT + "ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
 
 
 def stream(tmp_path, ids, name="s.bin") -> TokenStream:
@@ -85,7 +86,7 @@ def test_mlm_whole_word(tmp_path):
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
     rng = np.random.default_rng(1)
     text = " ".join(rng.choice(words, 4000))
-    tok = with_separator(char_level(text))
+    tok = with_separator(Tokenizer.char_level(text))
     s = stream(tmp_path, tok.encode(text))
     mlm = MLM(objective_config({"name": "mlm", "whole_word": True}), tok, 64, tok.eos_id)
     b = mlm.batch(s, 200, torch.Generator().manual_seed(3))

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
 from lmlab.errors import LmlabError
 from lmlab.tokenizer import Tokenizer
@@ -41,19 +41,7 @@ def char_tokenizer(texts: Iterable[str]) -> Tokenizer:
         chars.update(text)
     if not chars:
         raise LmlabError("corpus is empty: no characters to build a vocabulary from")
-    return with_separator(char_level(chars))
-
-
-def char_level(chars: Iterable[str]) -> Tokenizer:
-    """Like Tokenizer.char_level, but every character (newlines too) is its own token.
-
-    (Tokenizer.char_level splits with Regex("."), which leaves a run such as "\n\n" as one unknown piece.)
-    """
-    vocab = {c: i for i, c in enumerate(sorted(set(chars)))}
-    hf = HFTokenizer(models.WordLevel(vocab=vocab, unk_token=None))
-    hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    hf.decoder = decoders.Fuse()
-    return Tokenizer(hf)
+    return with_separator(Tokenizer.char_level(chars))
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int = 2,
