@@ -175,3 +175,18 @@ def test_quantized_greedy_stays_close_to_float(scheme):
     q = runtime.prepare(model, runtime.RunConfig(quantize=scheme, group_size=32))
     got = runtime.greedy(q, prompt, 8).tokens
     assert got[:2] == want[:2]  # small random models have small margins: only the first tokens must agree
+
+
+def test_row_linears_keep_weights_tied_and_results_close():
+    model = model_for("tiny-llama").to(torch.bfloat16)
+    ids = torch.randint(0, 512, (1, 6))
+    with torch.no_grad():
+        cache = model.make_cache(1, 8)
+        model(ids[:, :5], cache=cache)
+        want = model(ids[:, 5:], cache=cache).float()
+        assert runtime.use_row_linears(model) == 9
+        assert isinstance(model.lm_head, runtime.RowLinear) and model.lm_head.weight is model.tok_emb.weight
+        cache = model.make_cache(1, 8)
+        model(ids[:, :5], cache=cache)
+        got = model(ids[:, 5:], cache=cache).float()
+    assert (got - want).norm() / want.norm() < 2e-2
