@@ -202,7 +202,7 @@ def _prefill(model, prompts: list[list[int]], pad_id: int, steps: int, device):
     else:
         ids, mask = _pad(prompts, pad_id, left=True, device=device)
         cache = model.make_cache(B, ids.shape[1] + steps)
-        logits = model(ids, attention_mask=mask, cache=cache)
+        logits = model(ids, attention_mask=mask, cache=cache, last_logits_only=True)  # skip unused positions
     return cache, logits[:, -1].float()
 
 
