@@ -43,16 +43,18 @@ def log(msg: str) -> None:
 
 
 # --------------------------------------------------------------------------- the machine
-def read_bandwidth(gib: float = 1.0, repeats: int = 10) -> float:
+def read_bandwidth(device: torch.device, gib: float = 1.0, repeats: int = 10) -> float:
     """Best-of-N GB/s of summing a float32 tensor of `gib` GiB (beyond the last-level cache), on every
-    usable core: the machine's limit, whatever share of it other jobs leave us at the moment."""
+    usable core (or the GPU): the device's limit, whatever share of it other jobs leave us right now."""
     threads = torch.get_num_threads()
     torch.set_num_threads(runtime.machine_threads())
-    x = torch.ones(int(gib * 2**30 / 4), dtype=torch.float32)
+    x = torch.ones(int(gib * 2**30 / 4), dtype=torch.float32, device=device)
     best = math.inf
     for _ in range(repeats):
+        runtime.synchronize(device)
         t = time.perf_counter()
         x.sum()
+        runtime.synchronize(device)
         best = min(best, time.perf_counter() - t)
     torch.set_num_threads(threads)
     return x.numel() * 4 / best / 1e9
@@ -70,10 +72,12 @@ def load_hf(spec: str):
 
 @torch.inference_mode()
 def hf_generate(model, ids: list[int], n: int) -> tuple[list[int], float]:
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=model.device)
+    runtime.synchronize(model.device)
     t = time.perf_counter()
     out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
                          do_sample=False, pad_token_id=0)
+    runtime.synchronize(model.device)
     return out[0, len(ids):].tolist(), time.perf_counter() - t
 
 
@@ -131,14 +135,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quant-dtype", default="bfloat16", help="activation dtype of the int8/int4 runs")
     p.add_argument("--compile", action="store_true", help="also torch.compile lmlab's forward")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present); HF runs there too")
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--data", default=str(WIKITEXT))
     a = p.parse_args(argv)
 
     threads = runtime.set_threads(a.threads)
-    bw = read_bandwidth()
+    device = runtime.resolve_device(a.device)
+    bw = read_bandwidth(device)
     load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    log(f"machine: {runtime.machine_threads()} usable cores, 1-min load {load1:.1f} before start, {threads} threads; "
+    log(f"device {device}; machine: {runtime.machine_threads()} usable cores, 1-min load {load1:.1f} before start, {threads} threads; "
         f"torch {torch.__version__}; memory read bandwidth {bw:.1f} GB/s")
 
     base, tok = load(a.model, dtype="float32")
@@ -161,10 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     rows, ppl = [], {}
     for name, dtype, quant in configs:
         run = runtime.RunConfig(dtype=dtype, quantize=quant, group_size=a.group_size, compile=a.compile,
-                                threads=threads)
+                                threads=threads, device=str(device))
         model = runtime.prepare(copy.deepcopy(base), run)
         real_dtype = runtime.base_model(model).tok_emb.weight.dtype
-        hf_model = hf.to(real_dtype) if hf is not None and quant is None else None
+        hf_model = hf.to(device=device, dtype=real_dtype) if hf is not None and quant is None else None
         ours, theirs = [], []
         for _ in range(a.repeats):
             ours.append(lmlab_run(model, prompt, a.new_tokens, long_prompt, a.chunk))

@@ -272,7 +272,8 @@ def base_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 # --------------------------------------------------------------------------- prefill and decoding
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device (CUDA runs asynchronously; CPU needs nothing)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -290,7 +291,7 @@ def prefill(model, ids: torch.Tensor, *, max_new_tokens: int = 0, chunk: int = 5
     B, T = ids.shape
     if cache is None:
         cache = base.make_cache(B, T + max_new_tokens)
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     logits = None
     for s in range(0, T, chunk):
@@ -298,7 +299,7 @@ def prefill(model, ids: torch.Tensor, *, max_new_tokens: int = 0, chunk: int = 5
         mask = attention_mask[:, s:s + chunk] if attention_mask is not None else None
         logits = model(part, cache=cache, attention_mask=mask, last_logits_only=True)
     last = logits[:, -1]
-    _sync(device)
+    synchronize(device)
     return last, cache, time.perf_counter() - t0
 
 
@@ -329,5 +330,5 @@ def greedy(model, prompt: list[int], max_new_tokens: int, *, chunk: int = 512) -
         nxt = model(nxt, cache=cache)[:, -1].argmax(-1, keepdim=True)
         out.append(nxt)
     tokens = torch.cat(out, 1)[0].tolist()  # one host sync for the whole run
-    _sync(device)
+    synchronize(device)
     return DecodeResult(tokens, ttft, time.perf_counter() - t0, max_new_tokens - 1)
