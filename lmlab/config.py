@@ -36,6 +36,7 @@ class ModelConfig:
     # norms and blocks
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
+    norm_bias: bool = True  # LayerNorm with a bias (False: weight only, as nanoGPT's bias=False)
     prenorm: bool = True
     embed_norm: bool = False  # BERT: LayerNorm right after the embedding sum
     mlp: Literal["gelu", "gelu_tanh", "relu", "swiglu", "geglu"] = "gelu"

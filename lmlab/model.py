@@ -31,7 +31,7 @@ class RMSNorm(nn.Module):
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return RMSNorm(cfg.d_model, cfg.norm_eps)
-    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.norm_bias)
 
 
 class Rotary(nn.Module):
@@ -321,6 +321,17 @@ class Transformer(nn.Module):
             h = h * self.cfg.d_model ** -0.5
         return self.lm_head(h)
 
+    def lm_loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of head(h) against labels (-100 = ignored); a plain projection head is fused
+        with the loss chunk by chunk, so the full logits and their gradient are never held."""
+        from lmlab.objectives.loss import linear_cross_entropy
+
+        if self.cfg.mlm_head:
+            return F.cross_entropy(self.head(h).flatten(0, -2).float(), labels.flatten(), ignore_index=-100)
+        if self.cfg.tied_logit_scale and self.cfg.tie_embeddings:
+            h = h * self.cfg.d_model ** -0.5
+        return linear_cross_entropy(h, self.lm_head.weight, labels)
+
     def nsp_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Next-sentence logits (is-next = 0, random = 1) from the first token's hidden state."""
         return self.nsp(torch.tanh(self.pooler(h[:, 0])))
@@ -351,7 +362,7 @@ class Transformer(nn.Module):
                 attn_mask: torch.Tensor | None = None, cache: KVCache | None = None,
                 encoder_out: torch.Tensor | None = None, encoder_mask: torch.Tensor | None = None,
                 encoder_input_ids: torch.Tensor | None = None, return_hidden: bool = False,
-                last_logits_only: bool = False):
+                last_logits_only: bool = False, labels: torch.Tensor | None = None):
         """Logits B×T×V.
 
         attention_mask (B×T, 1 = token, 0 = padding) covers the new tokens; with a cache, earlier
@@ -360,9 +371,13 @@ class Transformer(nn.Module):
         encoder-decoder takes the source as encoder_input_ids (or a precomputed encoder_out).
         last_logits_only: logits B×1×V of the last position only (a prompt pass that only needs the next
         token skips the vocabulary projection of every other position).
+        labels (B×T, -100 = ignored): return the mean cross-entropy instead of logits, computed by
+        `lm_loss` without materialising the B×T×V logits (training's fast path).
         """
         if self.decoder is None:
             h = self.encode(input_ids, attention_mask, token_type_ids)
+            if labels is not None:
+                return self.lm_loss(h, labels)
             return (self.head(h), h) if return_hidden else self.head(h)
         B, T = input_ids.shape
         memory = memory_valid = None
@@ -390,5 +405,7 @@ class Transformer(nn.Module):
                          memory=memory, memory_valid=memory_valid)
         if cache is not None:
             cache.commit(T)
+        if labels is not None:
+            return self.lm_loss(h, labels)
         logits = self.head(h[:, -1:] if last_logits_only else h)
         return (logits, h) if return_hidden else logits

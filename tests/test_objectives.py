@@ -293,3 +293,59 @@ def test_mixture_sample_mode_follows_weights(tmp_path):
     gen = torch.Generator().manual_seed(0)
     picks = [mix.batches(s, 1, gen)[0][0] for _ in range(2000)]
     assert abs(picks.count(0) / 2000 - 0.75) < 0.04
+
+
+# ------------------------------------------------------------------ the fused projection + cross-entropy
+@pytest.mark.parametrize("vocab,rows,chunk", [(65, 100, 7), (1000, 300, 64), (300, 50, None)])
+def test_linear_cross_entropy_matches_plain_route(monkeypatch, vocab, rows, chunk):
+    import torch.nn.functional as F
+    from lmlab.objectives import loss as fused
+
+    if chunk:  # force many chunks (a ragged last one too)
+        monkeypatch.setattr(fused, "_chunk_rows", lambda v, d: chunk)
+    g = torch.Generator().manual_seed(vocab)
+    h = torch.randn(rows, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(vocab, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.randint(vocab, (rows,), generator=g)
+    y[::5] = IGNORE
+    got = fused.linear_cross_entropy(h, w, y)
+    (got * 2.5).backward()  # a non-unit upstream gradient is applied in backward
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    want = F.cross_entropy(F.linear(h, w), y, ignore_index=IGNORE)
+    (want * 2.5).backward()
+    assert abs(got.item() - want.item()) < 1e-12
+    assert torch.allclose(gh, h.grad, atol=1e-12) and torch.allclose(gw, w.grad, atol=1e-12)
+    with torch.no_grad():  # the evaluation route computes no gradient and gives the same loss
+        assert abs(fused.linear_cross_entropy(h, w, y).item() - want.item()) < 1e-12
+
+
+@pytest.mark.parametrize("name", ["baby-gpt", "tiny-llama", "t5-small"])
+def test_model_labels_route_equals_logits_route(name):
+    import torch.nn.functional as F
+
+    kw = dict(n_layer=1, n_decoder_layer=1, d_model=32, d_ff=64, n_head=4, head_dim=8) if name == "t5-small" else {}
+    torch.manual_seed(0)
+    model = Transformer(preset(name, vocab_size=97, max_seq_len=16, **kw)).double()
+    x = torch.randint(97, (3, 16))
+    y = torch.randint(97, (3, 16))
+    y[0, :5] = IGNORE
+    extra = {"encoder_input_ids": torch.randint(97, (3, 10))} if name == "t5-small" else {}
+    fused = model(x, labels=y, **extra)
+    fused.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    plain = F.cross_entropy(model(x, **extra).flatten(0, 1), y.flatten(), ignore_index=IGNORE)
+    plain.backward()
+    assert abs(fused.item() - plain.item()) < 1e-10
+    for n, p in model.named_parameters():
+        assert torch.allclose(grads[n], p.grad, atol=1e-10), n
+
+
+def test_layernorm_without_bias():
+    with_bias = Transformer(preset("baby-gpt"))
+    without = Transformer(preset("baby-gpt", norm_bias=False))
+    norms = [m for m in without.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(m.bias is None for m in norms)
+    assert with_bias.num_params() - without.num_params() == len(norms) * 128
+    assert without(torch.randint(65, (2, 8))).shape == (2, 8, 65)

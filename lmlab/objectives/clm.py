@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmlab.objectives.base import Objective, ObjectiveConfig, cross_entropy
+from lmlab.objectives.base import Objective, ObjectiveConfig
 
 
 @dataclass
@@ -21,4 +21,4 @@ class CLM(Objective):
         return {"input_ids": w[:, :-1], "labels": w[:, 1:]}
 
     def loss(self, model, batch):
-        return cross_entropy(model(batch["input_ids"]), batch["labels"]), {}
+        return model(batch["input_ids"], labels=batch["labels"]), {}  # projection fused with the loss

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmlab.objectives.base import Objective, ObjectiveConfig, cross_entropy
+from lmlab.objectives.base import Objective, ObjectiveConfig
 
 
 @dataclass
@@ -49,4 +49,4 @@ class FIM(Objective):
         return {"input_ids": seq[:, :-1], "labels": seq[:, 1:]}
 
     def loss(self, model, batch):
-        return cross_entropy(model(batch["input_ids"]), batch["labels"]), {}
+        return model(batch["input_ids"], labels=batch["labels"]), {}  # projection fused with the loss

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmlab.objectives.base import IGNORE, Objective, ObjectiveConfig, cross_entropy
+from lmlab.objectives.base import IGNORE, Objective, ObjectiveConfig
 
 
 @dataclass
@@ -36,4 +36,4 @@ class PrefixLM(Objective):
         return {"input_ids": w[:, :-1], "labels": labels, "attn_mask": prefix_mask(p, T), "prefix_len": p}
 
     def loss(self, model, batch):
-        return cross_entropy(model(batch["input_ids"], attn_mask=batch["attn_mask"]), batch["labels"]), {}
+        return model(batch["input_ids"], attn_mask=batch["attn_mask"], labels=batch["labels"]), {}
