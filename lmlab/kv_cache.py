@@ -20,6 +20,7 @@ class KVCache:
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.length = 0  # slots in use (the same for every row)
+        self.padded = False  # whether any call brought an attention mask (else every slot < length is valid)
         # encoder-decoder: per-layer cross-attention keys/values and the encoder padding mask
         self.cross: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.cross_mask: torch.Tensor | None = None
@@ -71,6 +72,7 @@ class KVCache:
         new.valid = self.valid.index_select(0, rows)
         new.next_pos = self.next_pos.index_select(0, rows)
         new.length = self.length
+        new.padded = self.padded
         new.cross = None if self.cross is None else [(k.index_select(0, rows), v.index_select(0, rows))
                                                        for k, v in self.cross]
         new.cross_mask = None if self.cross_mask is None else self.cross_mask.index_select(0, rows)

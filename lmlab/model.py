@@ -218,8 +218,8 @@ class Stack(nn.Module):
         """Boolean B×1×T×S mask (True = may attend), or None when plain causal/full attention will do."""
         if attn_mask is not None:
             return attn_mask if attn_mask.dim() == 4 else attn_mask[:, None]
-        if key_valid is None and self.rel_bias is None and start == 0:
-            return None
+        if key_valid is None and self.rel_bias is None and (start == 0 or T == 1):
+            return None  # plain causal (is_causal), or one new query that may see every cached slot
         S = start + T
         if T == 1 and key_valid is not None and self.causal:  # one decoding step: every earlier slot is causal
             allowed = key_valid[:, None, None, :S].clone()
@@ -256,7 +256,7 @@ class Stack(nn.Module):
                     cache.cross = memory_kv
         x = self.drop(x) if self.training else x
         for i, block in enumerate(self.blocks):
-            x = block(x, mask, is_causal=self.causal, rope=rope, cache=cache, layer=i, start=start,
+            x = block(x, mask, is_causal=self.causal and T > 1, rope=rope, cache=cache, layer=i, start=start,
                       cross_mask=cross_mask, memory_kv=memory_kv[i])
         if self.norm is not None:
             x = self.norm(x)
@@ -395,7 +395,9 @@ class Transformer(nn.Module):
                 B, T, dtype=torch.bool, device=input_ids.device)
             start, cache_positions = cache.reserve(mask)
             positions = cache_positions if positions is None else positions
-            key_valid = cache.valid
+            if attention_mask is not None:
+                cache.padded = True
+            key_valid = cache.valid if getattr(cache, "padded", True) else None  # no padding: causal order is the mask
         else:
             start, key_valid = 0, attention_mask.bool() if attention_mask is not None else None
             if positions is None:
