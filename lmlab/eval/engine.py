@@ -2,12 +2,14 @@
 
 The one place where text is scored (evaluation and in-context learning both come here):
 
-- `loglikelihood`: requests that share a context are grouped; each context runs once, its keys/values
-  are kept in a KVCache, and all of its continuations then run as one batch against copies of that
-  cache (`KVCache.select`). A one-token continuation needs no second pass at all: its score is read
-  from the context's last position. Groups are sorted by length so batches carry little padding.
-- Padding never changes a score: sequences are right-padded, so under causal attention a real token
-  never sees a pad, and pads in the cache are marked invalid for the continuation pass.
+- `loglikelihood`: requests that share a context are grouped, and each group runs as one packed
+  sequence: the context once, then each continuation (all but its last token), under an attention mask
+  that lets a continuation see the context and its own earlier tokens only, with positions continuing
+  from the context. So the context's keys/values are computed once and shared by all its choices (KV
+  reuse without copying a cache), and a one-token continuation costs nothing beyond its context.
+  Groups are sorted by length and short ones share a row (first fit), so rows carry little padding.
+- Padding never changes a score: a pad is never visible to a real token (right padding under a causal
+  mask; the packing mask keeps groups apart).
 - Logits are computed only at the positions that are scored (the vocabulary projection is the
   largest matrix of a small model), in float32, and under torch.inference_mode.
 - Under torchrun each process takes every world-th batch; results are gathered to every rank.
@@ -40,8 +42,10 @@ class _Group:
     items: list[tuple[int, list[int]]]  # (request index, continuation ids)
 
     @property
-    def length(self) -> int:
-        return len(self.context) + max(len(c) for _, c in self.items) - 1
+    def packed(self) -> int:
+        """Tokens in its packed form: the context once, then every continuation but its last token (the
+        last token is only predicted, never fed; a one-token continuation adds nothing)."""
+        return len(self.context) + sum(len(c) - 1 for _, c in self.items)
 
 
 def _dist() -> tuple[int, int]:
@@ -99,25 +103,16 @@ class Engine:
         return ctx, whole[len(ctx):]
 
     # ------------------------------------------------------------------ model pieces
-    def _hidden(self, ids: torch.Tensor, valid: torch.Tensor | None = None, cache=None,
-                causal_only: bool = True) -> torch.Tensor:
-        """Final hidden states of right-padded `ids` (B×T, `valid` marks real tokens).
+    def _hidden(self, ids: torch.Tensor, positions: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states (B×T×D) of `ids`, as model.forward computes them before its head.
 
-        With `cache` the keys/values are appended to it. `causal_only` says no earlier cache slot is
-        padding, so plain causal attention is exact (right padding: a real token never sees a pad)."""
+        Without `attn_mask` attention is plain causal, which is exact for right-padded rows (a real token
+        never sees a pad); `attn_mask` (B×T×T, True = may attend) with `positions` runs packed rows."""
         model = self.model
-        B, T = ids.shape
-        if valid is None:
-            valid = torch.ones(B, T, dtype=torch.bool, device=ids.device)
-        if cache is not None:
-            start, positions = cache.reserve(valid)
-        else:
-            start, positions = 0, torch.arange(T, device=ids.device).expand(B, T)
-        key_valid = None if causal_only else cache.valid
-        h = model.decoder(model.embed(ids, positions), positions, key_valid=key_valid, cache=cache, start=start)
-        if cache is not None:
-            cache.commit(T)
-        return h
+        if positions is None:
+            positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape)
+        return model.decoder(model.embed(ids, positions), positions, attn_mask=attn_mask)
 
     def _score(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-position log-probability of `targets` (N) given `hidden` (N×D), and whether it is the argmax."""
@@ -130,14 +125,10 @@ class Engine:
             greedy.append(logits.argmax(-1) == t)
         return torch.cat(logps), torch.cat(greedy)
 
-    def _pad(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pad(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
         T = max(len(r) for r in rows)
-        ids = torch.full((len(rows), T), self.tok.pad_id or 0, dtype=torch.long)
-        valid = torch.zeros(len(rows), T, dtype=torch.bool)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-            valid[i, :len(r)] = True
-        return ids.to(self.device), valid.to(self.device)
+        pad = self.tok.pad_id or 0
+        return torch.tensor([list(r) + [pad] * (T - len(r)) for r in rows], dtype=torch.long, device=self.device)
 
     # ------------------------------------------------------------------ loglikelihood
     def _groups(self, requests: Sequence[Loglikelihood]) -> list[_Group]:
@@ -156,41 +147,70 @@ class Engine:
             if key not in groups:
                 groups[key] = _Group(list(ctx), [])
             groups[key].items.append((i, cont))
-        return sorted(groups.values(), key=lambda g: (-g.length, g.context))
+        return sorted(groups.values(), key=lambda g: (-g.packed, g.context))
+
+    @staticmethod
+    def _rows(groups: list[_Group]) -> list[list[_Group]]:
+        """Pack groups (longest first) into rows no longer than the longest group: first fit."""
+        cap = max(g.packed for g in groups)
+        rows: list[list[_Group]] = []
+        room: list[int] = []
+        for g in groups:
+            for r, free in enumerate(room):
+                if free >= g.packed:
+                    rows[r].append(g)
+                    room[r] -= g.packed
+                    break
+            else:
+                rows.append([g])
+                room.append(cap - g.packed)
+        return rows
 
     def _score_groups(self, groups: list[_Group]) -> dict[int, LoglikelihoodResult]:
-        ctx_ids, ctx_valid = self._pad([g.context for g in groups])
-        ctx_len = torch.tensor([len(g.context) for g in groups], device=self.device)
-        rows = [(gi, ri, cont) for gi, g in enumerate(groups) for ri, cont in g.items]
-        longest = max(len(c) for _, _, c in rows)
-        cache = None
-        if longest > 1:
-            cache = self.model.make_cache(len(groups), ctx_ids.shape[1] + longest - 1)
-        h_ctx = self._hidden(ctx_ids, ctx_valid, cache)
-        last = h_ctx[torch.arange(len(groups), device=self.device), ctx_len - 1]  # G×D
-        # hidden state that predicts each continuation token, flattened over rows
-        pieces = [last[[gi for gi, _, _ in rows]][:, None]]  # R×1×D: the first token of each row
-        if cache is not None:
-            cont_ids, cont_valid = self._pad([c[:-1] or [self.tok.pad_id or 0] for _, _, c in rows])
-            for r, (_, _, c) in enumerate(rows):
-                if len(c) == 1:
-                    cont_valid[r] = False
-            rcache = cache.select([gi for gi, _, _ in rows])
-            pieces.append(self._hidden(cont_ids, cont_valid, rcache, causal_only=False))
-        hs, targets, owners = [], [], []
-        for r, (_, ri, c) in enumerate(rows):
-            hs.append(pieces[0][r])
-            if len(c) > 1:
-                hs.append(pieces[1][r, :len(c) - 1])
-            targets.extend(c)
-            owners.extend([r] * len(c))
-        logp, greedy = self._score(torch.cat(hs), torch.tensor(targets, device=self.device))
-        owner = torch.tensor(owners, device=self.device)
-        total = torch.zeros(len(rows), dtype=torch.float64, device=self.device).index_add_(0, owner, logp.double())
-        misses = torch.zeros(len(rows), dtype=torch.long, device=self.device).index_add_(0, owner, (~greedy).long())
-        all_greedy = misses == 0
-        return {ri: LoglikelihoodResult(float(total[r]), bool(all_greedy[r]), len(c))
-                for r, (_, ri, c) in enumerate(rows)}
+        """One forward pass for a batch of groups. Each group is laid out as its context followed by its
+        continuations (all but their last token); a mask lets each continuation see the context and its own
+        earlier tokens only, with positions continuing from the context, so every continuation is scored
+        exactly as if it followed the context alone while the context runs once. Several short groups share
+        a row (their masks keep them apart), so rows carry almost no padding."""
+        rows = self._rows(groups)
+        T = max(sum(g.packed for g in row) for row in rows)
+        ids, pos, seg, sub = ([[0] * T for _ in rows] for _ in range(4))
+        pred: list[int] = []  # flat index (row * T + slot) of the hidden state predicting each target
+        targets: list[int] = []
+        owner: list[int] = []  # request index of each target
+        for b, row in enumerate(rows):
+            at = 0
+            for gi, g in enumerate(row):
+                n = len(g.context)
+                ids[b][at:at + n], pos[b][at:at + n] = g.context, range(n)
+                seg[b][at:at + n] = [gi + 1] * n
+                last_ctx = b * T + at + n - 1
+                at += n
+                for k, (ri, c) in enumerate(g.items, 1):
+                    m = len(c) - 1
+                    ids[b][at:at + m], pos[b][at:at + m] = c[:-1], range(n, n + m)
+                    seg[b][at:at + m], sub[b][at:at + m] = [gi + 1] * m, [k] * m
+                    pred.extend([last_ctx, *range(b * T + at, b * T + at + m)])
+                    targets.extend(c)
+                    owner.extend([ri] * len(c))
+                    at += m
+        dev = self.device
+        seg_t, sub_t = torch.tensor(seg, device=dev), torch.tensor(sub, device=dev)
+        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+        same_group = seg_t[:, :, None] == seg_t[:, None, :]
+        visible = (sub_t[:, None, :] == 0) | (sub_t[:, :, None] == sub_t[:, None, :])
+        mask = (causal & same_group & visible) | torch.eye(T, dtype=torch.bool, device=dev)  # pads see themselves
+        h = self._hidden(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), mask)
+        logp, greedy = self._score(h.reshape(-1, h.shape[-1])[torch.tensor(pred, device=dev)],
+                                   torch.tensor(targets, device=dev))
+        ids_of = sorted(set(owner))
+        slot = {ri: j for j, ri in enumerate(ids_of)}
+        idx = torch.tensor([slot[ri] for ri in owner], device=dev)
+        total = torch.zeros(len(ids_of), dtype=torch.float64, device=dev).index_add_(0, idx, logp.double())
+        misses = torch.zeros(len(ids_of), dtype=torch.long, device=dev).index_add_(0, idx, (~greedy).long())
+        n_tok = torch.zeros(len(ids_of), dtype=torch.long, device=dev).index_add_(0, idx, torch.ones_like(idx))
+        return {ri: LoglikelihoodResult(float(total[j]), bool(misses[j] == 0), int(n_tok[j]))
+                for j, ri in enumerate(ids_of)}
 
     @torch.inference_mode()
     def loglikelihood(self, requests: Sequence[Loglikelihood], desc: str = "loglikelihood") -> list[LoglikelihoodResult]:
@@ -242,8 +262,7 @@ class Engine:
         bar = Progress(len(items), desc, self.progress)
         local: dict[int, float] = {}
         for batch in mine:
-            ids, _ = self._pad([items[k][1] for k in batch])
-            h = self._hidden(ids)
+            h = self._hidden(self._pad([items[k][1] for k in batch]))
             hs, targets, owners = [], [], []
             for r, k in enumerate(batch):
                 _, inp, tgt = items[k]

@@ -81,8 +81,11 @@ def mmlu_subjects(data: Path, n_items: int) -> list[str]:
     return out
 
 
-def run(items: int, copa: int, mmlu_shots: int, workdir: Path, batch_size: int = 16) -> dict:
-    """Both harnesses on the same items; returns per-task accuracies and per-item loglikelihoods."""
+def run(items: int, copa: int, mmlu_shots: int, workdir: Path, batch_size: int = 16,
+        cache: Path | None = None) -> dict:
+    """Both harnesses on the same items; returns per-task accuracies and per-item loglikelihoods.
+
+    `cache`: a JSON file keeping lm_eval's side (which does not change with lmlab's code) between runs."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -117,6 +120,10 @@ def run(items: int, copa: int, mmlu_shots: int, workdir: Path, batch_size: int =
                          log_samples=True, progress=False)["samples"])
     timings["lmlab_s"] = time.perf_counter() - t0
     # lm_eval
+    key = f"{items}:{copa}:{mmlu_shots}"
+    if cache is not None and cache.is_file() and json.loads(cache.read_text()).get("key") == key:
+        saved = json.loads(cache.read_text())
+        return {"ours": ours, "theirs": saved["theirs"], "timings": {**timings, "lm_eval_s": saved["lm_eval_s"]}}
     hf_model = AutoModelForCausalLM.from_pretrained(workdir / "hf", dtype=torch.float32).eval()
     hf_tok = AutoTokenizer.from_pretrained(workdir / "hf")
     lm = HFLM(pretrained=hf_model, tokenizer=hf_tok, batch_size=batch_size)
@@ -133,6 +140,10 @@ def run(items: int, copa: int, mmlu_shots: int, workdir: Path, batch_size: int =
         for n in names:
             theirs[n[2:]] = res["samples"][n]
     timings["lm_eval_s"] = time.perf_counter() - t0
+    if cache is not None:
+        slim = {t: [{"doc_id": x["doc_id"], "resps": [[[float(r[0][0]), bool(r[0][1])]] for r in x["resps"]],
+                     "acc": x["acc"], "acc_norm": x["acc_norm"]} for x in v] for t, v in theirs.items()}
+        cache.write_text(json.dumps({"key": key, "theirs": slim, "lm_eval_s": timings["lm_eval_s"]}))
     return {"ours": ours, "theirs": theirs, "timings": timings}
 
 
@@ -236,6 +247,7 @@ if __name__ == "__main__":
     ap.add_argument("--items", type=int, default=200)
     ap.add_argument("--copa", type=int, default=100)
     ap.add_argument("--mmlu-shots", type=int, default=5)
+    ap.add_argument("--cache", type=Path, help="keep lm_eval's results in this JSON file and reuse them")
     ap.add_argument("--wikitext", action="store_true", help="compare wikitext bits per byte instead")
     ap.add_argument("--docs", type=int, help="wikitext: the first N articles (default: all 62)")
     ap.add_argument("--window", type=int, default=2048, help="wikitext: tokens per rolling window")
@@ -248,7 +260,7 @@ if __name__ == "__main__":
               f"relative difference {abs(w['bits_per_byte_lmlab'] / w['bits_per_byte_lm_eval'] - 1):.2e}")
         raise SystemExit(0)
     with tempfile.TemporaryDirectory() as d:
-        out = run(a.items, a.copa, a.mmlu_shots, Path(d))
+        out = run(a.items, a.copa, a.mmlu_shots, Path(d), cache=a.cache)
     rep = compare(out)
     mmlu = [v for k, v in rep.items() if k.startswith("mmlu_")]
     for k, v in rep.items():
