@@ -34,14 +34,26 @@ def hf_model(a, vocab):
     return GPT2LMHeadModel(cfg)
 
 
-def make_step(model, is_hf: bool, device: str, dtype: torch.dtype):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+def make_optimizer(model, device: str, kind: str) -> torch.optim.Optimizer:
+    """The same AdamW for every model: `fused` (one kernel per step; CPU and CUDA), `foreach` or `loop`."""
+    opts = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[kind]
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, **opts)
+
+
+def make_step(model, kind: str, device: str, dtype: torch.dtype, optim: str):
+    """One training step. kind: 'hf' (logits, then cross-entropy over them: what GPT2LMHeadModel's own
+    loss does, minus its label-shift copy), 'lmlab' (lmlab's training path: model(x, labels=y), the
+    projection fused with the loss) or 'lmlab-logits' (lmlab's logits + the same cross-entropy as HF)."""
+    opt = make_optimizer(model, device, optim)
     autocast = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
 
     def step(x, y):
         with autocast:
-            logits = model(input_ids=x).logits if is_hf else model(x)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+            if kind == "lmlab":
+                loss = model(x, labels=y)
+            else:
+                logits = model(input_ids=x).logits if kind == "hf" else model(x)
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -63,6 +75,10 @@ def main() -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--optim", default="fused", choices=["fused", "foreach", "loop"],
+                   help="AdamW implementation, the same for both (default fused: fastest on CPU and GPU)")
+    p.add_argument("--plain-loss", action="store_true",
+                   help="also time lmlab's model through logits + F.cross_entropy (an extra line)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -70,20 +86,25 @@ def main() -> None:
     if dtype is None:
         dtype = torch.bfloat16 if a.device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     torch.manual_seed(0)
-    models = {"lmlab": lmlab_model(a, a.vocab).to(a.device), "hf": hf_model(a, a.vocab).to(a.device)}
+    lm = lmlab_model(a, a.vocab).to(a.device)
+    models = {"lmlab": lm, "hf": hf_model(a, a.vocab).to(a.device)}
     n = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     assert n["lmlab"] == n["hf"], f"shapes differ: {n}"
+    if a.plain_loss:  # an extra line: lmlab's model with the plain logits + cross-entropy route
+        models["lmlab-logits"] = lmlab_model(a, a.vocab).to(a.device)
     steps = {}
     for k, m in models.items():
         m.train()
-        steps[k] = make_step(torch.compile(m) if a.compile else m, k == "hf", a.device, dtype)
+        steps[k] = make_step(torch.compile(m) if a.compile else m, k, a.device, dtype, a.optim)
     gen = torch.Generator().manual_seed(0)
     data = torch.randint(a.vocab, (a.warmup + a.steps, a.batch, a.seq + 1), generator=gen).to(a.device)
+    batches = [(d[:, :-1].contiguous(), d[:, 1:].contiguous()) for d in data]  # built before timing
     times: dict[str, list[float]] = {k: [] for k in models}
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
+    order = list(models)
     for i in range(a.warmup + a.steps):
-        x, y = data[i, :, :-1], data[i, :, 1:]
-        for k in (("lmlab", "hf") if i % 2 == 0 else ("hf", "lmlab")):  # alternate who goes first
+        x, y = batches[i]
+        for k in order[i % len(order):] + order[:i % len(order)]:  # rotate who goes first
             sync()
             t = time.perf_counter()
             steps[k](x, y)
@@ -95,8 +116,12 @@ def main() -> None:
     print(f"shape: {a.layers} layers, {a.heads} heads, width {a.width}, seq {a.seq}, batch {a.batch}, vocab {a.vocab} "
           f"({n['lmlab'] / 1e6:.1f}M params); device {a.device}, dtype {str(dtype).replace('torch.', '')}, "
           f"threads {torch.get_num_threads()}, compile {a.compile}; median of {a.steps} steps")
-    print(f"lmlab           {tps['lmlab']:12,.0f} tokens/s")
-    print(f"HF transformers {tps['hf']:12,.0f} tokens/s")
+    print(f"optimizer: torch.optim.AdamW({a.optim}) for both; both eager" + (" + torch.compile" if a.compile else ""))
+    print(f"lmlab           {tps['lmlab']:12,.0f} tokens/s   (model(x, labels=y): projection fused with the loss)")
+    if "lmlab-logits" in tps:
+        print(f"lmlab, logits   {tps['lmlab-logits']:12,.0f} tokens/s   (extra line: logits + F.cross_entropy, "
+              f"ratio {tps['lmlab-logits'] / tps['hf']:.2f})")
+    print(f"HF transformers {tps['hf']:12,.0f} tokens/s   (GPT2LMHeadModel logits + F.cross_entropy)")
     print(f"ratio lmlab/HF  {tps['lmlab'] / tps['hf']:12.2f}  (goal >= 1.2)")
 
 
