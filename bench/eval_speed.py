@@ -1,7 +1,7 @@
 """lmlab eval vs lm-evaluation-harness (HF backend, best of batch sizes 1/8/32) on the same multiple-choice
 items, one run: items/s of both, the ratio, and both accuracies.
 
-    python bench/eval_speed.py [--items 500] [--task piqa] [--data-dir ../shared/data/eval]
+    python bench/eval_speed.py [--items 500] [--task piqa] [--data-dir ../shared/data/eval] [--threads N]
 """
 from __future__ import annotations
 
@@ -25,9 +25,13 @@ def main() -> None:
     ap.add_argument("--data-dir", default=str(REPO / ".." / "shared" / "data" / "eval"))
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--hf-batch-sizes", default="1,8,32")
+    ap.add_argument("--threads", type=int, help="torch threads for both (default: torch's choice)")
     a = ap.parse_args()
 
     import torch
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -48,6 +52,7 @@ def main() -> None:
         ours = evaluate(model, tok, [a.task], data_dir=data, limit=a.items, batch_size=a.batch_size, progress=False)
         ours_s = time.perf_counter() - t0
         n = ours["n-samples"][a.task]["effective"]
+        print(f"lmlab batch {a.batch_size}: {n / ours_s:.2f} items/s", flush=True)
         hf_model = AutoModelForCausalLM.from_pretrained(work / "hf", dtype=torch.float32).eval()
         hf_tok = AutoTokenizer.from_pretrained(work / "hf")
         tm = TaskManager(include_path=str(work))

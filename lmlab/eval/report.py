@@ -24,7 +24,10 @@ def write_json(results: dict[str, Any], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)  # an ordinary file's permissions, not mkstemp's private 0600
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(_clean(results), f, indent=2, ensure_ascii=False)
             f.write("\n")

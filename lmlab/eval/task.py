@@ -355,8 +355,13 @@ def load_yaml(path: str | Path, data_dir: str | Path | None = None) -> Task:
     path = Path(path)
     if not path.is_file():
         raise LmlabError(f"{path}: task file not found")
+    text = path.read_text(encoding="utf-8")
+    for n, line in enumerate(text.splitlines(), 1):
+        if "!function" in line and not line.lstrip().startswith("#"):
+            raise LmlabError(f"{path}:{n}: '!function' (a Python hook) is not supported; "
+                             f"express the task with templates")
     try:
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+        cfg = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""

@@ -58,6 +58,13 @@ def test_missing_field_names_field_and_first_bad_line(tmp_path):
         task.items(num_fewshot=0)
 
 
+def test_python_hooks_are_refused_with_the_line(tmp_path):
+    path = _write(tmp_path, TASK + "process_results: !function utils.process\n")
+    line = TASK.count("\n") + 1
+    with pytest.raises(LmlabError, match=rf"toy.yaml:{line}: '!function' \(a Python hook\) is not supported"):
+        load_yaml(path)
+
+
 def test_label_out_of_range(tmp_path):
     rows = [{"q": "a", "opts": ["x", "y"], "label": 0}, {"q": "b", "opts": ["x", "y"], "label": 2}]
     task = load_yaml(_write(tmp_path, rows=rows))
