@@ -169,9 +169,13 @@ def demo(model: str = DEFAULT_MODEL, out_dir: str = "runs/demo") -> None:
     del m
     from lmlab.train import demo_pretrain
 
-    print("\n== 4. pretrain a small model on an embedded corpus")
+    print("\n== 4. pretrain a small GPT on the standard library's docstrings (no download)")
     result = demo_pretrain(str(Path(out_dir) / "pretrain"))
-    print(result)
+    print(f"validation loss {result['val_loss_start']:.3f} -> {result['val_loss']:.3f} after {result['iters']} "
+          f"iterations ({result['params']:,} parameters, {result['tokens_per_s']:,.0f} tokens/s)")
+    print(f"model saved to {result['model_dir']}" + (f", loss curve {result['plot']}" if result.get("plot") else ""))
+    print("sample:", end=" ")
+    generate(result["model_dir"], ["Return the "], max_new_tokens=60, temperature=0.8, seed=0)
 
 
 # --------------------------------------------------------------------------- argparse mapping

@@ -21,6 +21,7 @@ them over the processes and gathers the answers on every rank, so lm_eval sees o
 """
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from lmlab.errors import LmlabError
@@ -73,6 +74,12 @@ class LmlabLM(LM):
         if unknown:
             raise LmlabError(f"lmlab bridge: unknown model argument(s) {', '.join(sorted(unknown))} (known: "
                              "pretrained, batch_size, max_length, rolling_stride, dtype, device, progress)")
+        if device and str(device).startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():  # lm_eval's command line asks for cuda:0 unless told otherwise
+                print(f"lmlab bridge: device {device} is not available; using cpu", file=sys.stderr)
+                device = "cpu"
         if model is None:
             if not pretrained:
                 raise LmlabError("lmlab bridge: give pretrained=<model spec> (e.g. smollm2-135m) "
@@ -155,8 +162,6 @@ except ValueError:  # this module was imported again (e.g. reloaded): the name k
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m lmlab.eval.harness ARGS`: lm_eval's CLI with the "lmlab" model registered."""
-    import sys
-
     from lm_eval.__main__ import cli_evaluate
 
     if argv is not None:
