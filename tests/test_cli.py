@@ -109,3 +109,23 @@ def test_generate_names_paris(smollm2_path):
                 "--temperature", "0")
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
+
+
+def test_run_options_reach_generate_and_eval(tiny, tmp_path):
+    """--dtype/--quantize/--threads are load-time choices of generate, chat and eval; float32 int8 greedy
+    on the tiny model keeps the float32 tokens' prefix shape (runs, streams, exits 0)."""
+    base = lmlab("generate", "-m", str(tiny), "-p", "The quick", "--max-new-tokens", "6", "--temperature", "0")
+    for opts in (["--quantize", "int8", "--threads", "1"], ["--quantize", "int4", "--group-size", "32"],
+                 ["--dtype", "bfloat16"]):
+        out = lmlab("generate", "-m", str(tiny), "-p", "The quick", "--max-new-tokens", "6", "--temperature", "0",
+                    "--stats", *opts)
+        assert out.returncode == 0, (opts, out.stderr)
+        assert out.stdout.startswith("The quick") and "tok/s" in out.stderr, opts
+    assert base.returncode == 0
+    chat = lmlab("chat", "-m", str(tiny), "--quantize", "int8", "--max-new-tokens", "3", "--temperature", "0",
+                 stdin="hello\n")
+    assert chat.returncode in (0, 1), chat.stderr  # the tiny GGUF may lack a chat template: then a one-line error
+    if chat.returncode:
+        one_line_error(chat, "chat template")
+    bad = lmlab("generate", "-m", str(tiny), "-p", "x", "--quantize", "int3")
+    assert bad.returncode != 0 and "int3" in bad.stderr

@@ -22,10 +22,16 @@ class EvalArgs:
     output: str | None = None
     log_samples: bool = False
     dtype: str = "float32"
-    device: str = "cpu"
+    quantize: str | None = None
+    group_size: int = 32
+    compile: bool = False
+    threads: int | None = None
+    device: str | None = None
 
 
 def register(subparsers) -> None:
+    from lmlab.runtime import add_run_args
+
     p = subparsers.add_parser("eval", help="evaluate a model on benchmarks or YAML tasks",
                               description="Evaluate a base model: built-in tasks read --data-dir; a .yaml path "
                                           "is a task in lm-evaluation-harness format over local files.")
@@ -41,8 +47,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=1234, help="few-shot sampling seed")
     p.add_argument("--output", help="write the results JSON here (only once the run has completed)")
     p.add_argument("--log-samples", action="store_true", help="also write per-item records next to --output")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu")
+    add_run_args(p)
     p.set_defaults(func=lambda a: run(EvalArgs(**{k: getattr(a, k) for k in EvalArgs.__dataclass_fields__})))
 
 
@@ -54,7 +59,7 @@ def _init_distributed() -> None:
 
 
 def run(args: EvalArgs) -> int:
-    from lmlab.checkpoints import load
+    from lmlab import runtime
     from lmlab.errors import LmlabError
     from lmlab.eval.evaluator import evaluate
     from lmlab.eval.report import markdown_table, write_json
@@ -64,7 +69,9 @@ def run(args: EvalArgs) -> int:
     if args.output and Path(args.output).is_dir():
         raise LmlabError(f"--output {args.output}: is a folder; give a file name")
     _init_distributed()
-    model, tok = load(args.model, dtype=args.dtype, device=args.device)
+    model, tok = runtime.load(args.model, runtime.RunConfig(
+        dtype=args.dtype, quantize=args.quantize, group_size=args.group_size, device=args.device,
+        compile=args.compile, threads=args.threads))
     if tok is None:
         raise LmlabError(f"{args.model}: no tokenizer found with this model")
     results = evaluate(model, tok, args.tasks, data_dir=args.data_dir, num_fewshot=args.num_fewshot,

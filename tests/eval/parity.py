@@ -101,7 +101,8 @@ def run(items: int, copa: int, mmlu_shots: int, workdir: Path, batch_size: int =
     export(model, tok, workdir / "hf")
     subjects = mmlu_subjects(DATA, items)
     write_lm_eval_tasks(workdir, DATA, subjects)
-    per_subject = max(1, -(-items // len(subjects)))
+    per_subject = max(sum(1 for r in csv.reader(open(DATA / "mmlu" / "val" / f"{s}_val.csv", newline="")) if r)
+                      for s in subjects)  # every item of the chosen subjects: at least `items` in all
     plan = {"piqa": ("piqa", items), "boolq": ("boolq", items), "copa": ("copa", copa),
             "arc_easy_mosaic": (str(REPO / "configs/tasks/arc_easy_mosaic.yaml"), items),
             **{f"mmlu_{s}": (None, per_subject) for s in subjects}}
@@ -141,7 +142,7 @@ def run(items: int, copa: int, mmlu_shots: int, workdir: Path, batch_size: int =
             theirs[n[2:]] = res["samples"][n]
     timings["lm_eval_s"] = time.perf_counter() - t0
     if cache is not None:
-        slim = {t: [{"doc_id": x["doc_id"], "resps": [[[float(r[0][0]), bool(r[0][1])]] for r in x["resps"]],
+        slim = {t: [{"doc_id": x["doc_id"], "arguments": [list(a[:2]) for a in x["arguments"]], "resps": [[[float(r[0][0]), bool(r[0][1])]] for r in x["resps"]],
                      "acc": x["acc"], "acc_norm": x["acc_norm"]} for x in v] for t, v in theirs.items()}
         cache.write_text(json.dumps({"key": key, "theirs": slim, "lm_eval_s": timings["lm_eval_s"]}))
     return {"ours": ours, "theirs": theirs, "timings": timings}
@@ -216,27 +217,47 @@ def wikitext(docs: int | None, window: int, workdir: Path, batch_size: int = 8) 
             "lmlab_s": ours_s, "lm_eval_s": theirs_s}
 
 
+def _self_demo(context: str) -> bool:
+    """Whether a few-shot context shows the scored item itself as one of its demonstrations (lm_eval does
+    when the few-shot split holds a copy of the item, e.g. MMLU college_physics dev/val; lmlab never does)."""
+    question = context.rsplit("\n\n", 1)[-1]
+    return context.count(question) >= 2
+
+
 def compare(out: dict) -> dict[str, dict]:
-    """Per task: n, both accuracies, the largest per-item loglikelihood difference."""
+    """Per task (and all mmlu subjects together as "mmlu"): n, both accuracies, the largest per-item
+    log-likelihood difference over items with the same prompts, and `self_demo`: items whose prompts
+    differ only because lm_eval's context shows the scored item as a demonstration (excluded from the
+    log-likelihood comparison, kept in the accuracies)."""
     report = {}
     for name, mine in out["ours"].items():
-        key = name if name in out["theirs"] else None
-        if key is None:
+        if name not in out["theirs"]:
             continue
-        theirs = {s["doc_id"]: s for s in out["theirs"][key]}
-        diff = 0.0
+        theirs = {s["doc_id"]: s for s in out["theirs"][name]}
+        diff, self_demo = 0.0, 0
         acc = {"acc": [0.0, 0.0], "acc_norm": [0.0, 0.0]}
         for s in mine:
             t = theirs[s["doc_id"]]
-            their_lls = [r[0][0] for r in t["resps"]]
-            for (ll, _), tl in zip(s["resps"], their_lls):
-                diff = max(diff, abs(ll - float(tl)))
+            if [a[0] for a in s["arguments"]] != [a[0] for a in t["arguments"]]:
+                assert _self_demo(t["arguments"][0][0]), (name, s["doc_id"], "prompts differ")
+                self_demo += 1
+            else:
+                for (ll, _), r in zip(s["resps"], t["resps"]):
+                    diff = max(diff, abs(ll - float(r[0][0])))
             for m in acc:
                 acc[m][0] += s[m]
                 acc[m][1] += t[m]
-        n = len(mine)
-        report[name] = {"n": n, "max_ll_diff": diff, **{f"{m}_lmlab": v[0] / n for m, v in acc.items()},
-                        **{f"{m}_lm_eval": v[1] / n for m, v in acc.items()}}
+        report[name] = {"n": len(mine), "max_ll_diff": diff, "self_demo": self_demo,
+                        **{f"{m}_lmlab": v[0] for m, v in acc.items()}, **{f"{m}_lm_eval": v[1] for m, v in acc.items()}}
+    subjects = [k for k in report if k.startswith("mmlu_")]
+    if subjects:
+        report["mmlu"] = {k: (max if k == "max_ll_diff" else sum)(report[s][k] for s in subjects)
+                          for k in report[subjects[0]]}
+        for s in subjects:
+            del report[s]
+    for r in report.values():
+        for k in ("acc_lmlab", "acc_norm_lmlab", "acc_lm_eval", "acc_norm_lm_eval"):
+            r[k] /= r["n"]
     return report
 
 
@@ -262,7 +283,6 @@ if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as d:
         out = run(a.items, a.copa, a.mmlu_shots, Path(d), cache=a.cache)
     rep = compare(out)
-    mmlu = [v for k, v in rep.items() if k.startswith("mmlu_")]
     for k, v in rep.items():
         print(k, json.dumps({x: round(y, 5) for x, y in v.items()}))
     print("timings", out["timings"])

@@ -1,7 +1,8 @@
 """Parity with lm-evaluation-harness 0.4.13 on the HF export of SmolLM2-135M (same prompts, same items).
 
-A small set for the suite (the machine is 2 shared CPU cores); the full comparison (≥200 items, all
-100 COPA, 5-shot MMLU) is `python tests/eval/parity.py --items 200 --copa 100 --mmlu-shots 5`."""
+The issue's set: 200 items each of piqa, boolq, arc_easy (mosaic YAML) and mmlu val, all 100 COPA items.
+MMLU runs 0-shot here to keep the suite inside its time budget; the 5-shot comparison is
+`python tests/eval/parity.py --items 200 --copa 100 --mmlu-shots 5` (LMLAB_PARITY_SHOTS=5 runs it here)."""
 import os
 import sys
 from pathlib import Path
@@ -13,20 +14,22 @@ pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).parent))
 import parity as helper  # noqa: E402
 
-ITEMS = int(os.environ.get("LMLAB_PARITY_ITEMS", "8"))
+ITEMS = int(os.environ.get("LMLAB_PARITY_ITEMS", "200"))
+COPA = min(ITEMS, 100)
+SHOTS = int(os.environ.get("LMLAB_PARITY_SHOTS", "0"))
 
 
 @pytest.fixture(scope="module")
 def report(data_dir, tmp_path_factory):
-    return helper.compare(helper.run(ITEMS, ITEMS, 0, tmp_path_factory.mktemp("parity")))
+    return helper.compare(helper.run(ITEMS, COPA, SHOTS, tmp_path_factory.mktemp("parity")))
 
 
 @pytest.mark.slow
 def test_loglikelihoods_and_accuracies_match_lm_eval(report):
-    assert {"piqa", "boolq", "copa", "arc_easy_mosaic"} <= set(report)
-    assert any(k.startswith("mmlu_") for k in report)
+    assert set(report) == {"piqa", "boolq", "copa", "arc_easy_mosaic", "mmlu"}
     for name, r in report.items():
-        assert r["n"] > 0, name
+        assert r["n"] >= (COPA if name == "copa" else ITEMS), (name, r)
+        assert r["self_demo"] <= 0.02 * r["n"], (name, r)  # lm_eval showing the item as its own example
         assert r["max_ll_diff"] < 1e-3, (name, r)
         assert abs(r["acc_lmlab"] - r["acc_lm_eval"]) <= 0.005, (name, r)
         assert abs(r["acc_norm_lmlab"] - r["acc_norm_lm_eval"]) <= 0.005, (name, r)
