@@ -51,14 +51,31 @@ def register(subparsers) -> None:
     p.set_defaults(func=lambda a: run(EvalArgs(**{k: getattr(a, k) for k in EvalArgs.__dataclass_fields__})))
 
 
-def _init_distributed() -> None:
+def _init_distributed() -> bool:
+    """Join the torchrun process group (gloo: works on CPU and GPU tensors alike). True if this call made it."""
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
+        return True
+    return False
 
 
 def run(args: EvalArgs) -> int:
+    import torch.distributed as dist
+
+    owned = _init_distributed()
+    try:
+        rc = _run(args)
+        if owned:
+            dist.barrier()  # rank 0 writes last; everyone leaves together
+        return rc
+    finally:
+        if owned and dist.is_initialized():  # no gloo thread may outlive the interpreter (it aborts the process)
+            dist.destroy_process_group()
+
+
+def _run(args: EvalArgs) -> int:
     from lmlab import runtime
     from lmlab.errors import LmlabError
     from lmlab.eval.evaluator import evaluate
@@ -68,7 +85,6 @@ def run(args: EvalArgs) -> int:
         raise LmlabError(f"--limit must be at least 1 (got {args.limit})")
     if args.output and Path(args.output).is_dir():
         raise LmlabError(f"--output {args.output}: is a folder; give a file name")
-    _init_distributed()
     model, tok = runtime.load(args.model, runtime.RunConfig(
         dtype=args.dtype, quantize=args.quantize, group_size=args.group_size, device=args.device,
         compile=args.compile, threads=args.threads))

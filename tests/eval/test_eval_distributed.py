@@ -22,6 +22,9 @@ r = evaluate(model, tok, [sys.argv[1]], batch_size=2, log_samples=True, progress
 if not dist.is_initialized() or dist.get_rank() == 0:
     json.dump({"acc": r["results"]["toy"]["acc"], "lls": [[x[0] for x in s["resps"]] for s in r["samples"]["toy"]],
                "procs": r["config"]["processes"]}, open(sys.argv[2], "w"))
+if dist.is_initialized():  # leave no gloo thread running into interpreter shutdown
+    dist.barrier()
+    dist.destroy_process_group()
 '''
 
 
