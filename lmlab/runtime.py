@@ -78,6 +78,21 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def cpu_peak_flops(threads: int) -> float:
+    """Rough float32 peak of `threads` CPU cores: FMA lanes per cycle (AVX-512 / AVX2 / other, two FMA
+    units) times the clock /proc/cpuinfo reports (2.5 GHz when it says nothing). For MFU, not for claims."""
+    flags = _cpu_flags()
+    per_cycle = 64 if "avx512f" in flags else 32 if "avx2" in flags else 16
+    ghz = 2.5
+    try:
+        with open("/proc/cpuinfo") as f:
+            mhz = [float(line.split(":", 1)[1]) for line in f if line.startswith("cpu MHz")]
+        ghz = max(mhz) / 1000 if mhz else ghz
+    except (OSError, ValueError):
+        pass
+    return per_cycle * ghz * 1e9 * threads
+
+
 def bf16_supported(device: torch.device | str = "cpu") -> bool:
     """Whether bfloat16 matmuls run natively (not emulated) on this device."""
     device = torch.device(device)

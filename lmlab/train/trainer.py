@@ -142,7 +142,7 @@ def flops_per_token(model_cfg, n_params: int, seq_len: int) -> float:
 
 
 def peak_flops(cfg: TrainConfig, device: str, dtype: torch.dtype) -> float:
-    """Per-device peak for MFU: the config's value, or a rough guess (GPU tables; CPU ~ 50 GFLOP/s per thread)."""
+    """Per-device peak for MFU: the config's value, or a rough guess (GPU tables; CPU from its vector width)."""
     if cfg.peak_flops:
         return cfg.peak_flops
     if device.startswith("cuda"):
@@ -152,7 +152,9 @@ def peak_flops(cfg: TrainConfig, device: str, dtype: torch.dtype) -> float:
             if key in name:
                 return tf if dtype == torch.bfloat16 else tf / 8
         return 100e12
-    return 50e9 * torch.get_num_threads()
+    from lmlab.runtime import cpu_peak_flops
+
+    return cpu_peak_flops(torch.get_num_threads())
 
 
 def slice_batch(batch: dict[str, torch.Tensor], d: Dist, device: str) -> dict[str, torch.Tensor]:
