@@ -11,10 +11,7 @@ Reading and export walk the same map in opposite directions, so they cannot drif
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -558,21 +555,12 @@ def export(model, tokenizer, folder: str | Path) -> Path:
     hf_conf["dtype"] = hf_conf["torch_dtype"] = str(dtype).removeprefix("torch.")
     gen = {k: hf_conf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
            if hf_conf.get(k) is not None}
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-    try:
+    from lmlab.checkpoints.native import atomic_folder
+
+    with atomic_folder(folder) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_conf, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         save_file(hf_state_dict(model, family), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp)
-        old = folder.with_name(folder.name + ".old")
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    return Path(folder)

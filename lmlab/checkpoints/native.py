@@ -4,7 +4,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -31,16 +33,15 @@ def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save(model, tokenizer, folder: str | Path) -> Path:
-    """Write a checkpoint folder atomically: a crash leaves the old folder or none, never half of one."""
+@contextmanager
+def atomic_folder(folder: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder to fill; on success it replaces `folder` in one rename. A crash
+    leaves the old folder or none, never half of one."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     try:
-        model.cfg.save(tmp / CONFIG_NAME)
-        save_file(unique_state_dict(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save(tmp)
+        yield tmp
         old = folder.with_name(folder.name + ".old")
         if folder.exists():
             os.replace(folder, old)
@@ -49,7 +50,16 @@ def save(model, tokenizer, folder: str | Path) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return folder
+
+
+def save(model, tokenizer, folder: str | Path) -> Path:
+    """Write a checkpoint folder atomically (see atomic_folder)."""
+    with atomic_folder(folder) as tmp:
+        model.cfg.save(tmp / CONFIG_NAME)
+        save_file(unique_state_dict(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return Path(folder)
 
 
 def read(folder: str | Path):

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from lmlab.objectives.base import Objective, ObjectiveConfig
 
 

@@ -19,7 +19,6 @@ def _pretrain(args: argparse.Namespace) -> int:
         print(dump_config(load_config(args.config, args.overrides)), end="")
         return 0
     summary = pretrain(args.config, args.overrides)
-    import torch.distributed as dist  # noqa: F401  (only the main process prints the summary)
     import os
 
     if int(os.environ.get("RANK", "0")) == 0:

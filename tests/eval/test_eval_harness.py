@@ -107,7 +107,7 @@ def test_bridge_matches_lmlab_evaluator_on_all_request_types(tiny, tmp_path):
     from lm_eval.tasks import TaskManager
 
     from lmlab.eval import evaluate
-    from lmlab.eval.harness import LmlabLM
+    from lmlab.eval.harness import LmlabLM  # noqa: F401  (registers "lmlab" with lm_eval)
 
     from lmlab.checkpoints import native
 
