@@ -366,6 +366,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     summary["plot"] = str(png)
             (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         log.close()
+        if d.enabled:  # leave together: a process that tears down while another still works can abort at exit
+            torch.distributed.barrier()
         return summary
     finally:
         torch.set_num_threads(threads_before)
