@@ -37,7 +37,7 @@ def register(subparsers) -> None:
                                           "is a task in lm-evaluation-harness format over local files.")
     p.add_argument("-m", "--model", required=True, help="preset name, .gguf file, HF folder or lmlab checkpoint")
     p.add_argument("--tasks", required=True, help="comma-separated built-in task names and/or task .yaml paths")
-    p.add_argument("--data-dir", help="folder holding the benchmarks' files (see lmlab/eval/README.md)")
+    p.add_argument("--data-dir", help="folder holding the benchmarks' files (layouts: README, Evaluation)")
     p.add_argument("--num-fewshot", type=int, help="override each task's few-shot count")
     p.add_argument("--limit", type=int, help="score only the first N items of each task")
     p.add_argument("--batch-size", type=int, default=32, help="contexts per forward pass (default 32)")

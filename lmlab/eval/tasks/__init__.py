@@ -1,7 +1,7 @@
 """Built-in tasks, each reading its benchmark's own published file layout from --data-dir.
 
 `build(name, data_dir)` returns the task (a suite such as mmlu returns one task per subject).
-The expected files of every task are listed in lmlab/eval/README.md and in each module's docstring.
+The expected files of every task are listed in the README (Evaluation, built-in tasks) and in each module's docstring.
 """
 from __future__ import annotations
 
