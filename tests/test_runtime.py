@@ -4,26 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
 
 from lmlab import runtime
-from lmlab.config import preset
 from lmlab.errors import LmlabError
 from lmlab.model import Transformer
 from lmlab.quantize import QuantLinear
-
-
-def model_for(name: str, seed: int = 0, **overrides) -> Transformer:
-    """A random model with input-scale-preserving weights, so attention and positions matter to the logits."""
-    torch.manual_seed(seed)
-    model = Transformer(preset(name, **overrides)).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=m.in_features ** -0.5)
-            elif isinstance(m, nn.Embedding) and m.weight is not model.lm_head.weight:
-                nn.init.normal_(m.weight, std=m.embedding_dim ** -0.5)
-    return model
+from test_generation import margin_model as model_for  # random weights whose logits depend on context
 
 
 def reference_greedy(model: Transformer, prompt: list[int], n: int) -> list[int]:
