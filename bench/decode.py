@@ -10,8 +10,9 @@ One process, one run, every number next to its peer measured in the same run:
     +1% / +2% / +5% checks against float32.
 Machines are shared and noisy: each timing is the best of --repeats runs, lmlab and HF interleaved.
 
-    python bench/decode.py                      # everything (~10 min on 2 cores)
+    python bench/decode.py                      # everything (~12 min on 2 cores)
     python bench/decode.py --ppl-windows 0      # speed only
+    python bench/decode.py --eager              # lmlab without its compiled decoding step
 """
 from __future__ import annotations
 
@@ -133,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ppl-window-len", type=int, default=512)
     p.add_argument("--group-size", type=int, default=32, help="int4 group size")
     p.add_argument("--quant-dtype", default="bfloat16", help="activation dtype of the int8/int4 runs")
-    p.add_argument("--compile", action="store_true", help="also torch.compile lmlab's forward")
+    p.add_argument("--eager", action="store_true",
+                   help="lmlab without its compiled decoding step (default: compiled, as `--compile` does)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present); HF runs there too")
     p.add_argument("--no-hf", action="store_true")
@@ -145,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     bw = read_bandwidth(device)
     load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     log(f"device {device}; machine: {runtime.machine_threads()} usable cores, 1-min load {load1:.1f} before start, {threads} threads; "
-        f"torch {torch.__version__}; memory read bandwidth {bw:.1f} GB/s")
+        f"torch {torch.__version__}; memory read bandwidth {bw:.1f} GB/s; lmlab decoding "
+        + ("eager" if a.eager else "compiled (runtime.compile_model; prefill eager)"))
 
     base, tok = load(a.model, dtype="float32")
     text = Path(a.data).read_text(encoding="utf-8") if Path(a.data).is_file() else ""
@@ -166,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                ("int8", a.quant_dtype, "int8"), ("int4", a.quant_dtype, "int4")]
     rows, ppl = [], {}
     for name, dtype, quant in configs:
-        run = runtime.RunConfig(dtype=dtype, quantize=quant, group_size=a.group_size, compile=a.compile,
+        run = runtime.RunConfig(dtype=dtype, quantize=quant, group_size=a.group_size, compile=not a.eager,
                                 threads=threads, device=str(device))
         model = runtime.prepare(copy.deepcopy(base), run)
         real_dtype = runtime.base_model(model).tok_emb.weight.dtype
@@ -195,8 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             ppl[name] = perplexity(model, windows)
             log(f"[{name}] wikitext perplexity ({len(windows)}×{a.ppl_window_len} tokens): {ppl[name]:.3f}")
         del model
-        if a.compile:
-            torch._dynamo.reset()
+        torch._dynamo.reset()
 
     log("\n| run | lmlab tok/s | HF tok/s | ratio | % of BW limit | TTFT ms (lmlab/HF) | prefill ratio | ppl | Δppl |")
     log("|---|---|---|---|---|---|---|---|---|")

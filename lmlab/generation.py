@@ -25,6 +25,7 @@ from typing import Callable, Literal
 import torch
 import torch.nn.functional as F
 
+from lmlab import runtime
 from lmlab.errors import LmlabError
 
 FinishReason = Literal["eos", "stop", "length"]
@@ -260,7 +261,7 @@ def generate_tokens(model, prompts: list[list[int]], cfg: GenerationConfig, *, s
                     break
                 active = torch.tensor([f is None for f in finish], device=device)
                 feed = torch.where(active, next_ids, torch.full_like(next_ids, pad_id))
-                logits = model(feed[:, None], attention_mask=active[:, None], cache=cache)[:, -1].float()
+                logits = runtime.step(model, feed[:, None], cache, attention_mask=active[:, None])[:, -1].float()
             _sync(device)
             t2 = time.perf_counter()
     finally:

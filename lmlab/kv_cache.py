@@ -14,9 +14,10 @@ import torch
 class KVCache:
     def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_len: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        shape = (n_layer, batch, n_kv_head, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # one tensor per layer (not one stacked tensor): a compiled decoding step writes each in place
+        shape = (batch, n_kv_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.length = 0  # slots in use (the same for every row)
@@ -27,11 +28,11 @@ class KVCache:
 
     @property
     def batch(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     def reserve(self, mask: torch.Tensor) -> tuple[int, torch.Tensor]:
         """Claim slots for T new tokens (mask: B×T, True = real token). Returns (start slot, positions)."""
@@ -51,9 +52,9 @@ class KVCache:
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's keys/values (B×H×T×D) at `start` and return all keys/values so far."""
         end = start + k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def truncate(self, length: int) -> None:
         """Forget every slot from `length` on."""
@@ -65,10 +66,10 @@ class KVCache:
 
     def select(self, rows: torch.Tensor | list[int]) -> "KVCache":
         """A new cache whose row i is a copy of row rows[i] of this one (rows may repeat)."""
-        rows = torch.as_tensor(rows, dtype=torch.long, device=self.k.device)
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.valid.device)
         new = KVCache.__new__(KVCache)
-        new.k = self.k.index_select(1, rows)
-        new.v = self.v.index_select(1, rows)
+        new.k = [k.index_select(0, rows) for k in self.k]
+        new.v = [v.index_select(0, rows) for v in self.v]
         new.valid = self.valid.index_select(0, rows)
         new.next_pos = self.next_pos.index_select(0, rows)
         new.length = self.length

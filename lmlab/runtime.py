@@ -156,6 +156,17 @@ def quantization_route(scheme: str, device: torch.device) -> str:
 
 
 # --------------------------------------------------------------------------- half-precision rows on CPU
+@torch.library.custom_op("lmlab::matvec", mutates_args=())
+def _matvec(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """torch.mv, opaque to the compiler (which otherwise turns it into its own, slower, reduction loop)."""
+    return torch.mv(weight, x)
+
+
+@_matvec.register_fake
+def _(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(weight.shape[0])
+
+
 class RowLinear(torch.nn.Linear):
     """nn.Linear whose one-row products (batch-1 decoding) go through torch.mv.
 
@@ -166,7 +177,8 @@ class RowLinear(torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() != self.in_features:
             return super().forward(x)
-        y = torch.mv(self.weight, x.reshape(-1))
+        mv = _matvec if torch.compiler.is_compiling() else torch.mv  # inductor would re-derive a slower mv
+        y = mv(self.weight, x.reshape(-1))
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
@@ -259,26 +271,89 @@ def warm(model: torch.nn.Module, steps: int = 2) -> None:
         kw["encoder_input_ids"] = torch.zeros(1, 2, dtype=torch.long, device=device)
     model(torch.zeros(1, 2, dtype=torch.long, device=device), cache=cache, **kw)
     for _ in range(steps):
-        model(torch.zeros(1, 1, dtype=torch.long, device=device), cache=cache, **kw)
+        step(model, torch.zeros(1, 1, dtype=torch.long, device=device), cache, **kw)
 
 
 # --------------------------------------------------------------------------- compiling
-def compile_model(model: torch.nn.Module, mode: str | None = None) -> torch.nn.Module:
-    """torch.compile the forward pass (dynamic lengths, so one graph serves every step); the eager model
-    when the compiler is unavailable or fails on a first trial step."""
+class _SlotWriter:
+    """What a compiled step hands the attention layers as their cache: writes this step's keys/values into
+    slot `slot` of each layer's preallocated buffer, in place, and returns the whole buffer (the mask says
+    which slots count). Same `update` signature as KVCache."""
+
+    def __init__(self, ks: list[torch.Tensor], vs: list[torch.Tensor], slot: torch.Tensor):
+        self.ks, self.vs, self.slot = ks, vs, slot
+
+    def update(self, layer: int, start, k: torch.Tensor, v: torch.Tensor):
+        self.ks[layer].index_copy_(2, self.slot, k)
+        self.vs[layer].index_copy_(2, self.slot, v)
+        return self.ks[layer], self.vs[layer]
+
+
+def _step_graph(model, ids, positions, allowed, slot, ks, vs):
+    """One token per row through a decoder-only model over its whole static cache: the compiled function.
+    Every shape is fixed by the cache, so one graph serves every step (and the cache length is dynamic)."""
+    x = model.embed(ids, positions)
+    h = model.decoder(x, positions, attn_mask=allowed, cache=_SlotWriter(ks, vs, slot))
+    return model.head(h)
+
+
+class DecodeStep:
+    """A torch.compile'd decoding step (gpt-fast style): static preallocated cache written in place, the
+    attention mask computed from the cache's validity, and no shape that changes from step to step.
+    Inductor fuses norms, rotary, residuals and activations; the matrix-vector products stay the fastest
+    kernels PyTorch has. Falls back to the eager forward for what it does not cover."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.fn = torch.compile(_step_graph, fullgraph=True)
+
+    @staticmethod
+    def supports(model: torch.nn.Module) -> bool:
+        dec = model.decoder
+        return model.encoder is None and dec is not None and dec.rel_bias is None
+
+    def __call__(self, ids: torch.Tensor, cache, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(ids, dtype=torch.bool)
+        start, positions = cache.reserve(mask)
+        if attention_mask is not None:
+            cache.padded = True
+        allowed = cache.valid[:, None, None, :].clone()
+        allowed[..., start] = True  # a padding query still sees itself
+        slot = torch.full((1,), start, dtype=torch.long, device=ids.device)
+        for t in (allowed, *cache.k, *cache.v):  # one graph for every cache length
+            torch._dynamo.maybe_mark_dynamic(t, t.dim() - 2 if t is not allowed else 3)
+        try:
+            logits = self.fn(self.model, ids, positions, allowed, slot, cache.k, cache.v)
+        except Exception as e:  # a new shape the compiler could not handle: undo the reservation, run eagerly
+            cache.valid[:, start] = False
+            cache.next_pos -= mask.long().sum(1)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            notice(f"compiled decoding step failed ({type(e).__name__}: {first[:120]}); decoding eagerly")
+            self.model.__dict__.pop("_lmlab_step", None)
+            return self.model(ids, cache=cache, attention_mask=attention_mask)
+        cache.commit(1)
+        return logits
+
+
+def compile_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Attach a compiled decoding step to `model` (used by `step`, hence by generation and `greedy`);
+    prompts and scoring stay eager (their matrix products already run at full speed). The model unchanged
+    with a notice when the compiler is unavailable or fails on a first trial step."""
     if not hasattr(torch, "compile"):
         notice("torch.compile is not available in this PyTorch; running eagerly")
         return model
-    # mode=None everywhere: "reduce-overhead" (CUDA graphs) would record one graph per cache length
+    if not DecodeStep.supports(model):
+        notice("compiled decoding covers decoder-only models without relative position bias; running eagerly")
+        return model
     try:
-        compiled = torch.compile(model, dynamic=True, mode=mode)
-        warm(compiled)
-        return compiled
+        model._lmlab_step = DecodeStep(model)
+        warm(model)
     except Exception as e:  # the compiler needs a C++ toolchain (CPU) or Triton (GPU)
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         notice(f"torch.compile failed ({type(e).__name__}: {first[:120]}); running eagerly")
+        model.__dict__.pop("_lmlab_step", None)
         torch._dynamo.reset()
-        return model
+    return model
 
 
 def base_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -318,6 +393,15 @@ def prefill(model, ids: torch.Tensor, *, max_new_tokens: int = 0, chunk: int = 5
     return last, cache, time.perf_counter() - t0
 
 
+def step(model, ids: torch.Tensor, cache, attention_mask: torch.Tensor | None = None, **kw) -> torch.Tensor:
+    """Logits B×1×V for one new token per row (ids B×1) on top of `cache`: the compiled step when the
+    model has one (see compile_model), else the eager forward. Every decoding loop goes through here."""
+    fast = getattr(base_model(model), "_lmlab_step", None)
+    if fast is not None and not kw:
+        return fast(ids, cache, attention_mask)
+    return model(ids, cache=cache, attention_mask=attention_mask, **kw)
+
+
 @dataclass
 class DecodeResult:
     tokens: list[int]
@@ -342,7 +426,7 @@ def greedy(model, prompt: list[int], max_new_tokens: int, *, chunk: int = 512) -
     out = [nxt]
     t0 = time.perf_counter()
     for _ in range(max_new_tokens - 1):
-        nxt = model(nxt, cache=cache)[:, -1].argmax(-1, keepdim=True)
+        nxt = step(model, nxt, cache)[:, -1].argmax(-1, keepdim=True)
         out.append(nxt)
     tokens = torch.cat(out, 1)[0].tolist()  # one host sync for the whole run
     synchronize(device)
