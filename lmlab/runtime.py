@@ -312,6 +312,7 @@ class DecodeStep:
         dec = model.decoder
         return model.encoder is None and dec is not None and dec.rel_bias is None
 
+    @torch.inference_mode()  # one graph, whoever calls (decoding never needs gradients)
     def __call__(self, ids: torch.Tensor, cache, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(ids, dtype=torch.bool)
         start, positions = cache.reserve(mask)

@@ -115,8 +115,31 @@ def test_compiled_decoding_gives_the_eager_tokens(name):
         assert runtime.greedy(model, prompt[:3], 20).tokens == eager[1]
         assert budgets() == eager[2]
         assert len({len(t) for t in eager[2]}) > 1 or len(set(map(tuple, eager[2]))) > 1
+
     finally:
         del model._lmlab_step
+        torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_compiled_step_outside_inference_mode():
+    """A user's own loop without inference mode still gets the compiled graph (int8 kernels have no
+    gradient formula, so a graph traced for autograd would fail and fall back)."""
+    from lmlab.quantize import quantize_model
+
+    model = quantize_model(model_for("tiny-llama"), "int8")
+    runtime.warm(model)
+    runtime.compile_model(model)
+    if getattr(model, "_lmlab_step", None) is None:
+        pytest.skip(f"torch.compile unavailable here: {runtime.NOTES[-1] if runtime.NOTES else ''}")
+    try:
+        ids = torch.tensor([[5]])
+        got = runtime.step(model, ids, model.make_cache(1, 8))
+        assert getattr(model, "_lmlab_step", None) is not None, runtime.NOTES[-1:]
+        with torch.no_grad():
+            assert torch.allclose(got, model(ids, cache=model.make_cache(1, 8)), atol=1e-3)
+    finally:
+        model.__dict__.pop("_lmlab_step", None)
         torch._dynamo.reset()
 
 
