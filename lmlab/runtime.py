@@ -1,5 +1,5 @@
 """Running a model fast on this machine: threads, dtype and quantization chosen at load time, chunked
-prefill with time to first token, and an optional torch.compile'd forward.
+prefill with time to first token, and an optional torch.compile'd decoding step.
 
 Everything here degrades with a one-line notice instead of failing: a dtype the hardware cannot run
 falls back to float32, a missing fast kernel falls back to the reference route, a compiler that is not
@@ -395,10 +395,10 @@ def prefill(model, ids: torch.Tensor, *, max_new_tokens: int = 0, chunk: int = 5
 
 
 def step(model, ids: torch.Tensor, cache, attention_mask: torch.Tensor | None = None, **kw) -> torch.Tensor:
-    """Logits B×1×V for one new token per row (ids B×1) on top of `cache`: the compiled step when the
-    model has one (see compile_model), else the eager forward. Every decoding loop goes through here."""
+    """Logits B×T×V for new tokens ids (B×T) on top of `cache`: the compiled step when the model has one
+    (see compile_model) and T = 1, else the eager forward. Every decoding loop goes through here."""
     fast = getattr(base_model(model), "_lmlab_step", None)
-    if fast is not None and not kw:
+    if fast is not None and not kw and ids.shape[1] == 1:
         return fast(ids, cache, attention_mask)
     return model(ids, cache=cache, attention_mask=attention_mask, **kw)
 
