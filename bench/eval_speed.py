@@ -73,6 +73,25 @@ def main() -> None:
     print(f"lm_eval : {n / theirs_s:.2f} items/s  acc {r['acc,none']:.4f}  acc_norm {r['acc_norm,none']:.4f}"
           f"  (best batch size {bs})")
     print(f"ratio   : {theirs_s / ours_s:.2f}x")
+    ours_t, theirs_t = forward_tokens(tok, a.task, data, a.items)
+    print(f"tokens through the model: lmlab {ours_t:,} (each context once), lm_eval {theirs_t:,} (context again "
+          f"with every multi-token choice): at equal precision, sharing contexts can buy at most "
+          f"{theirs_t / ours_t:.2f}x on these items; the rest of any speed-up has to come from kernels")
+
+
+def forward_tokens(tok, task: str, data: Path, limit: int) -> tuple[int, int]:
+    """Tokens each harness runs through the model for the task's multiple-choice items: lmlab computes a
+    context once for all its choices; lm_eval 0.4 computes context + choice for each choice, except that
+    choices of one token share a single pass (its one-token-continuation grouping)."""
+    from lmlab.eval.evaluator import resolve_tasks
+
+    ours = theirs = 0
+    for item in resolve_tasks([task], data)[0].items(limit=limit):
+        ctx = len(tok.encode(item.requests[0].context))
+        conts = [len(tok.encode(r.context + r.continuation)) - ctx for r in item.requests]
+        ours += ctx + sum(conts)
+        theirs += ctx + 1 if max(conts) == 1 else sum(ctx + c for c in conts)
+    return ours, theirs
 
 
 if __name__ == "__main__":
