@@ -87,12 +87,10 @@ def _run(args: EvalArgs) -> int:
         raise LmlabError(f"--limit must be at least 1 (got {args.limit})")
     if args.output and Path(args.output).is_dir():
         raise LmlabError(f"--output {args.output}: is a folder; give a file name")
-    device = args.device
-    if device is None and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
-        device = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun on a GPU machine: one GPU per process
-    model, tok = runtime.load(args.model, runtime.RunConfig(
-        dtype=args.dtype, quantize=args.quantize, group_size=args.group_size, device=device,
-        compile=args.compile, threads=args.threads))
+    run = runtime.run_config(args)
+    if run.device is None and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+        run.device = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun on a GPU machine: one GPU per process
+    model, tok = runtime.load(args.model, run)
     if tok is None:
         raise LmlabError(f"{args.model}: no tokenizer found with this model")
     results = evaluate(model, tok, args.tasks, data_dir=args.data_dir, num_fewshot=args.num_fewshot,
