@@ -390,17 +390,23 @@ class DraftController:
                 self._turn_on(k, s)
             elif self._probing == 0:
                 self.probe_every = min(2 * self.probe_every, self.probe_max)
-                self.reason, self._since_off = self._why(k, s) + ", again after a re-probe", 0
+                self.reason = self._why(k, s, f"< {1.0 + self.margin:.2f} needed to resume after a re-probe")
+                self._since_off = 0
         elif self.on and self.passes >= self.warmup and s < 1.0:
-            self.on, self._since_off, self.reason = False, 0, self._why(k, s)
+            self.on, self._since_off, self.reason = False, 0, self._why(k, s, "< 1")
             self.events.append((self.steps, "off", self.reason))
 
     def _turn_on(self, k: int, s: float) -> None:
         self.on, self.probe_every = True, self.probe_base
         self.events.append((self.steps, "on", f"re-probe expects speed-up {s:.2f} at k={k}"))
 
-    def _why(self, k: int, s: float) -> str:
-        return (f"expected speed-up {s:.2f} < 1 at best k={k} (acceptance {self.alpha:.2f}, "
+    @property
+    def off_reason(self) -> str | None:
+        """Why speculation is off now (for SpecStats.switched_off), None while it is on."""
+        return None if self.on else self.reason
+
+    def _why(self, k: int, s: float, verdict: str) -> str:
+        return (f"expected speed-up {s:.2f} {verdict} at best k={k} (acceptance {self.alpha:.2f}, "
                 f"cost ratio c={self.c:.2f}, verify cost v={self.v:.2f}) after {self.steps} steps")
 
 

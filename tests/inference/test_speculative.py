@@ -282,7 +282,8 @@ def test_controller_switches_off_when_drafting_costs_too_much():
     ctl = DraftController(4, warmup=4)
     feed(ctl, 0.5, 4, random.Random(3), draft_s=1.5, target_s=1.0)
     assert ctl.k == 0 and not ctl.on
-    assert "expected speed-up" in ctl.reason and "c=1.50" in ctl.reason
+    assert ctl.off_reason == ctl.reason
+    assert "expected speed-up" in ctl.reason and "< 1 at" in ctl.reason and "c=1.50" in ctl.reason
     assert ctl.events[-1][1] == "off"
 
 
@@ -306,7 +307,7 @@ def test_controller_reprobes_and_turns_back_on():
         ctl.record_plain(target_s=1.0)
     assert ctl.k == 4  # probing
     feed(ctl, 1.0, 2, rng, draft_s=0.5)
-    assert ctl.on and ctl.k > 0 and ctl.events[-1][1] == "on"
+    assert ctl.on and ctl.k > 0 and ctl.events[-1][1] == "on" and ctl.off_reason is None
 
 
 def test_failed_probes_back_off():
@@ -322,7 +323,7 @@ def test_failed_probes_back_off():
         waits.append(plain)
         ctl.record(ctl.k, 0, draft_s=0.5 * ctl.k, target_s=1.0)
     assert waits == [4, 8, 16, 16]
-    assert not ctl.on and "re-probe" in ctl.reason
+    assert not ctl.on and "< 1.05 needed to resume after a re-probe" in ctl.reason
 
 
 def test_controller_counts_no_match_as_a_plain_step():
