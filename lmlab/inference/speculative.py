@@ -496,7 +496,8 @@ class SpecStats:
                  f"  accepted per pass {self.histogram_line() or '-'}"]
         c = self.cost_ratio
         if c is not None:
-            lines.append(f"  cost ratio c      {c:.3f} (draft {1000 * self.draft_s / self.draft_steps:.2f} ms/step)")
+            lines.append(f"  cost ratio c      {c:.3f} (draft {1000 * self.draft_s / self.draft_steps:.2f} ms/step, "
+                         f"target {1000 * self.target_s / max(self.passes, 1):.2f} ms/pass)")
         if self.total_s:
             line = f"  throughput        {self.tokens_per_s:.1f} tok/s ({self.emitted} tokens in {self.total_s:.2f}s)"
             if plain_tokens_per_s:

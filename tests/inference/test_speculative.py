@@ -81,6 +81,15 @@ def test_same_seed_same_verdict():
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.accepted, b.accepted)
 
 
+def test_half_precision_probabilities_are_verified_in_float32():
+    p, q = PAIRS[0]
+    drafts = torch.multinomial(q.expand(4000, -1), 1, replacement=True, generator=torch.Generator().manual_seed(3))
+    out = verify(expand(p, 4000, 2).bfloat16(), expand(q, 4000, 1).bfloat16(), drafts,
+                 torch.Generator().manual_seed(4))
+    assert out.tokens.dtype == torch.long and ((out.tokens[:, 0] >= 0) & (out.tokens[:, 0] < 8)).all()
+    assert 0 < out.accepted.sum() < 4000
+
+
 def test_bad_shapes_are_lmlab_errors():
     p = torch.rand(2, 4, 8).softmax(-1)
     with pytest.raises(LmlabError, match="target_probs"):
@@ -363,6 +372,7 @@ def test_stats_counts_and_report():
     text = st.format(plain_tokens_per_s=11.0)
     assert "acceptance rate   0.500 (6/12" in text
     assert "0:1 1:0 2:1 3:0 4:1" in text
+    assert "draft 0.50 ms/step, target 100.00 ms/pass" in text
     assert "22.0 tok/s" in text and "x2.00 over plain" in text
     assert text.splitlines()[-1] == "  speculation switched off: expected speed-up 0.80 < 1"
     assert "switched off" not in SpecStats().format()
