@@ -1,0 +1,37 @@
+import hashlib
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="session")
+def minilm_path():
+    """The all-MiniLM-L6-v2 folder, downloaded once into $LMLAB_HOME; skips when it cannot be had."""
+    from lmlab import hub
+    from lmlab.errors import LmlabError
+
+    try:
+        return hub.resolve("all-minilm-l6-v2")
+    except LmlabError as e:
+        pytest.skip(f"all-MiniLM-L6-v2 not available: {e}")
+
+
+class BagOfWords:
+    """A tiny fake sentence encoder: hashed lower-case words, L2-normalised. Texts sharing words are close."""
+
+    def __init__(self, name: str = "bag-of-words", dim: int = 64):
+        self.name, self.dim, self.calls = name, dim, 0
+
+    def __call__(self, texts):
+        self.calls += 1
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for r, text in enumerate(texts):
+            for word in text.lower().split():
+                out[r, int(hashlib.md5(word.encode()).hexdigest(), 16) % self.dim] += 1.0
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.where(norms == 0, 1.0, norms)
+
+
+@pytest.fixture
+def bag_of_words():
+    return BagOfWords()
