@@ -30,7 +30,7 @@ class SentenceEncoder:
     """Batched, length-sorted mean-pooled embeddings under inference mode; returns N×D float32 unit rows."""
 
     def __init__(self, model, tokenizer, *, name: str, max_length: int | None = None, batch_size: int = 64,
-                 progress: bool = True):
+                 progress: bool = True, spec: str | None = None):
         if getattr(model.cfg, "arch", None) not in ("encoder", "encoder-decoder"):
             raise LmlabError(f"{name}: sentence embeddings need an encoder model, this one is "
                              f"'{getattr(model.cfg, 'arch', None)}'")
@@ -39,6 +39,7 @@ class SentenceEncoder:
         if batch_size < 1:
             raise LmlabError(f"batch_size must be at least 1, got {batch_size}")
         self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.spec = spec  # what SentenceEncoder.load takes to get this model again (None: not loadable by spec)
         self.batch_size, self.progress = batch_size, progress
         self.max_length = min(max_length or model.cfg.max_seq_len, model.cfg.max_seq_len)
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
@@ -52,9 +53,10 @@ class SentenceEncoder:
 
         path = resolve(spec)
         model, tok = load(str(path), dtype=dtype, device=device)
-        name = f"{Path(spec).name if Path(spec).exists() else spec}@{fingerprint(path)[:12]}"
+        local = Path(spec).expanduser().exists()
+        name = f"{Path(spec).name if local else spec}@{fingerprint(path)[:12]}"
         return cls(model, tok, name=name, max_length=max_length or _sentence_max_length(path),
-                   batch_size=batch_size, progress=progress)
+                   batch_size=batch_size, progress=progress, spec=str(path.resolve()) if local else spec)
 
     @property
     def dim(self) -> int:
