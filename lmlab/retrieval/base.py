@@ -52,14 +52,10 @@ class Retriever(ABC):
             raise LmlabError("search before index(): the retriever holds no texts")
         skip = exclusions(exclude, len(queries), len(self))
         check_k(k, len(self), skip)
-        n = min(len(self), k + max((len(s) for s in skip), default=0))
-        cand, scores = self._candidates(queries, n) if queries and k else (None, None)
-        out_i = np.zeros((len(queries), k), dtype=np.int64)
-        out_s = np.zeros((len(queries), k), dtype=np.float32)
-        for q, drop in enumerate(skip if k else []):
-            keep = [j for j in range(n) if int(cand[q, j]) not in drop][:k]
-            out_i[q], out_s[q] = cand[q, keep], scores[q, keep]
-        return Hits(out_i, out_s)
+        if not queries or not k:
+            return Hits(np.zeros((len(queries), k), dtype=np.int64), np.zeros((len(queries), k), dtype=np.float32))
+        cand, scores = self._candidates(queries, wanted(k, skip, len(self)))
+        return keep_best(cand, scores, skip, k)
 
     @abstractmethod
     def _build(self, texts: list[str]) -> None: ...
@@ -122,6 +118,21 @@ def check_k(k: int, size: int, skip: list[set[int]]) -> None:
         if k > size - len(drop):
             raise LmlabError(f"k={k} but the index holds only {size - len(drop)} texts for query {q} "
                              f"({size} less {len(drop)} excluded)")
+
+
+def wanted(k: int, skip: list[set[int]], size: int) -> int:
+    """How many candidates to fetch so that k remain after every query's exclusions."""
+    return min(size, k + max((len(s) for s in skip), default=0))
+
+
+def keep_best(cand: np.ndarray, scores: np.ndarray, skip: list[set[int]], k: int) -> Hits:
+    """The first k candidates of each row that its exclusions allow (rows are best first)."""
+    out_i = np.zeros((len(cand), k), dtype=np.int64)
+    out_s = np.zeros((len(cand), k), dtype=np.float32)
+    for q, drop in enumerate(skip):
+        keep = [j for j in range(cand.shape[1]) if int(cand[q, j]) not in drop][:k]
+        out_i[q], out_s[q] = cand[q, keep], scores[q, keep]
+    return Hits(out_i, out_s)
 
 
 def top_n(scores: np.ndarray, n: int) -> np.ndarray:
