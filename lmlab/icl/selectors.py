@@ -67,7 +67,7 @@ class Selector(ABC):
         picked, scores = self._pick(queries, shots, skip)
         out_i, out_s = [], []
         for q, text in enumerate(queries):
-            perm = self._arrangement(text, len(picked[q]))
+            perm = self._arrangement(text, scores[q] if scores is not None else None, len(picked[q]))
             out_i.append([int(picked[q][j]) for j in perm])
             out_s.append([float(scores[q][j]) for j in perm] if scores is not None else None)
         return Selection(out_i, out_s if self.scored else None)
@@ -81,9 +81,10 @@ class Selector(ABC):
         key = int.from_bytes(hashlib.sha256(query.encode("utf-8")).digest()[:8], "little")
         return np.random.default_rng([self.seed, stream, key])
 
-    def _arrangement(self, query: str, n: int) -> list[int]:
-        if self.order == "similarity":
-            return list(range(n))[::-1]  # best first → most similar last, next to the query
+    def _arrangement(self, query: str, scores: list[float] | None, n: int) -> list[int]:
+        """Positions of the picked demonstrations in prompt order."""
+        if self.order == "similarity":  # ascending similarity: the most similar last, next to the query
+            return sorted(range(n), key=lambda j: (scores[j], -j))  # equal scores: the first picked goes last
         return self.rng(query, 1).permutation(n).tolist()
 
 
@@ -126,21 +127,28 @@ class BalancedSelector(Selector):
         self.classes = list(dict.fromkeys(labels))  # in order of first appearance
         self.members = {c: [i for i, l in enumerate(labels) if l == c] for c in self.classes}
 
-    def quotas(self, query: str, shots: int) -> dict[Hashable, int]:
+    def quotas(self, query: str, q: int, shots: int, available: dict[Hashable, list[int]]) -> dict[Hashable, int]:
+        """shots // classes of each label; the remainder goes one each to a seeded choice of the labels
+        that have an example to spare."""
         base, extra = divmod(shots, len(self.classes))
-        lucky = set(self.rng(query, 2).choice(len(self.classes), extra, replace=False).tolist())
+        for c in self.classes:
+            if len(available[c]) < base:
+                raise LmlabError(f"label {c!r} has only {len(available[c])} examples for query {q}, "
+                                 f"{base} needed for {shots} balanced shots")
+        roomy = [j for j, c in enumerate(self.classes) if len(available[c]) > base]
+        if extra > len(roomy):
+            raise LmlabError(f"only {len(roomy)} labels have more than {base} examples for query {q}, "
+                             f"{extra} must give one more for {shots} balanced shots")
+        lucky = set(self.rng(query, 2).choice(roomy, extra, replace=False).tolist()) if extra else set()
         return {c: base + (j in lucky) for j, c in enumerate(self.classes)}
 
     def _pick(self, queries, shots, skip):
         picked = []
         for q, (text, drop) in enumerate(zip(queries, skip)):
             rng, chosen = self.rng(text, 0), []
-            for c, need in self.quotas(text, shots).items():
-                allowed = [i for i in self.members[c] if i not in drop]
-                if need > len(allowed):
-                    raise LmlabError(f"label {c!r} has only {len(allowed)} examples for query {q}, "
-                                     f"{need} needed for {shots} balanced shots")
-                chosen += rng.choice(allowed, need, replace=False).tolist() if need else []
+            available = {c: [i for i in self.members[c] if i not in drop] for c in self.classes}
+            for c, need in self.quotas(text, q, shots, available).items():
+                chosen += rng.choice(available[c], need, replace=False).tolist() if need else []
             picked.append(chosen)
         return picked, None
 

@@ -46,7 +46,7 @@ def test_bm25_scores_match_the_formula():
 
 @pytest.mark.parametrize("make", [lambda enc: BM25Retriever(), lambda enc: DenseRetriever(enc)], ids=["bm25", "dense"])
 def test_expected_neighbours(make, bag_of_words):
-    from conftest import BagOfWords
+    from retrieval_fakes import BagOfWords
 
     r = make(BagOfWords(dim=4096)).index(POOL)  # wide enough that no two pool words share a slot
     hits = r.search(["cat yarn", "markets investors", "oven hot cake", "dog park puppy"], 2)
@@ -56,7 +56,7 @@ def test_expected_neighbours(make, bag_of_words):
 
 @pytest.mark.parametrize("kind", ["bm25", "dense"])
 def test_pool_items_find_their_topic_without_themselves(kind, bag_of_words):
-    from conftest import BagOfWords
+    from retrieval_fakes import BagOfWords
 
     r = BM25Retriever() if kind == "bm25" else DenseRetriever(BagOfWords(dim=4096))
     r.index(POOL)

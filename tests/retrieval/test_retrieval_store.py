@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import BagOfWords
+from retrieval_fakes import BagOfWords
 
 from lmlab.errors import LmlabError
 from lmlab.retrieval import index, store
