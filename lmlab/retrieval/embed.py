@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.errors import LmlabError
+from lmlab.retrieval.base import check_texts
 from lmlab.utils.progress import Progress
 
 DEFAULT_ENCODER = "all-minilm-l6-v2"
@@ -49,11 +50,12 @@ class SentenceEncoder:
     def load(cls, spec: str = DEFAULT_ENCODER, *, device: str = "cpu", dtype: str = "float32",
              max_length: int | None = None, batch_size: int = 64, progress: bool = True) -> "SentenceEncoder":
         """An encoder from any model spec (a preset such as all-minilm-l6-v2, an HF folder, ...)."""
+        from lmlab import hub
         from lmlab.checkpoints import load, resolve
 
         path = resolve(spec)
         model, tok = load(str(path), dtype=dtype, device=device)
-        local = Path(spec).expanduser().exists()
+        local = spec not in hub.SOURCES
         name = f"{Path(spec).name if local else spec}@{fingerprint(path)[:12]}"
         return cls(model, tok, name=name, max_length=max_length or _sentence_max_length(path),
                    batch_size=batch_size, progress=progress, spec=str(path.resolve()) if local else spec)
@@ -63,7 +65,7 @@ class SentenceEncoder:
         return self.model.cfg.d_model
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        texts = _check_texts(texts)
+        texts = check_texts(texts, "texts")
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         ids = [e.ids for e in self.tok.encode_batch(texts)] if texts else []
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # longest first: memory trouble shows at once
@@ -90,16 +92,6 @@ class SentenceEncoder:
         m = mask.unsqueeze(-1).to(h.dtype)
         pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
         return F.normalize(pooled, p=2, dim=-1).cpu()
-
-
-def _check_texts(texts: Sequence[str]) -> list[str]:
-    if isinstance(texts, str):
-        raise LmlabError("expected a list of texts, got one string")
-    texts = list(texts)
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise LmlabError(f"text {i} is {type(t).__name__}, expected str")
-    return texts
 
 
 def _plain_copy(tok, max_length: int):

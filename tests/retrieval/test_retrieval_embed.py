@@ -79,9 +79,9 @@ def test_truncates_to_max_length(tiny):
 def test_bad_inputs(tiny):
     model, tok = tiny
     enc = SentenceEncoder(model, tok, name="tiny")
-    with pytest.raises(LmlabError, match="one string"):
+    with pytest.raises(LmlabError, match="texts: expected a list of texts, got one string"):
         enc("just one")
-    with pytest.raises(LmlabError, match="text 1 is int"):
+    with pytest.raises(LmlabError, match=r"texts\[1\] is int"):
         enc(["ok", 3])
     with pytest.raises(LmlabError, match="tiny: the model has no tokenizer"):
         SentenceEncoder(model, None, name="tiny")
