@@ -42,6 +42,8 @@ class BM25Retriever(Retriever):
 
     def scores(self, query: str) -> np.ndarray:
         """BM25 score of every indexed text for one query (0 where no query word occurs)."""
+        if self.bm25 is None:
+            raise LmlabError("scores before index(): the retriever holds no texts")
         ids = self.bm25.get_tokens_ids(self._tokens([query])[0])
         return np.asarray(self.bm25.get_scores_from_ids(ids), dtype=np.float32)
 
