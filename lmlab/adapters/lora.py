@@ -94,7 +94,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if self.merged:
-            if self.training and any(p.requires_grad for p in (*self.lora_A.values(), *self.lora_B.values())):
+            if self.training and torch.is_grad_enabled() and any(p.requires_grad for p in (*self.lora_A.values(), *self.lora_B.values())):
                 raise LmlabError(f"{self.name}: LoRA is merged into the weights; unmerge it before training")
             return y
         parts = []
@@ -107,22 +107,27 @@ class LoRALinear(nn.Module):
         """The weight rows slice s adds when merged: scaling · B_s A_s, in float32."""
         return (self.lora_B[s].float() @ self.lora_A[s].float()) * self.scaling
 
+    def check_merge(self, merged: bool) -> None:
+        """An LmlabError unless the adapter can go to the merged (True) or unmerged (False) state."""
+        if merged and self.merged:
+            raise LmlabError(f"{self.name}: LoRA is already merged")
+        if merged and self.tied:
+            raise LmlabError(f"{self.name}: its weight is shared with another module (tied embeddings); "
+                             "merging would change both; keep the adapter unmerged or untie the weights")
+        if not merged and not self.merged:
+            raise LmlabError(f"{self.name}: LoRA is not merged")
+
     @torch.no_grad()
     def merge(self) -> None:
         """Add every slice's update into the base weight rows, in place."""
-        if self.merged:
-            raise LmlabError(f"{self.name}: LoRA is already merged")
-        if self.tied:
-            raise LmlabError(f"{self.name}: its weight is shared with another module (tied embeddings); "
-                             "merging would change both; keep the adapter unmerged or untie the weights")
+        self.check_merge(True)
         self._add_deltas(+1)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Take every slice's update back out of the base weight rows."""
-        if not self.merged:
-            raise LmlabError(f"{self.name}: LoRA is not merged")
+        self.check_merge(False)
         self._add_deltas(-1)
         self.merged = False
 
@@ -269,15 +274,21 @@ def inject_lora(model: nn.Module, targets: str | Iterable[str], *, r: int = 8, a
 
 
 def merge_lora(model: nn.Module) -> list[str]:
-    """Merge every adapter into its base weight (see LoRALinear.merge); returns the module names."""
+    """Merge every adapter into its base weight (see LoRALinear.merge); returns the module names.
+    Every layer is checked first, so a refusal leaves all of them as they were."""
     layers = _require_lora(model)
+    for layer in layers.values():
+        layer.check_merge(True)
     for layer in layers.values():
         layer.merge()
     return list(layers)
 
 
 def unmerge_lora(model: nn.Module) -> list[str]:
+    """Take every merged adapter back out of its base weight; returns the module names."""
     layers = _require_lora(model)
+    for layer in layers.values():
+        layer.check_merge(False)
     for layer in layers.values():
         layer.unmerge()
     return list(layers)
@@ -286,6 +297,9 @@ def unmerge_lora(model: nn.Module) -> list[str]:
 def unload_lora(model: nn.Module, merge: bool = True) -> list[str]:
     """Put the plain linears back, with the updates merged in (merge=True) or dropped."""
     layers = _require_lora(model)
+    for layer in layers.values():
+        if merge and not layer.merged:
+            layer.check_merge(True)
     for name, layer in layers.items():
         if merge and not layer.merged:
             layer.merge()
