@@ -1,7 +1,7 @@
 """Freezing and unfreezing parameters by name pattern.
 
 A pattern (a glob, or a regular expression after `re:`, matched against the whole name; see
-lmlab.adapters.names) selects a parameter when it matches the parameter's name or the name of any
+lmlab.adapters.patterns) selects a parameter when it matches the parameter's name or the name of any
 module holding it: `tok_emb` (the embedding), `decoder.blocks.[0-3]` (the first four blocks, whole),
 `*.norm*` (every norm), `re:decoder\\.blocks\\.([0-9]|1[01])\\..*` (the first twelve blocks). A tied
 weight is one parameter: freezing `lm_head` also freezes a tied `tok_emb`.
@@ -13,7 +13,7 @@ from typing import Iterable
 
 import torch.nn as nn
 
-from lmlab.adapters.names import check_patterns, listing, matches
+from lmlab.adapters.patterns import check_patterns, listing, matches
 from lmlab.errors import LmlabError
 
 

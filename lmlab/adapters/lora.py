@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmlab.adapters.names import check_patterns, listing, matches
+from lmlab.adapters.patterns import check_patterns, listing, matches
 from lmlab.errors import LmlabError
 from lmlab.utils.suggest import did_you_mean
 
