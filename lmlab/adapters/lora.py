@@ -77,6 +77,9 @@ class LoRALinear(nn.Module):
     def targets(self) -> list[str]:
         return list(self.lora_A)
 
+    def lora_parameters(self) -> list[nn.Parameter]:
+        return [*self.lora_A.values(), *self.lora_B.values()]
+
     def reset_lora(self) -> None:
         """A Kaiming-uniform (a=√5, nn.Linear's default), B zeros: the update starts at zero."""
         for s in self.lora_A:
@@ -93,8 +96,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self.merged:
-            if self.training and torch.is_grad_enabled() and any(p.requires_grad for p in (*self.lora_A.values(), *self.lora_B.values())):
+        if self.merged:  # training A and B through merged weights would silently train nothing
+            if self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.lora_parameters()):
                 raise LmlabError(f"{self.name}: LoRA is merged into the weights; unmerge it before training")
             return y
         parts = []
@@ -271,6 +274,20 @@ def inject_lora(model: nn.Module, targets: str | Iterable[str], *, r: int = 8, a
         setattr(model.get_submodule(parent) if parent else model, attr, layer)
     layers = lora_modules(model)
     return [unit_name(m, s) for m in chosen for s in layers[m].targets]
+
+
+def lora_settings(model: nn.Module) -> dict:
+    """{'r', 'alpha', 'dropout', 'rslora', 'units'} of the model's adapters (what an adapter config
+    records); an LmlabError when its layers disagree on a setting."""
+    layers = _require_lora(model)
+    out = {}
+    for key in ("r", "alpha", "dropout", "rslora"):
+        values = {getattr(layer, key) for layer in layers.values()}
+        if len(values) > 1:
+            raise LmlabError(f"the model's LoRA layers differ in {key} ({', '.join(map(str, sorted(values)))})")
+        out[key] = values.pop()
+    out["units"] = [unit_name(name, s) for name, layer in layers.items() for s in layer.targets]
+    return out
 
 
 def merge_lora(model: nn.Module) -> list[str]:

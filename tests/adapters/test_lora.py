@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lmlab.adapters import (LoRALinear, inject_lora, load_lora_state_dict, lora_modules, lora_state_dict,
-                            merge_lora, unload_lora, unmerge_lora)
+from lmlab.adapters import (LoRALinear, inject_lora, load_lora_state_dict, lora_modules, lora_settings,
+                            lora_state_dict, merge_lora, unload_lora, unmerge_lora)
 from lmlab.config import preset
 from lmlab.errors import LmlabError
 from lmlab.model import Transformer
@@ -257,6 +257,16 @@ def test_inject_on_a_transformer_targets_slices_and_freezes_the_rest():
     torch.testing.assert_close(model(ids(model)), ref, atol=0, rtol=0)  # fresh adapters: same logits
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"decoder.blocks.{i}.attn.qkv.lora_{ab}.{s}" for i in range(2) for ab in "AB" for s in "qv"}
+
+
+def test_lora_settings_record_what_was_injected():
+    model = tiny()
+    inject_lora(model, ["v", "decoder.blocks.1.mlp.proj"], r=3, alpha=5, dropout=0.1, rslora=True)
+    assert lora_settings(model) == {"r": 3, "alpha": 5.0, "dropout": 0.1, "rslora": True, "units": [
+        "decoder.blocks.0.attn.qkv:v", "decoder.blocks.1.attn.qkv:v", "decoder.blocks.1.mlp.proj"]}
+    model.decoder.blocks[1].mlp.proj = LoRALinear(model.decoder.blocks[1].mlp.proj.base, r=4, alpha=5)
+    with pytest.raises(LmlabError, match=r"differ in r \(3, 4\)"):
+        lora_settings(model)
 
 
 def test_gradients_reach_only_the_adapters():
