@@ -114,6 +114,9 @@ class LoRALinear(nn.Module):
         """An LmlabError unless the adapter can go to the merged (True) or unmerged (False) state."""
         if merged and self.merged:
             raise LmlabError(f"{self.name}: LoRA is already merged")
+        if not isinstance(self.base, nn.Linear):
+            raise LmlabError(f"{self.name}: the base layer is now {type(self.base).__name__} (quantized?), "
+                             "not an nn.Linear; its weight cannot take a merge")
         if merged and self.tied:
             raise LmlabError(f"{self.name}: its weight is shared with another module (tied embeddings); "
                              "merging would change both; keep the adapter unmerged or untie the weights")

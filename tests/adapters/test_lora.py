@@ -479,3 +479,20 @@ def test_load_lora_state_dict_is_strict():
         load_lora_state_dict(tiny(), sd)
     with pytest.raises(LmlabError, match="no LoRA adapters"):
         lora_state_dict(tiny())
+
+
+def test_quantized_base_keeps_the_adapter_but_refuses_to_merge():
+    from lmlab.quantize import quantize_model
+
+    model = tiny()
+    inject_lora(model, ["q", "v"], r=2, alpha=4)
+    randomize_b(model)
+    layer = model.decoder.blocks[0].attn.qkv
+    x = torch.randn(2, 3, 64)
+    with torch.no_grad():
+        update = layer(x) - layer.base(x)
+        quantize_model(model, "int8")
+        assert type(layer.base).__name__ == "Int8Linear"
+        torch.testing.assert_close(layer(x) - layer.base(x), update, atol=1e-5, rtol=0)
+    with pytest.raises(LmlabError, match="base layer is now Int8Linear"):
+        merge_lora(model)
