@@ -15,8 +15,9 @@ a single slice named `all`.
 Targets (`inject_lora`) name *units*: `module:slice` for a slice of a fused linear
 (`decoder.blocks.0.attn.qkv:q`), `module` for a plain one (`decoder.blocks.0.attn.out`). A pattern
 (a glob, or a regular expression after `re:`, always matched against the whole name) is read as:
-  - without '.' or ':' — a short name: a slice name of a fused linear (q, k, v, gate, up) or the last
-    part of a plain linear's name (out, proj, fc, q of cross-attention, lm_head); `*` means every linear;
+  - without '.' or ':' (after the `re:` prefix, if any) — a short name: a slice name of a fused linear
+    (q, k, v, gate, up) or the last part of a plain linear's name (out, proj, fc, the q of
+    cross-attention, lm_head); `*` means every linear;
   - otherwise — a full name, tried against unit names and module names; a module name selects every
     slice of that module (`*.attn.qkv` = its q, k and v).
 A pattern that selects nothing is an error that lists the units that exist.
@@ -199,13 +200,12 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def _units(model: nn.Module, slices_of: SlicesOf) -> list[tuple[str, str, Slices]]:
-    """(module name, slice name, checked slices) for every slice of every linear, in model order."""
+def _units(model: nn.Module, slices_of: SlicesOf) -> list[tuple[str, str]]:
+    """(module name, slice name) for every slice of every linear, in model order."""
     out = []
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear) and name:
-            slices = check_slices(name, slices_of(name, m), m.out_features)
-            out += [(name, s, slices) for s in slices]
+            out += [(name, s) for s in check_slices(name, slices_of(name, m), m.out_features)]
     return out
 
 
@@ -231,23 +231,23 @@ def select_units(model: nn.Module, targets: str | Iterable[str], slices_of: Slic
     units = _units(model, slices_of)
     chosen: dict[str, list[str]] = {}
     for pattern in targets:
-        hits = [(m, s) for m, s, _ in units if _selected(pattern, m, s)]
+        hits = [(m, s) for m, s in units if _selected(pattern, m, s)]
         if not hits:
             raise LmlabError(_no_match(pattern, units))
         for m, s in hits:
             chosen.setdefault(m, [])
             if s not in chosen[m]:
                 chosen[m].append(s)
-    order = {m: i for i, (m, _, _) in enumerate(units)}
+    order = {m: i for i, (m, _) in enumerate(units)}
     return dict(sorted(chosen.items(), key=lambda kv: order[kv[0]]))
 
 
-def _no_match(pattern: str, units: list[tuple[str, str, Slices]]) -> str:
+def _no_match(pattern: str, units: list[tuple[str, str]]) -> str:
     if not units:
         return f"lora target '{pattern}': the model has no linear layer"
-    shorts = list(dict.fromkeys(_short_name(m, s) for m, s, _ in units))
+    shorts = list(dict.fromkeys(_short_name(m, s) for m, s in units))
     return (f"lora target '{pattern}' matches no linear layer{did_you_mean(pattern, shorts)}; "
-            f"short names: {', '.join(shorts)}; layers: {listing(unit_name(m, s) for m, s, _ in units)}")
+            f"short names: {', '.join(shorts)}; layers: {listing(unit_name(m, s) for m, s in units)}")
 
 
 def inject_lora(model: nn.Module, targets: str | Iterable[str], *, r: int = 8, alpha: float = 16.0,
