@@ -496,3 +496,12 @@ def test_quantized_base_keeps_the_adapter_but_refuses_to_merge():
         torch.testing.assert_close(layer(x) - layer.base(x), update, atol=1e-5, rtol=0)
     with pytest.raises(LmlabError, match="base layer is now Int8Linear"):
         merge_lora(model)
+
+
+def test_fused_slices_of_smollm2_grouped_query_attention():
+    from lmlab.adapters import fused_slices
+
+    slices_of = fused_slices(preset("smollm2-135m"))
+    assert slices_of("decoder.blocks.29.attn.qkv", None) == {"q": (0, 576), "k": (576, 768), "v": (768, 960)}
+    assert slices_of("decoder.blocks.0.mlp.gate_up", None) == {"gate": (0, 1536), "up": (1536, 3072)}
+    assert slices_of("decoder.blocks.0.attn.out", None) is None
