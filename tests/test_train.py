@@ -83,7 +83,7 @@ def test_no_weight_decay_on_norms_biases_embeddings():
 def test_optimizer_is_fused_and_baby_recipe_matches_nanogpt():
     """AdamW's fused kernel on CPU (4x faster than the per-tensor loop); the baby-GPT recipe has nanoGPT's
     model and optimizer: no bias in LayerNorms or Linears, every 2-D parameter decayed, c_proj scaled init."""
-    from lmlab.train.distributed import Dist
+    from lmlab.utils.dist import Dist
     from lmlab.train.trainer import build_model_config, optimizer_impl
     from lmlab.model import Transformer
 
