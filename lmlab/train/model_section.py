@@ -100,11 +100,12 @@ def start_model(section: ModelSection, seq_len: int):
                                     source=f"model.init_from={section.init_from}")
         with torch.device("meta"):
             new_shapes = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
-        for k, v in model.state_dict().items():
-            if new_shapes.get(k) != tuple(v.shape):
+        old_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        for k in sorted(old_shapes.keys() | new_shapes.keys()):
+            if new_shapes.get(k) != old_shapes.get(k):
                 keys = ", ".join(f"{k}={v!r}" for k, v in section.overrides.items())
                 raise LmlabError(f"config: model: {keys} over init_from={section.init_from} changes tensor '{k}' "
-                                 f"from {tuple(v.shape)} to {new_shapes.get(k)}; only fields that keep every "
+                                 f"from {old_shapes.get(k)} to {new_shapes.get(k)}; only fields that keep every "
                                  "shape (e.g. dropout) may change")
         fresh = Transformer(cfg)
         fresh.load_state_dict(model.state_dict())
