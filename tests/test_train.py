@@ -256,7 +256,8 @@ def test_print_config_validates_and_bad_model_fails_before_data(tmp_path, capsys
     native.save(Transformer(preset("baby-gpt", n_layer=1, d_model=32, n_head=2, vocab_size=80)), None, model)
     cfg = load_config(None, [f"model.init_from={model}", "model.n_layer=2", f"data.corpus={tmp_path / 'corpus.txt'}",
                              "data.tokenizer=char", f"out_dir={tmp_path / 'out'}", "threads=1", "progress=false"])
-    with pytest.raises(LmlabError, match=r"n_layer=2 over init_from=.* changes tensor 'decoder.blocks.1.attn.out.weight' from None"):
+    with pytest.raises(LmlabError, match=r"n_layer=2 over init_from=.* changes tensor 'decoder.blocks.1.attn.out.weight' "
+                                         r"from None"):
         train(cfg)
     assert not (tmp_path / "out" / "data").exists()  # nothing was prepared
 
