@@ -294,3 +294,10 @@ def test_init_from_checkpoint_starts_from_its_weights(tmp_path, data_dir, kind):
     assert trained.cfg.dropout == 0.1 and summary["val_loss"] is not None
     assert not torch.equal(trained.state_dict()["decoder.blocks.0.attn.qkv.weight"],
                            model.state_dict()["decoder.blocks.0.attn.qkv.weight"])
+    if kind == "native":  # a model whose ids mean other characters than the data's
+        from lmlab.tokenizer import Tokenizer
+
+        native.save(model, Tokenizer.char_level("zyxwvutsrqponmlkjihgfedcba 0123456789"), tmp_path / "other")
+        with pytest.raises(LmlabError, match=r"the data's tokenizer .* is not model.init_from's: id 0"):
+            train(load_config(None, [*base, "max_iters=0", f"model.init_from={tmp_path / 'other'}",
+                                     f"out_dir={tmp_path / 'other-run'}"]))

@@ -78,16 +78,27 @@ def initial_model(cfg: TrainConfig, start, tokenizer) -> torch.nn.Module:
     from lmlab.model import Transformer
 
     if start is not None:
-        model = start[0]
+        model, own = start
         if tokenizer.vocab_size > model.cfg.vocab_size:
             raise LmlabError(f"config: the data's tokenizer ({cfg.tokenizer}) has {tokenizer.vocab_size} ids with the "
                              f"objectives' special tokens, more than model.init_from's {model.cfg.vocab_size}")
+        if own is not None:
+            check_same_tokens(tokenizer, own, cfg)
         return model
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
     model = Transformer(build_model_config(cfg, tokenizer.vocab_size))
     if cfg.scaled_residual_init:
         scale_residual_init(model)
     return model
+
+
+def check_same_tokens(data_tok, model_tok, cfg: TrainConfig) -> None:
+    """The data's ids mean what they meant to the model training starts from (ids both have)."""
+    for i in range(min(data_tok.vocab_size, model_tok.vocab_size)):
+        if data_tok.token(i) != model_tok.token(i):
+            raise LmlabError(f"config: the data's tokenizer ({cfg.tokenizer}) is not model.init_from's: id {i} is "
+                             f"{data_tok.token(i)!r} in the data, {model_tok.token(i)!r} in the model (prepare the "
+                             "data with the model's tokenizer: leave data.tokenizer empty)")
 
 
 def scale_residual_init(model: torch.nn.Module) -> None:
