@@ -211,7 +211,8 @@ def test_t5_relative_bias_is_not_weight_decayed():
     linears = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)} - {id(model.tok_emb.weight)}
     assert {id(p) for p in decay["params"]} == linears
     decay, _ = param_groups(model, 0.1, decay_embeddings=True)
-    assert "tok_emb.weight" in {names[id(p)] for p in decay["params"]}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert "tok_emb.weight" in decayed and not any("rel_bias" in n for n in decayed)
 
 
 def test_model_section_is_typed_and_checked_with_the_config(tmp_path):

@@ -119,9 +119,10 @@ def scale_residual_init(model: torch.nn.Module) -> None:
 def param_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:
     """Weight decay on the matrices of linear layers only: never on norms, biases, tables such as T5's
     relative-position bias, or (unless decay_embeddings) the token/position embeddings."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    decayed = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
-    decayed = decayed | embeddings if decay_embeddings else decayed - embeddings  # (a tied head is tok_emb)
+    tables = {name: id(m.weight) for name, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
+    decayed = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)} - set(tables.values())
+    if decay_embeddings:  # token, position and segment embeddings (a tied head is the token embedding)
+        decayed |= {i for name, i in tables.items() if name.endswith("_emb")}
     decay, rest, seen = [], [], set()
     for p in model.parameters():
         if id(p) in seen or not p.requires_grad:
