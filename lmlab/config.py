@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from lmlab.errors import LmlabError
+from lmlab.utils.atomic import write_json
+from lmlab.utils.suggest import did_you_mean
 
 Arch = Literal["decoder", "encoder", "encoder-decoder"]
 Positions = Literal["learned", "sinusoidal", "rope", "relative", "none"]
@@ -86,13 +87,11 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         for key in d:
             if key not in known:
-                hint = difflib.get_close_matches(key, known, n=1)
-                extra = f" (did you mean '{hint[0]}'?)" if hint else ""
-                raise LmlabError(f"{source}: unknown model config key '{key}'{extra}")
+                raise LmlabError(f"{source}: unknown model config key '{key}'{did_you_mean(key, known)}")
         return cls(**d)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelConfig":
@@ -133,5 +132,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 def preset(name: str, **overrides: Any) -> ModelConfig:
     """The named architecture, with any field overridden (dependent sizes are derived again)."""
     if name not in PRESETS:
-        raise LmlabError(f"unknown preset '{name}'; known presets: {', '.join(sorted(PRESETS))}")
+        raise LmlabError(f"unknown preset '{name}'{did_you_mean(name, PRESETS)}; "
+                         f"known presets: {', '.join(sorted(PRESETS))}")
     return ModelConfig.from_dict({**PRESETS[name], **overrides}, source=f"preset {name}")

@@ -45,6 +45,7 @@ class Tokenizer:
         self.tok = tok
         self.bos_id, self.eos_id = bos_id, eos_id
         self.pad_id = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
+        self.pad_set = pad_id is not None  # False: pad_id above is a stand-in (eos, else 0), not the tokenizer's
         self.chat_template = chat_template
         self.stop_ids = sorted({i for i in [eos_id, *(extra_eos or [])] if i is not None})
 

@@ -268,6 +268,45 @@ def test_export_refuses_config_hf_cannot_express():
     assert hf.export_family(tiny("tiny-llama", family="")) == "llama"
 
 
+# --------------------------------------------------------------------------- name maps
+@pytest.mark.parametrize("name", EXPORTS)
+def test_name_pieces_agree_with_exported_tensors(name):
+    """Every HF tensor the export writes is exactly the rows of the lmlab tensor that the name map names."""
+    make_cfg, _ = EXPORTS[name]
+    torch.manual_seed(0)
+    model = randomize(Transformer(make_cfg()))
+    family = hf.export_family(model.cfg)
+    exported, ours = hf.hf_state_dict(model, family), model.state_dict()
+    pieces = hf.name_pieces(model.cfg)
+    assert {p.theirs for p in pieces} <= set(exported)
+    for p in pieces:
+        want = ours[p.ours][p.start:p.stop]
+        assert torch.equal(exported[p.theirs], want.t() if p.transpose else want), p
+        assert hf.from_hf(model.cfg, p.theirs) == p
+
+
+def test_fused_modules_map_to_hf_modules_and_back():
+    cfg = tiny("tiny-llama", n_kv_head=2)  # q: 4 heads × 8, k and v: 2 heads × 8 rows
+    qkv = hf.to_hf(cfg, "decoder.blocks.1.attn.qkv")
+    assert [(p.theirs, p.start, p.stop) for p in qkv] == [
+        ("model.layers.1.self_attn.q_proj", 0, 32), ("model.layers.1.self_attn.k_proj", 32, 48),
+        ("model.layers.1.self_attn.v_proj", 48, 64)]
+    assert hf.from_hf(cfg, "model.layers.1.self_attn.k_proj") == qkv[1]
+    gate, up = hf.to_hf(cfg, "decoder.blocks.0.mlp.gate_up.weight")
+    assert (gate.theirs, gate.stop, up.theirs, up.start, up.stop) == (
+        "model.layers.0.mlp.gate_proj.weight", 64, "model.layers.0.mlp.up_proj.weight", 64, 128)
+    assert [p.theirs for p in hf.to_hf(cfg, "decoder.blocks.0.mlp.proj")] == ["model.layers.0.mlp.down_proj"]
+    (c_attn,) = hf.to_hf(tiny("gpt2"), "decoder.blocks.0.attn.qkv")
+    assert c_attn.theirs == "transformer.h.0.attn.c_attn" and c_attn.transpose and c_attn.stop == 96
+    t5 = tiny("t5-small", mlp="geglu")
+    assert [p.theirs for p in hf.to_hf(t5, "decoder.blocks.2.cross.kv")] == [
+        "decoder.block.2.layer.1.EncDecAttention.k", "decoder.block.2.layer.1.EncDecAttention.v"]
+    with pytest.raises(LmlabError, match=r"did you mean 'decoder.blocks.0.attn.qkv'"):
+        hf.to_hf(cfg, "decoder.blocks.0.attn.qvk")
+    with pytest.raises(LmlabError, match="not an HF tensor or module"):
+        hf.from_hf(cfg, "model.layers.9.self_attn.q_proj")
+
+
 # --------------------------------------------------------------------------- errors
 @pytest.fixture
 def llama_folder(tmp_path):

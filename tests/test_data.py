@@ -170,3 +170,47 @@ def test_tinyshakespeare_char_split_like_nanogpt(tmp_path):
                                  workers=2, progress=False))
     assert meta["vocab_size"] == 66  # nanoGPT's 65 characters + the document separator
     assert meta["train_tokens"] == int(1115395 * 0.9) + 1 or abs(meta["train_tokens"] - 1003854) <= 1
+
+
+def test_failed_reprepare_keeps_previous_data(tmp_path):
+    """A re-prepare that fails half-way leaves the previous shards and meta.json as they were."""
+    write_corpus(tmp_path)
+    out = tmp_path / "out"
+    meta = prepare(PrepareConfig(inputs=[str(tmp_path / "doc*.txt")], out_dir=str(out), workers=1, progress=False))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "train_000.bin" in before
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_bytes(before["tokenizer.json"])
+    (tmp_path / "z_bad.txt").write_bytes(b"fine text\n" * 10 + b"\xff broken")
+    with pytest.raises(LmlabError, match="z_bad.txt: not UTF-8"):  # fails while shards are being written
+        prepare(PrepareConfig(inputs=[str(tmp_path / "doc0.txt"), str(tmp_path / "z_bad.txt")], out_dir=str(out),
+                              tokenizer=str(tmp_path / "tok"), workers=1, chunk_chars=16, progress=False))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left
+    assert TokenData(out).meta["tokens"] == meta["tokens"]
+    again = prepare(PrepareConfig(inputs=[str(tmp_path / "doc0.txt")], out_dir=str(out), workers=1, progress=False,
+                                  shard_tokens=8))
+    assert sorted(p.name for p in out.glob("*.bin")) == sorted(
+        s["file"] for split in again["shards"].values() for s in split)  # no stale shard of the first run
+
+
+def test_prepare_never_deletes_files_it_did_not_write(tmp_path):
+    write_corpus(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "weights.bin").write_bytes(b"precious")
+    with pytest.raises(LmlabError, match=r"out: holds files lmlab prepare did not write \(weights.bin\)"):
+        prepare(PrepareConfig(inputs=[str(tmp_path / "doc*.txt")], out_dir=str(out), workers=1, progress=False))
+    assert (out / "weights.bin").read_bytes() == b"precious"
+
+
+def test_separator_keeps_a_real_pad_id_of_zero():
+    from tokenizers import Tokenizer as HFTokenizer, models
+
+    from lmlab.data.tokenizers import with_separator
+
+    hf = HFTokenizer(models.WordLevel(vocab={"<pad>": 0, "a": 1, "b": 2}, unk_token=None))
+    tok = with_separator(Tokenizer(hf, pad_id=0))
+    assert tok.eos_id == 3 and tok.pad_id == 0
+    unset = with_separator(Tokenizer(HFTokenizer(models.WordLevel(vocab={"a": 0, "b": 1}, unk_token=None))))
+    assert unset.eos_id == 2 and unset.pad_id == 2  # no pad of its own: the separator pads

@@ -83,7 +83,7 @@ def test_no_weight_decay_on_norms_biases_embeddings():
 def test_optimizer_is_fused_and_baby_recipe_matches_nanogpt():
     """AdamW's fused kernel on CPU (4x faster than the per-tensor loop); the baby-GPT recipe has nanoGPT's
     model and optimizer: no bias in LayerNorms or Linears, every 2-D parameter decayed, c_proj scaled init."""
-    from lmlab.train.distributed import Dist
+    from lmlab.utils.dist import Dist
     from lmlab.train.trainer import build_model_config, optimizer_impl
     from lmlab.model import Transformer
 
@@ -196,3 +196,109 @@ def test_recipes_load_and_run(tmp_path, recipe):
         "model.n_layer=1", "threads=1", "plot=false", "progress=false", "save_model=false"])
     summary = train(cfg)
     assert summary["val_loss"] is not None and summary["val_loss"] > 0
+
+
+def test_t5_relative_bias_is_not_weight_decayed():
+    """Only linear layers' matrices decay: T5's relative-position bias table is not one (nor a tied head)."""
+    from lmlab.config import preset
+    from lmlab.model import Transformer
+
+    model = Transformer(preset("t5-small", n_layer=1, d_model=32, n_head=2, head_dim=16, d_ff=64, vocab_size=40))
+    decay, rest = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {"encoder.rel_bias.weight", "decoder.rel_bias.weight", "tok_emb.weight"} <= \
+        {names[id(p)] for p in rest["params"]}
+    linears = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)} - {id(model.tok_emb.weight)}
+    assert {id(p) for p in decay["params"]} == linears
+    decay, _ = param_groups(model, 0.1, decay_embeddings=True)
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert "tok_emb.weight" in decayed and not any("rel_bias" in n for n in decayed)
+
+
+def test_model_section_is_typed_and_checked_with_the_config(tmp_path):
+    cfg = load_config(None, ["model.n_layer=3", "model.norm=rmsnorm"])
+    assert cfg.model.preset == "baby-gpt" and cfg.model.overrides == {"n_layer": 3, "norm": "rmsnorm"}
+    assert cfg.to_dict()["model"] == {"preset": "baby-gpt", "n_layer": 3, "norm": "rmsnorm"}
+    with pytest.raises(LmlabError, match=r"model.n_layer: expected an integer, got 'three'"):
+        load_config(None, ["model.n_layer=three"])
+    with pytest.raises(LmlabError, match=r"model.norm: 'rmsnrom' is not one of .*did you mean 'rmsnorm'"):
+        load_config(None, ["model.norm=rmsnrom"])
+    with pytest.raises(LmlabError, match="d_model=30 is not divisible by n_head=4"):
+        load_config(None, ["model.d_model=30", "model.n_head=4"])
+    with pytest.raises(LmlabError, match=r"unknown preset 'baby-gtp' \(did you mean 'baby-gpt'"):
+        load_config(None, ["model.preset=baby-gtp"])
+    with pytest.raises(LmlabError, match="max_seq_len=8 is shorter than seq_len=16"):
+        load_config(None, ["model.max_seq_len=8", "seq_len=16"])
+    with pytest.raises(LmlabError, match="init_from='nowhere/model' is not a file or folder"):
+        load_config(None, ["model.init_from=nowhere/model"])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  n_layer: 2\n")
+    with pytest.raises(LmlabError, match="model needs exactly one of preset"):
+        load_config(recipe)
+    with pytest.raises(LmlabError, match=r"override 'seq_len.foo=3': seq_len is a value \(64\), not a section"):
+        load_config(None, ["seq_len.foo=3"])
+    with pytest.raises(LmlabError, match=r"optim.lr is a value"):
+        load_config(None, ["optim.lr.x=1"])
+
+
+def test_print_config_validates_and_bad_model_fails_before_data(tmp_path, capsys):
+    from lmlab.cli import main
+    from lmlab.train import train
+
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", "--print-config", "model.n_layers=2"])
+    assert e.value.code == 1 and "did you mean 'n_layer'" in capsys.readouterr().err
+    (tmp_path / "corpus.txt").write_text("some text to prepare\n" * 50)
+    model = tmp_path / "start"
+    from lmlab.checkpoints import native
+    from lmlab.config import preset
+    from lmlab.model import Transformer
+
+    native.save(Transformer(preset("baby-gpt", n_layer=1, d_model=32, n_head=2, vocab_size=80)), None, model)
+    cfg = load_config(None, [f"model.init_from={model}", "model.n_layer=2", f"data.corpus={tmp_path / 'corpus.txt'}",
+                             "data.tokenizer=char", f"out_dir={tmp_path / 'out'}", "threads=1", "progress=false"])
+    with pytest.raises(LmlabError, match=r"n_layer=2 over init_from=.* changes tensor 'decoder.blocks.1.attn.out.weight' "
+                                         r"from None"):
+        train(cfg)
+    assert not (tmp_path / "out" / "data").exists()  # nothing was prepared
+
+
+def tiny_start(data_dir):
+    from lmlab.config import preset
+    from lmlab.data import TokenData
+    from lmlab.model import Transformer
+
+    tok = TokenData(data_dir).tokenizer
+    torch.manual_seed(3)
+    cfg = preset("tiny-llama", vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=1, d_model=32, d_ff=64,
+                 max_seq_len=32)
+    return Transformer(cfg), tok
+
+
+@pytest.mark.parametrize("kind", ["native", "hf"])
+def test_init_from_checkpoint_starts_from_its_weights(tmp_path, data_dir, kind):
+    from lmlab.checkpoints import hf, load, native
+    from lmlab.train import train
+
+    model, tok = tiny_start(data_dir)
+    folder = (native.save if kind == "native" else hf.export)(model, tok, tmp_path / kind)
+    base = [f"model.init_from={folder}", f"data.path={data_dir}", "seq_len=16", "eval_iters=1", "threads=1",
+            "plot=false", "progress=false", "tensorboard=false", "batch_size=2"]
+    summary = train(load_config(None, [*base, "max_iters=0", f"out_dir={tmp_path / 'zero'}"]))
+    saved, _ = load(summary["model_dir"])
+    assert saved.cfg.family == "llama" and saved.cfg.n_kv_head == 1
+    for k, v in model.state_dict().items():
+        assert torch.equal(saved.state_dict()[k], v), k
+    summary = train(load_config(None, [*base, "max_iters=3", "eval_interval=3", "model.dropout=0.1",
+                                       "optim.warmup_iters=0", f"out_dir={tmp_path / 'three'}"]))
+    trained, _ = load(summary["model_dir"])
+    assert trained.cfg.dropout == 0.1 and summary["val_loss"] is not None
+    assert not torch.equal(trained.state_dict()["decoder.blocks.0.attn.qkv.weight"],
+                           model.state_dict()["decoder.blocks.0.attn.qkv.weight"])
+    if kind == "native":  # a model whose ids mean other characters than the data's
+        from lmlab.tokenizer import Tokenizer
+
+        native.save(model, Tokenizer.char_level("zyxwvutsrqponmlkjihgfedcba 0123456789"), tmp_path / "other")
+        with pytest.raises(LmlabError, match=r"the data's tokenizer .* is not model.init_from's: id 0"):
+            train(load_config(None, [*base, "max_iters=0", f"model.init_from={tmp_path / 'other'}",
+                                     f"out_dir={tmp_path / 'other-run'}"]))

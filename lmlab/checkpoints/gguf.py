@@ -1,7 +1,6 @@
 """GGUF files (llama.cpp): metadata → ModelConfig and tokenizer, tensors de-quantized with `gguf`."""
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from gguf import GGMLQuantizationType as QType, GGUFReader, quants
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
 from lmlab.tokenizer import Tokenizer
+from lmlab.utils.device import machine_threads
 
 # Tensor types `gguf` can turn back into floats (plain floats need no de-quantizing).
 FLOAT_TYPES = {QType.F32, QType.F16, QType.BF16, QType.F64}
@@ -99,7 +99,7 @@ def state_dict(reader: GGUFReader, cfg: ModelConfig, source: str) -> dict[str, t
     def floats(t) -> tuple[str, torch.Tensor]:
         return t.name, torch.from_numpy(np.ascontiguousarray(dequantize(t, source)))
 
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # numpy releases the GIL here
+    with ThreadPoolExecutor(max_workers=machine_threads()) as pool:  # numpy releases the GIL here
         raw = dict(pool.map(floats, reader.tensors))
 
     def take(name: str) -> torch.Tensor:

@@ -1,17 +1,18 @@
 """lmlab's own checkpoint folder: lmlab.json (ModelConfig) + model.safetensors + tokenizer files."""
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from lmlab.config import ModelConfig
+from lmlab.errors import LmlabError
+from lmlab.utils.atomic import atomic_folder
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "atomic_folder", "is_native", "read", "read_safetensors", "save",
+           "unique_state_dict"]
 
 CONFIG_NAME = "lmlab.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -19,6 +20,17 @@ WEIGHTS_NAME = "model.safetensors"
 
 def is_native(folder: Path) -> bool:
     return (folder / CONFIG_NAME).is_file()
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file (no pickle); a missing or damaged file is named."""
+    path = Path(path)
+    if not path.is_file():
+        raise LmlabError(f"{path}: file not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LmlabError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0]})") from None
 
 
 def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -33,27 +45,8 @@ def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-@contextmanager
-def atomic_folder(folder: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder to fill; on success it replaces `folder` in one rename. A crash
-    leaves the old folder or none, never half of one."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-    try:
-        yield tmp
-        old = folder.with_name(folder.name + ".old")
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save(model, tokenizer, folder: str | Path) -> Path:
-    """Write a checkpoint folder atomically (see atomic_folder)."""
+    """Write a checkpoint folder atomically (lmlab.utils.atomic.atomic_folder)."""
     with atomic_folder(folder) as tmp:
         model.cfg.save(tmp / CONFIG_NAME)
         save_file(unique_state_dict(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -63,7 +56,6 @@ def save(model, tokenizer, folder: str | Path) -> Path:
 
 
 def read(folder: str | Path):
-    from lmlab.checkpoints import read_safetensors
     from lmlab.tokenizer import Tokenizer
 
     folder = Path(folder)

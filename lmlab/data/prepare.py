@@ -6,14 +6,14 @@ units in flight. Each unit's last `val_fraction` of tokens goes to the validatio
 smaller than one unit this is exactly nanoGPT's 90/10 split).
 
 Output folder: train_000.bin, ..., val_000.bin (raw uint16 or uint32), tokenizer.json, meta.json.
+It is written as a temporary sibling and swapped in whole at the end (lmlab.utils.atomic.atomic_folder),
+so a failed re-prepare leaves the previous data as it was.
 """
 from __future__ import annotations
 
 import itertools
 import json
 import os
-import sys
-import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -27,9 +27,12 @@ from lmlab.data.corpus import Piece, expand_inputs, iter_documents, iter_pieces
 from lmlab.data.tokenizers import char_tokenizer, load_tokenizer, with_separator
 from lmlab.errors import LmlabError
 from lmlab.tokenizer import Tokenizer
+from lmlab.utils.atomic import atomic_folder, write_json
+from lmlab.utils.progress import Progress
 
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 META = "meta.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 @dataclass
@@ -132,32 +135,55 @@ def build_tokenizer(cfg: PrepareConfig, files: list[Path]) -> Tokenizer:
     return with_separator(load_tokenizer(cfg.tokenizer))
 
 
+def check_replaceable(out: Path) -> None:
+    """`out` is new, empty or an earlier prepare's output: it is replaced whole, so nothing else may be lost."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise LmlabError(f"{out}: exists and is not a folder")
+    ours = set(TOKENIZER_FILES) | {META}
+    if (out / META).is_file():
+        try:
+            shards = json.loads((out / META).read_text())["shards"]
+            ours |= {s["file"] for split in shards.values() for s in split}
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise LmlabError(f"{out / META}: not a meta.json written by lmlab prepare; choose a new output "
+                             "folder") from None
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in ours)
+    if foreign:
+        raise LmlabError(f"{out}: holds files lmlab prepare did not write ({', '.join(foreign[:3])}); "
+                         "choose a new or empty output folder")
+
+
 def prepare(cfg: PrepareConfig) -> dict:
-    """Tokenize the corpus into cfg.out_dir; returns the metadata written to meta.json."""
+    """Tokenize the corpus into cfg.out_dir (replaced whole on success); returns the metadata in meta.json."""
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise LmlabError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
+    out = Path(cfg.out_dir)
+    check_replaceable(out)
     files = expand_inputs(cfg.inputs)
     tok = build_tokenizer(cfg, files)
     dtype = pick_dtype(cfg.dtype, tok.vocab_size)
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.bin"):
-        old.unlink()
+    total_bytes = sum(f.stat().st_size for f in files)
+    with atomic_folder(out) as tmp, Progress(total_bytes, "prepare", unit="B", unit_scale=True,
+                                             enabled=cfg.progress) as bar:
+        return _write(cfg, files, tok, dtype, tmp, bar)
+
+
+def _write(cfg: PrepareConfig, files: list[Path], tok: Tokenizer, dtype: str, out: Path, bar: Progress) -> dict:
     tok.save(out)
     writers = {s: ShardWriter(out, s, dtype, cfg.shard_tokens) for s in ("train", "val")}
     units = _units(iter_pieces(files, cfg.doc_boundary, cfg.text_field), cfg.chunk_chars)
-    total_chars = sum(f.stat().st_size for f in files)
-    start, done_chars, n_tokens = time.time(), 0, 0
-    bar = _progress(cfg.progress, total_chars)
+    n_tokens = 0
 
     def consume(chars: int, ids: np.ndarray) -> None:
-        nonlocal done_chars, n_tokens
+        nonlocal n_tokens
         cut = len(ids) - int(round(len(ids) * cfg.val_fraction))
         writers["train"].write(ids[:cut])
         writers["val"].write(ids[cut:])
-        done_chars += chars
         n_tokens += len(ids)
-        bar(done_chars, n_tokens, time.time() - start)
+        bar.set(tokens=n_tokens)
+        bar.update(chars)
 
     first = list(itertools.islice(units, 2))
     units = itertools.chain(first, units)
@@ -185,33 +211,5 @@ def prepare(cfg: PrepareConfig) -> dict:
             "train_tokens": sum(s["tokens"] for s in shards["train"]),
             "val_tokens": sum(s["tokens"] for s in shards["val"]),
             "shards": shards, "config": asdict(cfg), "files": [str(f) for f in files]}
-    (out / META).write_text(json.dumps(meta, indent=2) + "\n")
-    bar(done_chars, n_tokens, time.time() - start, final=True)
+    write_json(out / META, meta)  # last: a folder with meta.json is complete
     return meta
-
-
-def _progress(enabled: bool, total: int):
-    """Progress on stderr: a tqdm bar on a terminal, plain lines otherwise."""
-    if not enabled:
-        return lambda *a, **k: None
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="prepare")
-
-        def update(done, toks, secs, final=False):
-            bar.n = done
-            bar.set_postfix(tokens=toks, tok_s=f"{toks / max(secs, 1e-9):,.0f}")
-            bar.refresh()
-            if final:
-                bar.close()
-        return update
-
-    last = [0.0]
-
-    def log(done, toks, secs, final=False):
-        if final or secs - last[0] >= 5:
-            last[0] = secs
-            print(f"prepare: {done / max(total, 1):6.1%} of input, {toks:,} tokens, "
-                  f"{toks / max(secs, 1e-9):,.0f} tokens/s", file=sys.stderr, flush=True)
-    return log

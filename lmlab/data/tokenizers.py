@@ -29,7 +29,7 @@ def with_separator(tok: Tokenizer) -> Tokenizer:
     """The tokenizer with an end-of-text id (its own eos, or <|endoftext|> added)."""
     if tok.eos_id is None:
         eos = add_special(tok, EOT)
-        tok = Tokenizer(tok.tok, bos_id=tok.bos_id, eos_id=eos, pad_id=tok.pad_id if tok.pad_id != 0 else None,
+        tok = Tokenizer(tok.tok, bos_id=tok.bos_id, eos_id=eos, pad_id=tok.pad_id if tok.pad_set else None,
                         chat_template=tok.chat_template)
     return tok
 

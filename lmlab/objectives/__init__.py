@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Any
 
 from lmlab.errors import LmlabError
@@ -14,6 +13,7 @@ from lmlab.objectives.mlm import MLM, MLMConfig
 from lmlab.objectives.nsp import NSP, NSPConfig
 from lmlab.objectives.prefix import PrefixLM, PrefixLMConfig
 from lmlab.objectives.span import SpanConfig, SpanCorruption
+from lmlab.utils.suggest import did_you_mean, unknown
 
 REGISTRY: dict[str, tuple[type, type]] = {
     "clm": (CLMConfig, CLM), "mlm": (MLMConfig, MLM), "nsp": (NSPConfig, NSP),
@@ -25,16 +25,12 @@ def objective_config(d: dict[str, Any], source: str = "objectives") -> Objective
     """The typed config of one objective from a dict such as {name: mlm, weight: 1, mask_prob: 0.15}."""
     name = d.get("name", "clm")
     if name not in REGISTRY:
-        hint = difflib.get_close_matches(str(name), REGISTRY, n=1)
-        extra = f" (did you mean '{hint[0]}'?)" if hint else ""
-        raise LmlabError(f"{source}: unknown objective '{name}'{extra}; known: {', '.join(REGISTRY)}")
+        raise LmlabError(f"{source}: {unknown('objective', name, REGISTRY)}")
     cls = REGISTRY[name][0]
     known = {f.name for f in dataclasses.fields(cls)}
     for key in d:
         if key not in known:
-            hint = difflib.get_close_matches(key, known, n=1)
-            extra = f" (did you mean '{hint[0]}'?)" if hint else ""
-            raise LmlabError(f"{source}: unknown key '{key}' for objective '{name}'{extra}")
+            raise LmlabError(f"{source}: unknown key '{key}' for objective '{name}'{did_you_mean(key, known)}")
     return cls(**d)
 
 

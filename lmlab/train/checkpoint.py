@@ -2,7 +2,6 @@
 states), written atomically; read back with torch.load(weights_only=True)."""
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import torch
 
 from lmlab.errors import LmlabError
+from lmlab.utils.atomic import atomic_path
 
 NAME = "ckpt.pt"
 
@@ -31,12 +31,9 @@ def set_rng_state(state: dict[str, Any], data_gen: torch.Generator) -> None:
 
 
 def save(path: Path, state: dict[str, Any]) -> None:
-    """Write to a temporary file and rename: a crash leaves the previous checkpoint intact."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Written beside `path` and renamed over it: a crash leaves the previous checkpoint intact."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load(path: Path) -> dict[str, Any]:

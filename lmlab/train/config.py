@@ -1,6 +1,6 @@
 """Training configuration: dataclasses that a YAML recipe mirrors key for key, plus `key=value` overrides.
 
-    model:      {preset: baby-gpt, n_layer: 4, ...}   any lmlab.config.ModelConfig field over a preset
+    model:      ModelSection {preset: baby-gpt, n_layer: 4, ...} or {init_from: PATH, ...}
     data:       DataConfig   (a prepared folder, or corpus files prepared on first use)
     objectives: [{name: clm, weight: 1.0, ...}]      see lmlab.objectives
     optim:      OptimConfig
@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +18,16 @@ import yaml
 
 from lmlab.errors import LmlabError
 from lmlab.objectives import ObjectiveConfig, objective_config
+from lmlab.train.fields import check_value
+from lmlab.train.model_section import ModelSection
+from lmlab.utils.suggest import did_you_mean
 
 
 @dataclass
 class DataConfig:
     path: str = ""  # a folder written by `lmlab prepare`; empty = <out_dir>/data, prepared from `corpus`
     corpus: list[str] = field(default_factory=list)  # files/folders/globs to prepare when `path` is not prepared yet
-    tokenizer: str = "char"  # char | a tokenizer.json or folder | a model spec
+    tokenizer: str = ""  # char | a tokenizer.json or folder | a model spec; "" = model.init_from's, else char
     doc_boundary: str = "file"  # file | blank_line | line
     val_fraction: float = 0.1
     workers: int = 2
@@ -48,7 +50,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    model: dict[str, Any] = field(default_factory=lambda: {"preset": "baby-gpt"})
+    model: ModelSection = field(default_factory=lambda: ModelSection(preset="baby-gpt"))
     data: DataConfig = field(default_factory=DataConfig)
     objectives: list[ObjectiveConfig] = field(default_factory=lambda: [ObjectiveConfig()])
     mixture: str = "sum"  # sum: weighted sum of every objective each step | sample: one per micro-batch
@@ -78,6 +80,8 @@ class TrainConfig:
     save_model: bool = True  # final model in lmlab's native format at <out_dir>/model
 
     def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = ModelSection.from_dict(self.model)
         if self.mixture not in ("sum", "sample"):
             raise LmlabError(f"config: mixture must be 'sum' or 'sample', got '{self.mixture}'")
         if self.distributed not in ("ddp", "fsdp"):
@@ -87,15 +91,19 @@ class TrainConfig:
         for key in ("batch_size", "grad_accum", "seq_len", "eval_interval", "eval_iters", "log_interval"):
             if getattr(self, key) < 1:
                 raise LmlabError(f"config: {key} must be at least 1, got {getattr(self, key)}")
+        self.model.check(self.seq_len)
+
+    @property
+    def tokenizer(self) -> str:
+        """The tokenizer the data is prepared with."""
+        return self.data.tokenizer or self.model.init_from or "char"
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "model": self.model.to_dict()}
 
 
 def _unknown(source: str, key: str, known) -> LmlabError:
-    hint = difflib.get_close_matches(key, list(known), n=1)
-    extra = f" (did you mean '{hint[0]}'?)" if hint else ""
-    return LmlabError(f"{source}: unknown key '{key}'{extra}")
+    return LmlabError(f"{source}: unknown key '{key}'{did_you_mean(key, known)}")
 
 
 def from_dict(cls, d: Any, source: str = "config", prefix: str = ""):
@@ -110,40 +118,19 @@ def from_dict(cls, d: Any, source: str = "config", prefix: str = ""):
             raise _unknown(f"{source}: {prefix}" if prefix else source, key, fields)
         kind = hints[key]
         where = f"{source}: {prefix}{key}"
-        if dataclasses.is_dataclass(kind):
+        if kind is ModelSection:
+            value = ModelSection.from_dict(value, source)
+        elif dataclasses.is_dataclass(kind):
             value = from_dict(kind, value or {}, source, f"{prefix}{key}.")
         elif key == "objectives":
             if not isinstance(value, list):
                 raise LmlabError(f"{where}: expected a list of objectives")
             value = [objective_config(v if isinstance(v, dict) else {"name": v}, f"{where}[{i}]")
                      for i, v in enumerate(value)]
-        elif key == "model" and not isinstance(value, dict):
-            raise LmlabError(f"{where}: expected a mapping such as {{preset: baby-gpt, n_layer: 4}}")
-        elif typing.get_origin(kind) is list and isinstance(value, str):
-            value = [value]
-        kwargs[key] = _check_scalar(where, kind, value)
+        else:
+            value = check_value(where, kind, value)
+        kwargs[key] = value
     return cls(**kwargs)
-
-
-def _check_scalar(where: str, kind, value):
-    if kind is bool and not isinstance(value, bool):
-        raise LmlabError(f"{where}: expected true or false, got {value!r}")
-    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise LmlabError(f"{where}: expected an integer, got {value!r}")
-    if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise LmlabError(f"{where}: expected a number, got {value!r}")
-    if kind is float:
-        return float(value)
-    if kind is str and not isinstance(value, str):
-        raise LmlabError(f"{where}: expected a string, got {value!r}")
-    return value
 
 
 def apply_override(d: dict[str, Any], item: str) -> None:
@@ -166,6 +153,8 @@ def apply_override(d: dict[str, Any], item: str) -> None:
             if key not in node:
                 raise _unknown(f"override '{item}'", key, node)
             node = node[key]
+        else:
+            raise _not_section(item, keys[:i], node)
     last = keys[-1]
     if isinstance(node, list):
         if not last.isdigit() or int(last) >= len(node):
@@ -174,7 +163,15 @@ def apply_override(d: dict[str, Any], item: str) -> None:
     elif isinstance(node, dict):
         if node is not d.get("model") and last not in node:  # model overrides may add any ModelConfig field
             raise _unknown(f"override '{item}'", last, node)
+        if node is d.get("model") and last in ("preset", "init_from"):  # the two are alternatives
+            node.pop("init_from" if last == "preset" else "preset", None)
         node[last] = value
+    else:
+        raise _not_section(item, keys[:-1], node)
+
+
+def _not_section(item: str, path: list[str], value: Any) -> LmlabError:
+    return LmlabError(f"override '{item}': {'.'.join(path)} is a value ({value!r}), not a section with keys")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:

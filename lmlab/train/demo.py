@@ -8,6 +8,8 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
+from lmlab.utils.atomic import write_text
+
 DEMO_MODEL = {"preset": "baby-gpt", "n_layer": 4, "n_head": 4, "d_model": 128}
 
 
@@ -53,7 +55,7 @@ def demo_pretrain(out_dir: str | Path, max_iters: int = 300, threads: int = 1, p
     out.mkdir(parents=True, exist_ok=True)
     corpus = out / "stdlib_docstrings.txt"
     if not corpus.is_file():
-        corpus.write_text("\n\n".join(stdlib_docstrings()) + "\n", encoding="utf-8")
+        write_text(corpus, "\n\n".join(stdlib_docstrings()) + "\n")  # whole or not at all: it is reused
     d = {"model": dict(DEMO_MODEL), "data": {"corpus": [str(corpus)], "tokenizer": "char", "workers": 1},
          "objectives": [{"name": "clm"}], "seq_len": 64, "batch_size": 12, "max_iters": max_iters,
          "eval_interval": max(1, max_iters // 4), "eval_iters": 20, "log_interval": max(1, max_iters // 10),

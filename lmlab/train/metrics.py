@@ -1,11 +1,12 @@
-"""Where a run reports: metrics.jsonl (always), TensorBoard (when installed), a progress bar or plain log
-lines, and a loss-curve PNG at the end (when matplotlib is installed)."""
+"""Where a run reports: metrics.jsonl (always), TensorBoard (when installed) and a loss-curve PNG at the
+end (when matplotlib is installed). The progress display is lmlab.utils.progress."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
+
+from lmlab.utils.atomic import write_jsonl
 
 
 class MetricsLog:
@@ -18,7 +19,7 @@ class MetricsLog:
         if self.path.is_file():
             keep = [r for r in self.read() if r["iter"] < truncate_after or
                     (r["iter"] == truncate_after and r.get("split") == "train")] if truncate_after else []
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            write_jsonl(self.path, keep)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -45,38 +46,6 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
-
-
-class Progress:
-    """tqdm bar with loss, tokens/s and MFU on a terminal; plain lines on stderr otherwise."""
-
-    def __init__(self, total: int, start: int, enabled: bool = True):
-        self.enabled, self.bar = enabled, None
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start, desc="pretrain", unit="it", dynamic_ncols=True)
-
-    def update(self, it: int, *, loss: float, tok_s: float, mfu: float) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.n = it
-            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}")
-        else:
-            print(f"iter {it}: loss {loss:.4f}, {tok_s:,.0f} tokens/s, MFU {mfu:.2%}", file=sys.stderr, flush=True)
-
-    def note(self, text: str) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.write(text, file=sys.stderr)
-        else:
-            print(text, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def plot_losses(history: list[dict[str, Any]], path: Path) -> Path | None:

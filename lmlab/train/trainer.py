@@ -9,7 +9,6 @@ with batch b see exactly the data of one process with batch N·b.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -21,12 +20,16 @@ from typing import Any
 
 import torch
 
-from lmlab.config import preset
 from lmlab.errors import LmlabError
 from lmlab.train import checkpoint
 from lmlab.train.config import TrainConfig, dump_config
-from lmlab.train.distributed import Dist, all_mean, setup, teardown, wrap
-from lmlab.train.metrics import MetricsLog, Progress, plot_losses
+from lmlab.train.distributed import wrap
+from lmlab.train.metrics import MetricsLog, plot_losses
+from lmlab.train.model_section import start_model
+from lmlab.utils.atomic import write_json, write_text
+from lmlab.utils.device import bf16_supported, cpu_peak_flops, parse_dtype
+from lmlab.utils.dist import Dist, all_mean, setup, teardown
+from lmlab.utils.progress import Progress
 
 
 # ------------------------------------------------------------------ pieces the loop uses
@@ -42,12 +45,10 @@ def pick_device(name: str, d: Dist) -> str:
 
 def pick_dtype(name: str, device: str) -> torch.dtype:
     if name == "auto":
-        ok = device.startswith("cuda") and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if ok else torch.float32
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    if name not in table:
+        return torch.bfloat16 if device.startswith("cuda") and bf16_supported(device) else torch.float32
+    if name not in ("float32", "bfloat16"):  # float16 would need loss scaling
         raise LmlabError(f"config: dtype must be auto, float32 or bfloat16, got '{name}'")
-    return table[name]
+    return parse_dtype(name)
 
 
 def load_data(cfg: TrainConfig, d: Dist):
@@ -59,7 +60,7 @@ def load_data(cfg: TrainConfig, d: Dist):
         if not cfg.data.corpus:
             raise LmlabError(f"data.path={folder} is not a prepared folder and data.corpus is empty")
         if d.main:
-            prepare(PrepareConfig(inputs=cfg.data.corpus, out_dir=str(folder), tokenizer=cfg.data.tokenizer,
+            prepare(PrepareConfig(inputs=cfg.data.corpus, out_dir=str(folder), tokenizer=cfg.tokenizer,
                                   doc_boundary=cfg.data.doc_boundary, val_fraction=cfg.data.val_fraction,
                                   workers=cfg.data.workers, progress=cfg.progress))
         if d.enabled:
@@ -68,18 +69,36 @@ def load_data(cfg: TrainConfig, d: Dist):
 
 
 def build_model_config(cfg: TrainConfig, vocab_size: int):
-    spec = dict(cfg.model)
-    name = spec.pop("preset", None)
-    if name is None:
-        raise LmlabError("config: model.preset is missing (e.g. model: {preset: baby-gpt})")
-    given = spec.get("vocab_size")
-    if given is not None and given < vocab_size:
-        raise LmlabError(f"config: model.vocab_size={given} is smaller than the tokenizer's {vocab_size} ids")
-    spec.setdefault("vocab_size", vocab_size)
-    spec.setdefault("max_seq_len", cfg.seq_len)
-    if spec["max_seq_len"] < cfg.seq_len:
-        raise LmlabError(f"config: model.max_seq_len={spec['max_seq_len']} is shorter than seq_len={cfg.seq_len}")
-    return preset(name, **spec)
+    """The model config of a preset recipe for a tokenizer of `vocab_size` ids."""
+    return cfg.model.config(vocab_size, cfg.seq_len)
+
+
+def initial_model(cfg: TrainConfig, start, tokenizer) -> torch.nn.Module:
+    """The model training starts from: model.init_from's weights, or the preset's seeded random ones."""
+    from lmlab.model import Transformer
+
+    if start is not None:
+        model, own = start
+        if tokenizer.vocab_size > model.cfg.vocab_size:
+            raise LmlabError(f"config: the data's tokenizer ({cfg.tokenizer}) has {tokenizer.vocab_size} ids with the "
+                             f"objectives' special tokens, more than model.init_from's {model.cfg.vocab_size}")
+        if own is not None:
+            check_same_tokens(tokenizer, own, cfg)
+        return model
+    torch.manual_seed(cfg.seed)  # the same initial weights in every process
+    model = Transformer(build_model_config(cfg, tokenizer.vocab_size))
+    if cfg.scaled_residual_init:
+        scale_residual_init(model)
+    return model
+
+
+def check_same_tokens(data_tok, model_tok, cfg: TrainConfig) -> None:
+    """The data's ids mean what they meant to the model training starts from (ids both have)."""
+    for i in range(min(data_tok.vocab_size, model_tok.vocab_size)):
+        if data_tok.token(i) != model_tok.token(i):
+            raise LmlabError(f"config: the data's tokenizer ({cfg.tokenizer}) is not model.init_from's: id {i} is "
+                             f"{data_tok.token(i)!r} in the data, {model_tok.token(i)!r} in the model (prepare the "
+                             "data with the model's tokenizer: leave data.tokenizer empty)")
 
 
 def scale_residual_init(model: torch.nn.Module) -> None:
@@ -98,17 +117,18 @@ def scale_residual_init(model: torch.nn.Module) -> None:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:
-    """Weight decay on matrices of linear layers only: never on norms, biases or (by default) embeddings."""
-    no_decay: set[int] = set()
-    for m in model.modules():
-        if isinstance(m, torch.nn.Embedding) and not decay_embeddings:
-            no_decay.add(id(m.weight))
+    """Weight decay on the matrices of linear layers only: never on norms, biases, tables such as T5's
+    relative-position bias, or (unless decay_embeddings) the token/position embeddings."""
+    tables = {name: id(m.weight) for name, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
+    decayed = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)} - set(tables.values())
+    if decay_embeddings:  # token, position and segment embeddings (a tied head is the token embedding)
+        decayed |= {i for name, i in tables.items() if name.endswith("_emb")}
     decay, rest, seen = [], [], set()
     for p in model.parameters():
         if id(p) in seen or not p.requires_grad:
             continue
         seen.add(id(p))
-        (decay if p.dim() >= 2 and id(p) not in no_decay else rest).append(p)
+        (decay if id(p) in decayed else rest).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
@@ -151,8 +171,6 @@ def peak_flops(cfg: TrainConfig, device: str, dtype: torch.dtype) -> float:
             if key in name:
                 return tf if dtype == torch.bfloat16 else tf / 8
         return 100e12
-    from lmlab.runtime import cpu_peak_flops
-
     return cpu_peak_flops(torch.get_num_threads())
 
 
@@ -213,7 +231,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from lmlab.objectives import build_objectives
 
     threads_before = torch.get_num_threads()
-    d = setup("cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    d = setup(device="cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
               else "cpu")
     try:
         device = pick_device(cfg.device, d)
@@ -221,7 +239,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         out = Path(cfg.out_dir)
         if d.main:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "config.yaml").write_text(dump_config(cfg))
+            write_text(out / "config.yaml", dump_config(cfg))
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         if cfg.deterministic:
@@ -229,16 +247,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         global_batch = cfg.batch_size * d.world
 
+        # the model to start from (read before any data work, so a bad init_from fails fast),
         # data, objectives (they may add special tokens), model, optimizer
+        start = start_model(cfg.model, cfg.seq_len) if cfg.model.init_from else None
         data = load_data(cfg, d)
         tokenizer = data.tokenizer
         mixture = build_objectives(cfg.objectives, tokenizer, cfg.seq_len, data.sep_id, cfg.mixture)
-        model_cfg = build_model_config(cfg, tokenizer.vocab_size)
-        torch.manual_seed(cfg.seed)  # the same initial weights in every process
-        raw = Transformer(model_cfg)
-        if cfg.scaled_residual_init:
-            scale_residual_init(raw)
-        raw = raw.to(device)
+        raw = initial_model(cfg, start, tokenizer).to(device)
+        model_cfg = raw.cfg
         for obj in mixture.objectives:
             obj.check_model(raw)
         n_params = raw.num_params()
@@ -271,7 +287,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         log = MetricsLog(out, enabled=d.main, tensorboard=cfg.tensorboard, truncate_after=start_iter)
         fpt = flops_per_token(model_cfg, n_params, cfg.seq_len)
         peak = peak_flops(cfg, device, dtype)
-        progress = Progress(cfg.max_iters, start_iter, enabled=d.main and cfg.progress)
+        progress = Progress(cfg.max_iters, "pretrain", initial=start_iter, enabled=d.main and cfg.progress)
         ckpt_every = cfg.checkpoint_interval or cfg.eval_interval
         if d.main:
             print(f"model: {model_cfg.arch} {n_params / 1e6:.2f}M parameters, vocab {model_cfg.vocab_size}; "
@@ -334,10 +350,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 now = time.time()
                 tok_s = tokens_since / max(now - t_last, 1e-9)
                 mfu = tok_s * fpt / (peak * d.world)
-                loss_avg = all_mean(loss_sum.item(), d)
+                loss_avg = all_mean(loss_sum.item())
                 log.write({"iter": it, "split": "train", "loss": loss_avg, "lr": lr, "grad_norm": float(grad_norm),
                            "tokens_per_s": tok_s, "mfu": mfu, **metrics})
-                progress.update(it, loss=loss_avg, tok_s=tok_s, mfu=mfu)
+                progress.set(loss=f"{loss_avg:.4f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}")
+                progress.goto(it)
                 t_last, tokens_since = now, 0
 
         progress.close()
@@ -364,10 +381,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 png = plot_losses(history, out / "loss.png")
                 if png:
                     summary["plot"] = str(png)
-            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_json(out / "summary.json", summary)
         log.close()
-        if d.enabled:  # leave together: a process that tears down while another still works can abort at exit
-            torch.distributed.barrier()
         return summary
     finally:
         torch.set_num_threads(threads_before)

@@ -1,0 +1,82 @@
+"""Llama (SmolLM, TinyLlama, ...) and Qwen2: RoPE, RMSNorm, SwiGLU; q/k/v and gate/up fused in lmlab."""
+from __future__ import annotations
+
+from typing import Any
+
+from lmlab.checkpoints.hf.base import Conf, Entry, Family, fused, linear, norm, one, special_ids, special_to_hf
+from lmlab.config import ModelConfig
+from lmlab.errors import LmlabError
+
+
+def rope_theta(c: Conf) -> float:
+    rope = c.d.get("rope_parameters") or c.d.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise LmlabError(f"{c.source}: rope_parameters should be an object, got {rope!r}")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default":
+        raise LmlabError(f"{c.source}: rope type '{kind}' is not supported by lmlab (supported: 'default')")
+    theta = rope.get("rope_theta", c.d.get("rope_theta", 10000.0))
+    return float(theta)
+
+
+def config_from_hf(c: Conf, names: set[str], qwen2: bool = False) -> ModelConfig:
+    c.require("hidden_act", ("silu",), "silu")
+    if qwen2:
+        if c.d.get("use_sliding_window"):
+            raise LmlabError(f"{c.source}: use_sliding_window=true is not supported by lmlab")
+        attn_bias, out_bias = True, False
+    else:
+        attn_bias, mlp_bias = bool(c.d.get("attention_bias", False)), bool(c.d.get("mlp_bias", False))
+        if attn_bias != mlp_bias:
+            raise LmlabError(f"{c.source}: attention_bias={attn_bias} with mlp_bias={mlp_bias} is not supported "
+                             "by lmlab (its out_bias covers both the attention output and the MLP)")
+        out_bias = attn_bias
+    n_head = c.get("num_attention_heads")
+    d_model = c.get("hidden_size")
+    return ModelConfig(
+        arch="decoder", family="qwen2" if qwen2 else "llama", vocab_size=c.get("vocab_size"),
+        n_layer=c.get("num_hidden_layers"), n_head=n_head, n_kv_head=c.get("num_key_value_heads", int, n_head),
+        d_model=d_model, d_ff=c.get("intermediate_size"), head_dim=c.get("head_dim", int, None),
+        max_seq_len=c.get("max_position_embeddings", int, 2048), pos="rope", rope_theta=rope_theta(c),
+        norm="rmsnorm", norm_eps=c.get("rms_norm_eps", float, 1e-6), mlp="swiglu", attn_bias=attn_bias,
+        out_bias=out_bias, tie_embeddings=bool(c.d.get("tie_word_embeddings", False)), **special_ids(c))
+
+
+def config_to_hf(cfg: ModelConfig, qwen2: bool = False) -> dict[str, Any]:
+    d = {
+        "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
+        "model_type": "qwen2" if qwen2 else "llama",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,  # transformers 4.x
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},  # transformers 5.x
+        "tie_word_embeddings": cfg.tie_embeddings,
+    }
+    if qwen2:
+        d.update(use_sliding_window=False, sliding_window=None)
+    else:
+        d.update(attention_bias=cfg.attn_bias, mlp_bias=cfg.out_bias)
+    return {**d, **special_to_hf(cfg)}
+
+
+def names(cfg: ModelConfig, p: str = "model.") -> list[Entry]:
+    q, kv, ff = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.d_ff
+    out = [one("tok_emb.weight", p + "embed_tokens.weight"), one("decoder.norm.weight", p + "norm.weight")]
+    if not cfg.tie_embeddings:
+        out.append(one("lm_head.weight", "lm_head.weight"))
+    for i in range(cfg.n_layer):
+        o, h = f"decoder.blocks.{i}.", f"{p}layers.{i}."
+        out += fused(o + "attn.qkv", [h + f"self_attn.{x}_proj" for x in "qkv"], [q, kv, kv], cfg.attn_bias)
+        out += linear(o + "attn.out", h + "self_attn.o_proj", cfg.out_bias)
+        out += norm(o + "norm1", h + "input_layernorm", cfg) + norm(o + "norm2", h + "post_attention_layernorm", cfg)
+        out += fused(o + "mlp.gate_up", [h + "mlp.gate_proj", h + "mlp.up_proj"], [ff, ff], cfg.out_bias)
+        out += linear(o + "mlp.proj", h + "mlp.down_proj", cfg.out_bias)
+    return out
+
+
+LLAMA = Family("llama", config_from_hf, config_to_hf, names, arch="decoder", prefix="model.",
+               ignore=r"rotary_emb\.inv_freq$")
+QWEN2 = Family("qwen2", lambda c, n: config_from_hf(c, n, qwen2=True), lambda cfg: config_to_hf(cfg, qwen2=True),
+               names, arch="decoder", prefix="model.", ignore=r"rotary_emb\.inv_freq$")
