@@ -223,7 +223,8 @@ def _check_key_valid(key_valid: torch.Tensor, B: int, S: int) -> torch.Tensor:
 
 def _check_inputs(q, k, v, pattern, key_valid, dropout, backend):
     if not isinstance(pattern, _Pattern):
-        raise LmlabError(f"sparse attention: pattern must be SlidingWindow or LocalGlobal, got {type(pattern).__name__}")
+        raise LmlabError("sparse attention: pattern must be SlidingWindow or LocalGlobal, "
+                         f"got {type(pattern).__name__}")
     if backend not in BACKENDS:
         raise LmlabError(f"sparse attention: unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:

@@ -217,7 +217,8 @@ needs_flex = pytest.mark.skipif(not flex_available(), reason="torch has no flex_
 @needs_flex
 @pytest.mark.parametrize("T,S,offset", [(1, 1, 0), (7, 7, 0), (300, 300, 0), (129, 400, 200), (256, 256, 0)])
 @pytest.mark.parametrize("pattern", [SlidingWindow(1), SlidingWindow(16), SlidingWindow(130), SlidingWindow(300),
-                                     LocalGlobal(3, (0,)), LocalGlobal(40, (5, 250)), LocalGlobal(1000, (3,))], ids=repr)
+                                     LocalGlobal(3, (0,)), LocalGlobal(40, (5, 250)),
+                                     LocalGlobal(1000, (3,))], ids=repr)
 def test_block_mask_matches_create_block_mask(pattern, T, S, offset):
     from torch.nn.attention.flex_attention import create_block_mask
 
