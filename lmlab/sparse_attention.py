@@ -21,7 +21,7 @@ Two kernels, tested equal to SDPA with the explicit mask (`dense_mask`):
   * blocked: queries in chunks of C; each chunk runs SDPA against only the keys its rows can reach (the
     window span, plus global keys), with that chunk's small explicit mask. Memory O(T * (C + window)),
     forward and backward, any device, dropout supported.
-`attend` picks flex on CUDA when no dropout is asked for, blocked otherwise; `backend=` forces one.
+`attend` picks flex on CUDA for >= 128 queries without dropout, blocked otherwise; `backend=` forces one.
 Rows with no visible key (all their keys padding) give zeros, as SDPA and flex do.
 """
 from __future__ import annotations
@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.errors import LmlabError
+
+__all__ = ["SlidingWindow", "LocalGlobal", "attend", "RollingKV", "flex_available", "BLOCK"]
 
 BLOCK = 128  # flex BlockMask tile (query rows x key columns)
 BACKENDS = ("auto", "blocked", "flex")
@@ -77,13 +79,14 @@ class _Pattern:
                    device=None) -> torch.Tensor:
         """The reference: bool [T, S] (True = attend), or [B, 1, T, S] when key_valid [B, S] is given."""
         offset = _resolve_offset(T, S, offset)
-        device = key_valid.device if key_valid is not None and device is None else device
+        if key_valid is not None:
+            key_valid = _check_key_valid(key_valid, None, S)
+            device = key_valid.device if device is None else device
         q = torch.arange(T, device=device) + offset
         k = torch.arange(S, device=device)
         mask = self.rule(S, device)(q[:, None], k[None, :])
         if key_valid is None:
             return mask
-        key_valid = _check_key_valid(key_valid, key_valid.shape[0], S)
         return mask[None, None] & key_valid[:, None, None, :]
 
     def block_mask(self, T: int, S: int, offset: int | None = None, key_valid: torch.Tensor | None = None,
@@ -93,7 +96,7 @@ class _Pattern:
 
         offset = _resolve_offset(T, S, offset)
         if key_valid is not None:
-            key_valid = _check_key_valid(key_valid, key_valid.shape[0], S)
+            key_valid = _check_key_valid(key_valid, None, S)
             device = key_valid.device
         rule = self.rule(S, device)
         partial, full = self._classify_blocks(T, S, offset, rule, key_valid, device, block)
@@ -213,11 +216,14 @@ class LocalGlobal(_Pattern):
         return [p for p in self._globals(S) if not lo <= p < hi]
 
 
-def _check_key_valid(key_valid: torch.Tensor, B: int, S: int) -> torch.Tensor:
-    if not isinstance(key_valid, torch.Tensor) or key_valid.dtype != torch.bool or tuple(key_valid.shape) != (B, S):
+def _check_key_valid(key_valid: torch.Tensor, B: int | None, S: int) -> torch.Tensor:
+    """key_valid must be a bool [B, S] tensor (any batch size when B is None)."""
+    ok = isinstance(key_valid, torch.Tensor) and key_valid.dtype == torch.bool and key_valid.dim() == 2
+    if not ok or key_valid.shape[1] != S or (B is not None and key_valid.shape[0] != B):
         got = tuple(key_valid.shape) if isinstance(key_valid, torch.Tensor) else type(key_valid).__name__
-        dtype = getattr(key_valid, "dtype", None)
-        raise LmlabError(f"sparse attention: key_valid must be a bool tensor of shape ({B}, {S}), got {got} {dtype}")
+        dtype = getattr(key_valid, "dtype", "")
+        raise LmlabError(f"sparse attention: key_valid must be a bool tensor of shape "
+                         f"({'batch' if B is None else B}, {S}), got {got} {dtype}")
     return key_valid
 
 
@@ -247,13 +253,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: _Pattern,
     """Attention of q [B, H, T, D] over k, v [B, Hkv, S, D] (Hkv divides H) under `pattern`.
 
     key_valid [B, S] bool marks real keys (False = padding); offset places the queries (default S - T).
-    backend: "auto" (flex on CUDA without dropout, else blocked), "blocked" or "flex".
+    backend: "auto" (flex on CUDA for >= 128 queries without dropout, else blocked), "blocked" or "flex".
+    Compiled flex recompiles for every new (T, S) shape, so short and decoding calls stay on "blocked".
     """
     _check_inputs(q, k, v, pattern, key_valid, dropout, backend)
     offset = _resolve_offset(q.shape[2], k.shape[2], offset)
     p = dropout if training else 0.0
     if backend == "auto":
-        backend = "flex" if q.device.type == "cuda" and p == 0.0 and flex_available() else "blocked"
+        long_on_cuda = q.device.type == "cuda" and q.shape[2] >= BLOCK
+        backend = "flex" if long_on_cuda and p == 0.0 and flex_available() else "blocked"
     if backend == "flex":
         return _flex(q, k, v, pattern, key_valid, scale, offset, p)
     return _blocked(q, k, v, pattern, key_valid, scale, offset, p, chunk)

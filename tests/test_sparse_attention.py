@@ -125,6 +125,10 @@ def test_bad_inputs_are_errors():
     q, k, v = qkv(8)
     with pytest.raises(LmlabError, match="key_valid"):
         attend(q, k, v, SlidingWindow(2), key_valid=torch.ones(1, 7, dtype=torch.bool))
+    with pytest.raises(LmlabError, match="key_valid"):
+        SlidingWindow(2).dense_mask(8, 8, key_valid=[[True] * 8])
+    with pytest.raises(LmlabError, match="key_valid"):
+        SlidingWindow(2).dense_mask(8, 8, key_valid=torch.ones(1, 8))  # not bool
     with pytest.raises(LmlabError, match="backend"):
         attend(q, k, v, SlidingWindow(2), backend="flash")
     with pytest.raises(LmlabError, match="offset"):
