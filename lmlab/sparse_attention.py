@@ -288,7 +288,9 @@ def _blocked(q, k, v, pattern, key_valid, scale, offset, dropout_p, chunk):
             mask = mask & key_valid[:, kpos][:, None, None, :]
         out = F.scaled_dot_product_attention(q[:, :, c0:c1], ks, vs, attn_mask=mask, dropout_p=dropout_p,
                                              scale=scale)
-        outs.append(torch.where(mask.any(-1, keepdim=True), out, 0.0))  # rows with no key: zeros
+        if key_valid is not None:  # only padding can leave a row without keys (every query sees itself)
+            out = torch.where(mask.any(-1, keepdim=True), out, 0.0)  # such rows: zeros, as SDPA and flex give
+        outs.append(out)
     return torch.cat(outs, dim=2)
 
 
