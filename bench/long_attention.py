@@ -12,7 +12,8 @@ the OS and an earlier (warm-up) call cannot hide the next one's allocations. Eac
 (and compile), then --repeats times for the best time, then once more under the memory sampler. A dense case whose score matrices would not fit
 in half the available memory is skipped and says so.
 
-    python bench/long_attention.py                       # 1k..16k (a few minutes on 2 cores)
+    python bench/long_attention.py                       # 1k..16k, 1 thread (a few minutes)
+    python bench/long_attention.py --threads 2           # on a quiet machine
     python bench/long_attention.py --lengths 1024,4096   # a quick check
 """
 from __future__ import annotations
@@ -152,7 +153,7 @@ def main(argv=None):
     ap.add_argument("--head-dim", type=int, default=32)
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--chunk", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)  # 2 threads on a busy 2-core box: OpenMP barriers stall
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--child", choices=CASES, help=argparse.SUPPRESS)
     ap.add_argument("--child-length", type=int, help=argparse.SUPPRESS)
