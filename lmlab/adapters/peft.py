@@ -265,6 +265,8 @@ def load_peft(model: nn.Module, folder: str | Path, base_name: str | None = None
     inject_lora(backbone, list(units), r=conf["r"], alpha=conf["lora_alpha"],
                 dropout=float(conf.get("lora_dropout") or 0.0), rslora=bool(conf.get("use_rslora")),
                 slices_of=slices_of)
+    for layer in lora_modules(backbone).values():  # new layers take the model's mode (dropout off in eval)
+        layer.train(backbone.training)
     sd = {}
     for module, s, hf in units.values():
         sd[f"{module}.lora_A.{s}"], sd[f"{module}.lora_B.{s}"] = lora[hf]["A"], lora[hf]["B"]

@@ -166,13 +166,20 @@ def encode_example(tokenizer, messages: list[dict], max_len: int = 0) -> Example
     return Example(ids, labels)
 
 
-def encode_all(tokenizer, conversations: list[list[dict]], max_len: int = 0, source: str = "data") -> list[Example]:
+def encode_all(tokenizer, conversations: list[list[dict]], max_len: int = 0, source: str = "data",
+               drop_unsupervised: bool = False) -> list[Example]:
+    """Every conversation encoded; one whose responses all lie past max_len tokens is an LmlabError, or
+    (drop_unsupervised) left out: an error only when none is left."""
     tokenizer = for_rendering(tokenizer)
     out = []
     for i, conv in enumerate(conversations):
         ex = encode_example(tokenizer, conv, max_len)
         if all(t == IGNORE for t in ex.labels):
+            if drop_unsupervised:
+                continue
             raise LmlabError(f"{source}: conversation {i} has no response tokens within {max_len} tokens "
                              "(raise seq_len)")
         out.append(ex)
+    if not out:
+        raise LmlabError(f"{source}: no conversation has response tokens within {max_len} tokens (raise seq_len)")
     return out

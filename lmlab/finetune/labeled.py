@@ -1,4 +1,5 @@
-"""Labeled text for sequence classification: jsonl or csv records with a text and a label field.
+"""Labeled text for sequence classification: jsonl or csv records with a text and a label field, or
+'label-text' lines ("<label> <text>", as the SST-2/TREC files under shared/data/icl).
 
 Labels are strings (a jsonl 0/1 becomes '0'/'1'); the label set is given (a label outside it names
 the file, line and value) or taken from the data, sorted. Batches are right-padded with the pad id.
@@ -25,16 +26,30 @@ class Labeled:
         return len(self.texts)
 
 
-def _records(path: Path):
-    """(line number, record dict) of a .jsonl or .csv file."""
-    if path.suffix == ".csv":
+FORMATS = ("auto", "jsonl", "csv", "label-text")
+
+
+def _records(path: Path, fmt: str, text_field: str, label_field: str):
+    """(line number, record dict) of a jsonl, csv or label-text file (auto: by the file's suffix)."""
+    if fmt == "auto":
+        fmt = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}.get(path.suffix, "")
+        if not fmt:
+            raise LmlabError(f"{path}: expected a .jsonl or .csv file (or set the format: label-text)")
+    if fmt not in FORMATS:
+        raise LmlabError(f"{path}: format '{fmt}' is not one of {', '.join(FORMATS)}")
+    if fmt == "label-text":
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    label, _, text = line.strip().partition(" ")
+                    yield n, {label_field: label, text_field: text.strip()}
+        return
+    if fmt == "csv":
         with path.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             for row in reader:
                 yield reader.line_num, row
         return
-    if path.suffix not in (".jsonl", ".json"):
-        raise LmlabError(f"{path}: expected a .jsonl or .csv file")
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -57,13 +72,13 @@ def _label(value) -> str:
 
 
 def load_labeled(path: str | Path, labels: list[str] | None = None, text_field: str = "text",
-                 label_field: str = "label", limit: int = 0) -> Labeled:
-    """Texts and label indices from a jsonl/csv file (the first `limit` records when limit > 0)."""
+                 label_field: str = "label", limit: int = 0, fmt: str = "auto") -> Labeled:
+    """Texts and label indices from a jsonl/csv/label-text file (the first `limit` records when limit > 0)."""
     path = Path(path)
     if not path.is_file():
         raise LmlabError(f"{path}: file not found")
     texts, raw, lines = [], [], []
-    for n, rec in _records(path):
+    for n, rec in _records(path, fmt, text_field, label_field):
         for key in (text_field, label_field):
             if rec.get(key) is None or rec.get(key) == "":
                 raise LmlabError(f"{path}:{n}: missing field '{key}'")

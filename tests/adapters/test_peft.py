@@ -215,3 +215,13 @@ def test_merged_model_cannot_be_saved_or_loaded_over(tmp_path):
     merge_lora(model)
     with pytest.raises(LmlabError, match="merged"):
         save_peft(model, tmp_path / "b")
+
+
+def test_loaded_adapter_takes_the_models_mode(tmp_path):
+    model = tiny()
+    inject_lora(model, ["q"], r=2, dropout=0.5)
+    randomize_b(model)
+    save_peft(model, tmp_path / "a")
+    other = tiny().eval()
+    load_peft(other, tmp_path / "a")
+    assert not any(layer.training for layer in lora_modules(other).values())

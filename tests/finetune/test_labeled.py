@@ -30,3 +30,11 @@ def test_label_outside_the_set_names_line_and_value(tmp_path):
 def test_pad_batch_right_pads():
     ids, mask = pad_batch([[5, 6, 7], [8]], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_label_text_lines(tmp_path):
+    (tmp_path / "stsa.binary.train").write_text("1 a fine film .\n\n0 dull , dull .\n")
+    d = load_labeled(tmp_path / "stsa.binary.train", fmt="label-text")
+    assert d.texts == ["a fine film .", "dull , dull ."] and d.labels == [1, 0]
+    with pytest.raises(LmlabError, match="expected a .jsonl or .csv file"):
+        load_labeled(tmp_path / "stsa.binary.train")
