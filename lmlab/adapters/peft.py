@@ -253,6 +253,9 @@ def load_peft(model: nn.Module, folder: str | Path, base_name: str | None = None
         raise LmlabError(f"{folder / CONFIG_NAME}: adapter made for base model '{base}', not '{base_name}'")
     if lora_modules(backbone):
         raise LmlabError(f"the model already has LoRA adapters ({listing(lora_modules(backbone))}); unload them first")
+    if conf.get("task_type") == "SEQ_CLS" and not _heads(model):
+        raise LmlabError(f"{folder}: a sequence-classification adapter (task_type SEQ_CLS, with its head); "
+                         "load it on a classifier (lmlab.finetune.heads.SequenceClassifier), not a language model")
     lora, head_tensors = _split_keys(read_safetensors(folder / WEIGHTS_NAME), source)
     if not lora:
         raise LmlabError(f"{source}: no LoRA tensors")

@@ -4,7 +4,8 @@
     model:   {init_from: smollm2-135m}            the weights to start from (lmlab.train's ModelSection)
     method:  lora | full
     lora:    {r, alpha, dropout, rslora, targets}  targets: LoRA target patterns (lmlab.adapters.lora)
-    freeze:  [patterns]                            parameters to keep fixed (e.g. tok_emb, decoder.blocks.[0-3])
+    freeze:  [patterns]                            parameters to keep fixed (e.g. tok_emb, decoder.blocks.[0-3]);
+    freeze_blocks: n                               and the first n blocks
     data:    DataSection                           files, split, fields, packing
     classify: {pooling, dropout}
     optim:   lmlab.train's OptimConfig (lr, warmup, schedule, clipping)
@@ -60,7 +61,8 @@ class FinetuneConfig:
     model: ModelSection = field(default_factory=lambda: ModelSection(init_from="smollm2-135m"))
     method: Literal["lora", "full"] = "lora"
     lora: LoraSection = field(default_factory=LoraSection)
-    freeze: list[str] = field(default_factory=list)
+    freeze: list[str] = field(default_factory=list)  # parameter/module patterns kept fixed (lmlab.adapters.freeze)
+    freeze_blocks: int = 0  # also keep the first n blocks fixed
     data: DataSection = field(default_factory=DataSection)
     classify: ClassifySection = field(default_factory=ClassifySection)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, min_lr=2e-5, weight_decay=0.0,
@@ -77,7 +79,7 @@ class FinetuneConfig:
     threads: int = 0
     progress: bool = True
     export_merged: bool = True  # also write an HF folder with LoRA merged in (<out_dir>/hf)
-    export_base: bool = True  # LoRA: the base model as an HF folder, for PEFT to load the adapter on (<out_dir>/hf-base)
+    export_base: bool = True  # LoRA: the base as an HF folder, for PEFT to load the adapter on (<out_dir>/hf-base)
 
     def __post_init__(self) -> None:
         if not self.model.init_from:

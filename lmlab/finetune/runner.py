@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lmlab.adapters import freeze, inject_lora, param_counts
+from lmlab.adapters import first_blocks, freeze, inject_lora, param_counts
 from lmlab.adapters.peft import peft_slices, save_peft
 from lmlab.errors import LmlabError
 from lmlab.finetune.config import FinetuneConfig, dump_finetune_config
@@ -44,8 +44,10 @@ def build(cfg: FinetuneConfig):
         L = cfg.lora
         inject_lora(backbone, L.targets, r=L.r, alpha=L.alpha, dropout=L.dropout, rslora=L.rslora,
                     slices_of=peft_slices(backbone.cfg))
-    if cfg.freeze:
-        freeze(model, cfg.freeze)
+    stack = "decoder" if backbone.decoder is not None else "encoder"
+    patterns = [*cfg.freeze, *first_blocks(cfg.freeze_blocks, stack)]
+    if patterns:  # names inside the Transformer, whatever the task (a head is never frozen)
+        freeze(backbone, patterns)
     return task, model, tok
 
 

@@ -225,3 +225,10 @@ def test_loaded_adapter_takes_the_models_mode(tmp_path):
     other = tiny().eval()
     load_peft(other, tmp_path / "a")
     assert not any(layer.training for layer in lora_modules(other).values())
+
+
+def test_classification_adapter_on_a_language_model_is_refused(tmp_path):
+    folder = saved(tmp_path)
+    edit_config(folder, task_type="SEQ_CLS")
+    with pytest.raises(LmlabError, match="sequence-classification adapter.*SequenceClassifier"):
+        load_peft(tiny(), folder)

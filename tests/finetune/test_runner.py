@@ -107,3 +107,39 @@ def test_lora_target_matching_nothing_lists_what_exists(tmp_path, tiny_models):
         finetune(str(RECIPES["smollm2-cls"]), [f"model.init_from={tiny_models['llama']}", "lora.targets=[query]",
                                                f"data.train={sst_lines(tmp_path / 't.txt')}", "data.val=",
                                                f"out_dir={tmp_path}", *FAST])
+
+
+def test_full_finetuning_with_frozen_blocks_trains_only_the_rest(tmp_path, tiny_models):
+    from lmlab.finetune.runner import build
+
+    cfg = load_finetune_config(RECIPES["smollm2-cls"], [f"model.init_from={tiny_models['llama']}", "method=full",
+                                                         "freeze=[tok_emb]", "freeze_blocks=1",
+                                                         f"data.train={sst_lines(tmp_path / 't.txt')}", "data.val=",
+                                                         *FAST])
+    _, model, _ = build(cfg)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert "backbone.tok_emb.weight" in frozen and "backbone.decoder.blocks.0.attn.qkv.weight" in frozen
+    assert "backbone.decoder.blocks.1.attn.qkv.weight" not in frozen and "head.weight" not in frozen
+
+
+def test_command_registers_a_subparser():
+    import argparse
+
+    from lmlab.finetune.command import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["finetune", "--config", "x.yaml", "lora.r=4", "max_iters=2"])
+    assert args.config == "x.yaml" and args.overrides == ["lora.r=4", "max_iters=2"] and callable(args.func)
+
+
+def test_print_config(capsys):
+    import argparse
+
+    from lmlab.finetune.command import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["finetune", "-c", str(RECIPES["alpaca"]), "--print-config", "lora.r=4"])
+    assert args.func(args) == 0
+    assert "  r: 4\n" in capsys.readouterr().out
