@@ -46,3 +46,20 @@ def test_recipe_smoke_run(tmp_path, shared_data, recipe):
         with torch.no_grad():
             a, b = theirs(input_ids=ids).logits, merged(input_ids=ids).logits
         assert (a - b).abs().max() <= 1e-4
+
+
+def test_smollm2_template_supervises_only_the_answer():
+    from lmlab.checkpoints.gguf import metadata, open_gguf
+    from lmlab.finetune.instruct import IGNORE, encode_all
+    from lmlab.tokenizer import Tokenizer
+
+    try:
+        path = hub.resolve("smollm2-135m")
+    except LmlabError as e:
+        pytest.skip(f"smollm2-135m not available: {e}")
+    tok = Tokenizer.from_gguf_metadata(metadata(open_gguf(path)))
+    conv = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"},
+            {"role": "user", "content": "Say yes."}, {"role": "assistant", "content": "Yes."}]
+    [ex] = encode_all(tok, [conv])
+    targets = [t for t in ex.labels if t != IGNORE]
+    assert tok.decode(targets, skip_special_tokens=False) == "Hello! How can I help?<|im_end|>\nYes.<|im_end|>\n"
