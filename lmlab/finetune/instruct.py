@@ -156,7 +156,10 @@ def _content_start(render, history: list[dict], turn: str, content: str) -> int:
 def encode_example(tokenizer, messages: list[dict], max_len: int = 0) -> Example:
     """Token ids of the rendered conversation and next-token labels that are IGNORE outside the responses."""
     text, spans = response_spans(tokenizer, messages)
-    enc = tokenizer.tok.encode(text, add_special_tokens=False)
+    try:
+        enc = tokenizer.tok.encode(text, add_special_tokens=False)
+    except Exception as e:  # the tokenizers library raises plain Exceptions
+        raise LmlabError(f"the tokenizer cannot encode the conversation ({str(e).splitlines()[0]})") from None
     ids, offsets = list(enc.ids), enc.offsets
     inside = [any(a <= s < b for a, b in spans) for s, _ in offsets]
     labels = [ids[t + 1] if inside[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
@@ -173,7 +176,10 @@ def encode_all(tokenizer, conversations: list[list[dict]], max_len: int = 0, sou
     tokenizer = for_rendering(tokenizer)
     out = []
     for i, conv in enumerate(conversations):
-        ex = encode_example(tokenizer, conv, max_len)
+        try:
+            ex = encode_example(tokenizer, conv, max_len)
+        except LmlabError as e:
+            raise LmlabError(f"{source}: conversation {i}: {e}") from None
         if all(t == IGNORE for t in ex.labels):
             if drop_unsupervised:
                 continue

@@ -19,7 +19,7 @@ from lmlab.finetune.heads import SequenceClassifier
 from lmlab.model import Transformer
 from lmlab.tokenizer import Tokenizer
 
-from test_instruct import CHATML
+from test_finetune_instruct import CHATML
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = {"alpaca": ROOT / "configs/finetune-lora-smollm2-alpaca.yaml",

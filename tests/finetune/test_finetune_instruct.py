@@ -123,3 +123,10 @@ def test_chat_jsonl(tmp_path):
         load_chat(path)
     path.write_text(json.dumps({"messages": CONV}) + "\n")
     assert load_conversations(path) == [CONV]
+
+
+def test_unencodable_text_names_the_conversation():
+    tok = tokenizer(CHATML)  # characters only: no emoji
+    bad = [CONV[1], {"role": "assistant", "content": "\U0001F680 launch"}]
+    with pytest.raises(LmlabError, match="d.json: conversation 1: the tokenizer cannot encode"):
+        encode_all(tok, [CONV, bad], source="d.json")
