@@ -50,7 +50,7 @@ def test_encoder_decoder_cache_equals_full_forward():
     with torch.no_grad():
         full = model(ids, encoder_input_ids=src, encoder_mask=src_mask)
         inc, cache = incremental(model, ids, [1] * 9, encoder_input_ids=src, encoder_mask=src_mask)
-        assert cache.cross is not None and len(cache.cross) == 3  # cross keys/values computed once
+        assert cache.memory_kv is not None and len(cache.memory_kv) == 3  # cross keys/values computed once
         # padding of the source changes nothing for the row that has it
         alone = model(ids[1:], encoder_input_ids=src[1:, :8])
     assert (full - inc).abs().max().item() < 1e-5
@@ -104,7 +104,7 @@ def test_truncate_rolls_back_exactly():
         after = model(ids[:, 8:], cache=cache)
         full = model(ids)[:, 8:]
     assert (after - full).abs().max().item() < 1e-5
-    with pytest.raises(ValueError):
+    with pytest.raises(LmlabError):
         cache.truncate(20)
 
 

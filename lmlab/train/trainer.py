@@ -151,7 +151,7 @@ def peak_flops(cfg: TrainConfig, device: str, dtype: torch.dtype) -> float:
             if key in name:
                 return tf if dtype == torch.bfloat16 else tf / 8
         return 100e12
-    from lmlab.runtime import cpu_peak_flops
+    from lmlab.utils.device import cpu_peak_flops
 
     return cpu_peak_flops(torch.get_num_threads())
 
