@@ -4,8 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from lmlab import hub
 from lmlab.config import PRESETS, ModelConfig
@@ -13,15 +11,6 @@ from lmlab.errors import LmlabError
 from lmlab.model import Transformer
 from lmlab.tokenizer import Tokenizer
 from lmlab.utils.device import parse_dtype
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise LmlabError(f"{path}: file not found")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise LmlabError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0]})") from None
 
 
 def resolve(spec: str) -> Path:

@@ -382,7 +382,7 @@ def _weight_files(folder: Path) -> list[Path]:
 
 
 def _read_tensors(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
-    from lmlab.checkpoints import read_safetensors
+    from lmlab.checkpoints.files import read_safetensors
 
     tensors, where = {}, {}
     for path in _weight_files(folder):

@@ -63,7 +63,7 @@ def save(model, tokenizer, folder: str | Path) -> Path:
 
 
 def read(folder: str | Path):
-    from lmlab.checkpoints import read_safetensors
+    from lmlab.checkpoints.files import read_safetensors
     from lmlab.tokenizer import Tokenizer
 
     folder = Path(folder)
