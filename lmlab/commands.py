@@ -189,7 +189,9 @@ def _model_arg(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def _dtype_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    from lmlab.utils.device import DTYPES
+
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
 
 
 def register(sub) -> None:
