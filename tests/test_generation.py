@@ -229,6 +229,10 @@ def test_too_long_prompt_and_clamping():
     result = generate_tokens(model, prompts_of([250, 10], 512), cfg, stop_ids=[], pad_id=0)
     assert [len(t) for t in result.tokens] == [6, 20]
     assert result.finish_reasons == ["length", "length"]
+    prompts = prompts_of([256, 10], 512)  # a row with no room left
+    full = generate_tokens(model, prompts, cfg, stop_ids=[], pad_id=0)
+    assert [len(t) for t in full.tokens] == [0, 20]
+    assert full.tokens[1] == generate_ids(model, prompts[1:], cfg, stop_ids=[], pad_id=0)[0]
 
 
 # --------------------------------------------------------------------------- text: stops, eos, streaming
