@@ -97,7 +97,8 @@ class Engine:
         return ctx, whole[len(ctx):]
 
     # ------------------------------------------------------------------ model pieces
-    def _score(self, hidden: torch.Tensor, index: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _score(self, hidden: torch.Tensor, index: torch.Tensor,
+               targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probability of each of `targets` (N) at the positions `index` (N flat indices into `hidden`,
         B×T×D) selects, and whether it is the argmax. Only those positions are projected, in chunks."""
         logps, greedy = [], []
@@ -252,7 +253,8 @@ class Engine:
                 index.extend(range(r * T + L - n, r * T + L))
                 targets.extend(tgt)
                 owners.extend([r] * n)
-            logp, _ = self._score(h, torch.tensor(index, device=self.device), torch.tensor(targets, device=self.device))
+            logp, _ = self._score(h, torch.tensor(index, device=self.device),
+                                  torch.tensor(targets, device=self.device))
             sums = torch.zeros(len(batch), dtype=torch.float64, device=self.device).index_add_(
                 0, torch.tensor(owners, device=self.device), logp.double())
             for r, k in enumerate(batch):
