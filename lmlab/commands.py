@@ -64,10 +64,10 @@ def _write(piece: str) -> None:
 
 
 def _load(model: str, run=None):
-    """Load for inference through the fast runtime (dtype, quantization, threads, compile, device)."""
-    from lmlab import runtime
+    """A Runner (lmlab.inference) for the model: dtype, quantization, threads, compile, device."""
+    from lmlab.inference.load import load
 
-    m, tok = runtime.load(model, run)
+    m, tok = load(model, run)
     if tok is None:
         raise LmlabError(f"{model}: has no tokenizer (tokenizer.json) to turn text into tokens")
     return m, tok
@@ -76,8 +76,8 @@ def _load(model: str, run=None):
 def generate(model: str, prompts: list[str], *, max_new_tokens: int = 128, temperature: float = 0.8,
              top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, stop: list[str] | None = None,
              seed: int | None = None, run=None, stats: bool = False, stream: bool = True) -> list[str]:
-    """`run`: a lmlab.runtime.RunConfig (dtype, quantize, threads, compile, device); default float32."""
-    from lmlab.generation import GenerationConfig
+    """`run`: a lmlab.inference.load.RunConfig (dtype, quantize, threads, compile, device); default float32."""
+    from lmlab.inference.sampling import GenerationConfig
 
     m, tok = _load(model, run)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -86,7 +86,7 @@ def generate(model: str, prompts: list[str], *, max_new_tokens: int = 128, tempe
 
 
 def _generate(m, tok, prompts: list[str], cfg, *, stream: bool = True, stats: bool = False) -> list[str]:
-    from lmlab.generation import generate as run
+    from lmlab.inference.text import generate as run
 
     single = len(prompts) == 1 and stream
     if single:
@@ -109,7 +109,8 @@ def _generate(m, tok, prompts: list[str], cfg, *, stream: bool = True, stats: bo
 
 def chat(model: str, *, system: str | None = None, max_new_tokens: int = 512, temperature: float = 0.7,
          top_p: float = 0.95, seed: int | None = None, run=None) -> None:
-    from lmlab.generation import GenerationConfig, chat_turn
+    from lmlab.inference.sampling import GenerationConfig
+    from lmlab.inference.text import chat_turn
 
     m, tok = _load(model, run)
     if not tok.chat_template:
@@ -154,12 +155,13 @@ def convert(model: str, out: str, to: str = "lmlab", dtype: str = "float32") -> 
 def demo(model: str = DEFAULT_MODEL, out_dir: str = "runs/demo") -> None:
     """The main job on the embedded defaults: fetch the default model, generate, chat, pretrain."""
     from lmlab.checkpoints import resolve
-    from lmlab.generation import GenerationConfig, chat_turn
+    from lmlab.inference.sampling import GenerationConfig
+    from lmlab.inference.text import chat_turn
 
     print(f"== 1. the default model: {model}")
     path = resolve(model)
     m, tok = _load(model)
-    describe(model, path, m, tok)
+    describe(model, path, m.model, tok)
     print("\n== 2. greedy generation")
     _generate(m, tok, ["The capital of France is"], GenerationConfig(max_new_tokens=24, temperature=0.0), stats=True)
     print("\n== 3. a chat turn through the model's chat template")
@@ -187,11 +189,13 @@ def _model_arg(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 def _dtype_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    from lmlab.utils.device import DTYPES
+
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
 
 
 def register(sub) -> None:
-    from lmlab import runtime
+    from lmlab.inference.load import add_run_args, run_config
 
     p = sub.add_parser("download", help="fetch a preset's weights into $LMLAB_HOME")
     p.add_argument("name", help="preset name, e.g. smollm2-135m")
@@ -213,11 +217,11 @@ def register(sub) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stats", action="store_true", help="print tokens/s and finish reasons to stderr")
-    runtime.add_run_args(p)
+    add_run_args(p)
     p.set_defaults(func=lambda a: generate(
         a.model, [sys.stdin.read().rstrip("\n") if x == "-" else x for x in a.prompt], max_new_tokens=a.max_new_tokens,
         temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty,
-        stop=a.stop, seed=a.seed, run=runtime.run_config(a), stats=a.stats) and 0)
+        stop=a.stop, seed=a.seed, run=run_config(a), stats=a.stats) and 0)
 
     p = sub.add_parser("chat", help="talk to a model through its chat template")
     _model_arg(p)
@@ -226,10 +230,10 @@ def register(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=None)
-    runtime.add_run_args(p)
+    add_run_args(p)
     p.set_defaults(func=lambda a: chat(a.model, system=a.system, max_new_tokens=a.max_new_tokens,
                                        temperature=a.temperature, top_p=a.top_p, seed=a.seed,
-                                       run=runtime.run_config(a)))
+                                       run=run_config(a)))
 
     p = sub.add_parser("convert", help="GGUF / HF folder / lmlab checkpoint → lmlab checkpoint or HF folder")
     _model_arg(p)

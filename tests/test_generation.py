@@ -11,11 +11,11 @@ from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizer
 
 from lmlab.config import preset
 from lmlab.errors import LmlabError
-from lmlab.generation import (GenerationConfig, IncrementalDetokenizer, StopFilter, apply_repetition_penalty,
-                              chat_turn, generate, generate_ids, generate_tokens, top_k_filter,
-                              top_p_filter)
-from lmlab.kv_cache import KVCache
-from lmlab.model import Transformer
+from lmlab.inference import sampling
+from lmlab.inference.generate import generate_ids, generate_tokens
+from lmlab.inference.sampling import GenerationConfig, apply_repetition_penalty, top_k_filter, top_p_filter
+from lmlab.inference.text import IncrementalDetokenizer, StopFilter, chat_turn, generate
+from lmlab.model import KVCache, Transformer
 from lmlab.tokenizer import Tokenizer
 
 GREEDY = dict(temperature=0.0)
@@ -79,7 +79,8 @@ def byte_tokenizer() -> Tokenizer:
 
 
 class ScriptedLM(nn.Module):
-    """Stands in for a Transformer: row r produces scripts[r] token by token (then eos), whatever the input."""
+    """Stands in for a Transformer (its public interface): row r produces scripts[r] token by token (then
+    eos), whatever the input; its "hidden states" are already the logits."""
 
     def __init__(self, scripts: list[list[int]], vocab_size: int, eos_id: int, max_seq_len: int = 256):
         super().__init__()
@@ -91,7 +92,10 @@ class ScriptedLM(nn.Module):
     def make_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(1, batch, 1, max_len, 2)
 
-    def forward(self, ids: torch.Tensor, attention_mask=None, cache=None, **_) -> torch.Tensor:
+    def logits(self, h: torch.Tensor, positions=None) -> torch.Tensor:
+        return h[:, -1:] if positions == "last" else h
+
+    def hidden_states(self, ids: torch.Tensor, attention_mask=None, cache=None, **_) -> torch.Tensor:
         step = len(self.calls)
         self.calls.append(ids.clone())
         logits = torch.zeros(ids.shape[0], ids.shape[1], self.cfg.vocab_size)
@@ -225,6 +229,10 @@ def test_too_long_prompt_and_clamping():
     result = generate_tokens(model, prompts_of([250, 10], 512), cfg, stop_ids=[], pad_id=0)
     assert [len(t) for t in result.tokens] == [6, 20]
     assert result.finish_reasons == ["length", "length"]
+    prompts = prompts_of([256, 10], 512)  # a row with no room left
+    full = generate_tokens(model, prompts, cfg, stop_ids=[], pad_id=0)
+    assert [len(t) for t in full.tokens] == [0, 20]
+    assert full.tokens[1] == generate_ids(model, prompts[1:], cfg, stop_ids=[], pad_id=0)[0]
 
 
 # --------------------------------------------------------------------------- text: stops, eos, streaming
@@ -360,3 +368,39 @@ def test_smollm2_detokenizer_multibyte(smollm):
     pieces = [detok.push(i) for i in ids] + [detok.flush()]
     assert "".join(pieces) == tok.decode(ids) == text
     assert not any("\ufffd" in p for p in pieces)
+
+
+# --------------------------------------------------------------------------- the decoding core's pieces
+def test_sampling_steps_compose_to_next_token():
+    """logits → processed → probabilities → draw is what next_token does, step for step."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    seen = torch.rand(3, 50) < 0.2
+    cfg = GenerationConfig(temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.3)
+    processed = sampling.process_logits(logits, cfg, seen)
+    probs = sampling.probabilities(processed, cfg)
+    assert torch.allclose(probs.sum(-1), torch.ones(3))
+    assert (probs[~torch.isfinite(processed)] == 0).all() and (probs > 0).sum(-1).le(20).all()
+    want = sampling.draw(probs, torch.Generator().manual_seed(5))
+    assert torch.equal(sampling.next_token(logits, cfg, torch.Generator().manual_seed(5), seen), want)
+    greedy = GenerationConfig(temperature=0.0, repetition_penalty=1.3)
+    one_hot = sampling.probabilities(sampling.process_logits(logits, greedy, seen), greedy)
+    assert torch.equal(one_hot.argmax(-1), sampling.next_token(logits, greedy, None, seen))
+    assert torch.equal(one_hot.sum(-1), torch.ones(3))
+
+
+def test_streaming_and_quiet_loops_agree_on_ragged_budgets_and_stops():
+    """The loop with on_token (a host look per token) and without (tokens stay on the device, a look every
+    few steps) end every row at the same token for the same reason."""
+    model = margin_model(seed=3)
+    prompts = prompts_of([4, 30, 90, 250], model.cfg.vocab_size, seed=5)  # 250: its budget is 6 tokens
+    cfg = GenerationConfig(max_new_tokens=20, **GREEDY)
+    free = generate_ids(model, prompts, cfg, stop_ids=[], pad_id=0)
+    stop = free[0][2]
+    seen: list[tuple[int, int]] = []
+    quiet = generate_tokens(model, prompts, cfg, stop_ids=[stop], pad_id=0)
+    loud = generate_tokens(model, prompts, cfg, stop_ids=[stop], pad_id=0,
+                           on_token=lambda row, tok: seen.append((row, tok)))
+    assert quiet.tokens == loud.tokens and quiet.finish_reasons == loud.finish_reasons
+    assert quiet.finish_reasons[0] == "eos" and len(quiet.tokens[3]) <= 6
+    assert sorted(seen) == sorted((r, t) for r, toks in enumerate(loud.tokens) for t in toks)

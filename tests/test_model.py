@@ -50,7 +50,7 @@ def test_encoder_decoder_cache_equals_full_forward():
     with torch.no_grad():
         full = model(ids, encoder_input_ids=src, encoder_mask=src_mask)
         inc, cache = incremental(model, ids, [1] * 9, encoder_input_ids=src, encoder_mask=src_mask)
-        assert cache.cross is not None and len(cache.cross) == 3  # cross keys/values computed once
+        assert cache.memory_kv is not None and len(cache.memory_kv) == 3  # cross keys/values computed once
         # padding of the source changes nothing for the row that has it
         alone = model(ids[1:], encoder_input_ids=src[1:, :8])
     assert (full - inc).abs().max().item() < 1e-5
@@ -104,8 +104,27 @@ def test_truncate_rolls_back_exactly():
         after = model(ids[:, 8:], cache=cache)
         full = model(ids)[:, 8:]
     assert (after - full).abs().max().item() < 1e-5
-    with pytest.raises(ValueError):
+    with pytest.raises(LmlabError):
         cache.truncate(20)
+
+
+def test_truncate_per_row_rolls_each_row_back_to_its_own_length():
+    """Batched speculative decoding: each row keeps its own accepted drafts; the forgotten slots stay
+    behind as holes that no later token sees, and positions continue from each row's own length."""
+    model = make(**DECODERS["gqa-rope-rmsnorm-swiglu"])
+    ids = torch.randint(0, 97, (2, 14))
+    with torch.no_grad():
+        cache = model.make_cache(2, 64)
+        model(ids[:, :8], cache=cache)
+        model(ids[:, 8:11], cache=cache)  # three drafts: row 0 rejects all, row 1 accepts all
+        cache.truncate([8, 11])
+        assert cache.length == 11 and cache.next_pos.tolist() == [8, 11]
+        nxt = torch.stack([ids[0, 8:10], ids[1, 11:13]])
+        after = model(nxt, cache=cache)
+        assert (after[0] - model(ids[:1, :10])[0, 8:]).abs().max().item() < 1e-5
+        assert (after[1] - model(ids[1:, :13])[0, 11:]).abs().max().item() < 1e-5
+    with pytest.raises(LmlabError, match="lengths"):
+        cache.truncate([3, 40])
 
 
 def test_select_shares_a_prefix_across_continuations():

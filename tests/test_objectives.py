@@ -299,7 +299,7 @@ def test_mixture_sample_mode_follows_weights(tmp_path):
 @pytest.mark.parametrize("vocab,rows,chunk", [(65, 100, 7), (1000, 300, 64), (300, 50, None)])
 def test_linear_cross_entropy_matches_plain_route(monkeypatch, vocab, rows, chunk):
     import torch.nn.functional as F
-    from lmlab.objectives import loss as fused
+    from lmlab.model import loss as fused
 
     if chunk:  # force many chunks (a ragged last one too)
         monkeypatch.setattr(fused, "_chunk_rows", lambda v, d: chunk)

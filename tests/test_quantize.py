@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 from lmlab.config import preset
 from lmlab.errors import LmlabError
+from lmlab.inference.quantize import (Int4Linear, Int8Linear, QuantLinear, dequantize_int4, dequantize_int8,
+                                      quantize_int4, quantize_int8, quantize_model, unpack_int4, weight_bytes)
 from lmlab.model import Transformer
-from lmlab.quantize import (Int4Linear, Int8Linear, QuantLinear, dequantize_int4, dequantize_int8, quantize_int4,
-                            quantize_int8, quantize_model, unpack_int4, weight_bytes)
 
 
 def weights(n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -110,8 +110,7 @@ def test_quantized_linear_is_close_to_the_float_linear():
 def test_float32_activations_take_the_fast_kernel(cls, kw):
     """The CPU kernels compute in bfloat16 where the CPU has it; a float32 model must still get them (it once
     fell back to de-quantizing every weight on every step: 8 tok/s instead of 55 for SmolLM2 int8)."""
-    from lmlab.quantize import kernel_dtype
-    from lmlab.runtime import quantization_route
+    from lmlab.inference.quantize import kernel_dtype, quantization_route
 
     scheme = "int8" if cls is Int8Linear else "int4"
     if quantization_route(scheme, torch.device("cpu")) != "kernel":

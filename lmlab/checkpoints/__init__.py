@@ -1,30 +1,16 @@
 """Loading any model spec: a preset name, a .gguf file, an HF-format folder or an lmlab checkpoint."""
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from lmlab import hub
 from lmlab.config import PRESETS, ModelConfig
 from lmlab.errors import LmlabError
 from lmlab.model import Transformer
 from lmlab.tokenizer import Tokenizer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise LmlabError(f"{path}: file not found")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise LmlabError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0]})") from None
+from lmlab.utils.device import parse_dtype
 
 
 def resolve(spec: str) -> Path:
@@ -63,24 +49,9 @@ def _is_gguf(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-@contextmanager
-def _no_init():
-    saved = {cls: cls.reset_parameters for cls in (nn.Linear, nn.Embedding, nn.LayerNorm)}
-    saved_init = Transformer._init
-    try:
-        for cls in saved:
-            cls.reset_parameters = lambda self: None
-        Transformer._init = lambda self, module: None
-        yield
-    finally:
-        for cls, fn in saved.items():
-            cls.reset_parameters = fn
-        Transformer._init = saved_init
-
-
 def build(cfg: ModelConfig, sd: dict[str, torch.Tensor], source: str) -> Transformer:
     """A model with exactly these weights; a missing, unexpected or mis-shaped tensor is named."""
-    with _no_init():  # every parameter is overwritten below, so skip the random initialisation
+    with torch.device("meta"):  # every parameter is taken from sd below: no memory, no random init
         model = Transformer(cfg)
     expected = model.state_dict()
     tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
@@ -96,15 +67,13 @@ def build(cfg: ModelConfig, sd: dict[str, torch.Tensor], source: str) -> Transfo
     model.load_state_dict(sd, strict=False, assign=True)  # take the tensors as they are: no copy
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
+    model.reset_buffers("cpu")  # position tables are computed, not stored
     return model
 
 
 def load(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu") -> tuple[Transformer, Tokenizer | None]:
     """Load a model and its tokenizer, ready for inference (eval mode)."""
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise LmlabError(f"unknown dtype '{dtype}' (choose from {', '.join(DTYPES)})")
-        dtype = DTYPES[dtype]
+    dtype = parse_dtype(dtype)
     cfg, sd, tok = read(spec)
     model = build(cfg, sd, str(spec))
     return model.to(device=device, dtype=dtype).eval(), tok

@@ -30,7 +30,7 @@ class EvalArgs:
 
 
 def register(subparsers) -> None:
-    from lmlab.runtime import add_run_args
+    from lmlab.inference.load import add_run_args
 
     p = subparsers.add_parser("eval", help="evaluate a model on benchmarks or YAML tasks",
                               description="Evaluate a base model: built-in tasks read --data-dir; a .yaml path "
@@ -78,7 +78,7 @@ def run(args: EvalArgs) -> int:
 def _run(args: EvalArgs) -> int:
     import torch
 
-    from lmlab import runtime
+    from lmlab.inference.load import load, run_config
     from lmlab.errors import LmlabError
     from lmlab.eval.evaluator import evaluate
     from lmlab.eval.report import markdown_table, write_json
@@ -87,10 +87,10 @@ def _run(args: EvalArgs) -> int:
         raise LmlabError(f"--limit must be at least 1 (got {args.limit})")
     if args.output and Path(args.output).is_dir():
         raise LmlabError(f"--output {args.output}: is a folder; give a file name")
-    run = runtime.run_config(args)
+    run = run_config(args)
     if run.device is None and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
         run.device = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun on a GPU machine: one GPU per process
-    model, tok = runtime.load(args.model, run)
+    model, tok = load(args.model, run)
     if tok is None:
         raise LmlabError(f"{args.model}: no tokenizer found with this model")
     results = evaluate(model, tok, args.tasks, data_dir=args.data_dir, num_fewshot=args.num_fewshot,

@@ -30,6 +30,11 @@ from lmlab.errors import LmlabError
 from lmlab.eval.progress import Progress
 from lmlab.eval.requests import (GenerateUntil, Loglikelihood, LoglikelihoodResult, LoglikelihoodRolling,
                                  RollingResult)
+from lmlab.inference.runner import as_runner
+from lmlab.inference.sampling import GenerationConfig
+from lmlab.inference.text import generate_from_ids
+from lmlab.model import masks
+from lmlab.utils.dist import current, gather_dict
 
 HEAD_CHUNK = 1024  # scored positions per vocabulary projection (bounds the N×V logits tensor)
 
@@ -48,38 +53,27 @@ class _Group:
         return len(self.context) + sum(len(c) - 1 for _, c in self.items)
 
 
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _gather(local: dict[int, object], world: int) -> dict[int, object]:
-    if world == 1:
-        return local
-    parts: list[dict[int, object]] = [None] * world  # type: ignore[list-item]
-    torch.distributed.all_gather_object(parts, local)
-    merged: dict[int, object] = {}
-    for part in parts:
-        merged.update(part)
-    return merged
-
-
 class Engine:
-    """Answers requests for one model + tokenizer. `batch_size` is the number of contexts per forward."""
+    """Answers requests for one model + tokenizer. `batch_size` is the number of contexts per forward.
+    `model`: a Transformer, or a Runner (lmlab.inference.runner) whose compiled step generation then uses."""
 
     def __init__(self, model, tokenizer, *, batch_size: int = 32, max_length: int | None = None,
                  progress: bool = True):
-        if getattr(model, "decoder", None) is None or getattr(model, "encoder", None) is not None:
-            raise LmlabError("evaluation needs a decoder-only model (this one is "
-                             f"{getattr(model.cfg, 'arch', 'unknown')})")
+        self.runner = as_runner(model)
+        cfg = self.runner.cfg
+        if cfg.arch != "decoder":
+            raise LmlabError(f"evaluation needs a decoder-only model (this one is {cfg.arch})")
         if batch_size < 1:
             raise LmlabError(f"--batch-size must be at least 1 (got {batch_size})")
-        self.model, self.tok = model, tokenizer
+        if max_length is not None and not 1 <= max_length <= cfg.max_seq_len:
+            raise LmlabError(f"--max-length {max_length} is outside the model's context window "
+                             f"(1 to {cfg.max_seq_len} tokens)")
+        self.model, self.tok = self.runner.model, tokenizer
         self.batch_size = batch_size
-        self.max_length = max_length or model.cfg.max_seq_len
-        self.device = model.tok_emb.weight.device
-        self.rank, self.world = _dist()
+        self.max_length = max_length or cfg.max_seq_len
+        self.device = self.runner.device
+        d = current()
+        self.rank, self.world = d.rank, d.world
         self.progress = progress and self.rank == 0
 
     # ------------------------------------------------------------------ tokenisation
@@ -103,22 +97,13 @@ class Engine:
         return ctx, whole[len(ctx):]
 
     # ------------------------------------------------------------------ model pieces
-    def _hidden(self, ids: torch.Tensor, positions: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Final hidden states (B×T×D) of `ids`, as model.forward computes them before its head.
-
-        Without `attn_mask` attention is plain causal, which is exact for right-padded rows (a real token
-        never sees a pad); `attn_mask` (B×T×T, True = may attend) with `positions` runs packed rows."""
-        model = self.model
-        if positions is None:
-            positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape)
-        return model.decoder(model.embed(ids, positions), positions, attn_mask=attn_mask)
-
-    def _score(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-position log-probability of `targets` (N) given `hidden` (N×D), and whether it is the argmax."""
+    def _score(self, hidden: torch.Tensor, index: torch.Tensor,
+               targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probability of each of `targets` (N) at the positions `index` (N flat indices into `hidden`,
+        B×T×D) selects, and whether it is the argmax. Only those positions are projected, in chunks."""
         logps, greedy = [], []
-        for i in range(0, hidden.shape[0], HEAD_CHUNK):
-            logits = self.model.head(hidden[i:i + HEAD_CHUNK]).float()
+        for i in range(0, index.shape[0], HEAD_CHUNK):
+            logits = self.model.logits(hidden, index[i:i + HEAD_CHUNK]).float()
             lp = F.log_softmax(logits, dim=-1)
             t = targets[i:i + HEAD_CHUNK]
             logps.append(lp.gather(1, t[:, None])[:, 0])
@@ -126,8 +111,9 @@ class Engine:
         return torch.cat(logps), torch.cat(greedy)
 
     def _pad(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Right-padded rows: under a causal mask a real token never sees a pad, so no mask is needed."""
         T = max(len(r) for r in rows)
-        pad = self.tok.pad_id or 0
+        pad = self.tok.pad_id if self.tok.pad_id is not None else 0
         return torch.tensor([list(r) + [pad] * (T - len(r)) for r in rows], dtype=torch.long, device=self.device)
 
     # ------------------------------------------------------------------ loglikelihood
@@ -195,14 +181,10 @@ class Engine:
                     owner.extend([ri] * len(c))
                     at += m
         dev = self.device
-        seg_t, sub_t = torch.tensor(seg, device=dev), torch.tensor(sub, device=dev)
-        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
-        same_group = seg_t[:, :, None] == seg_t[:, None, :]
-        visible = (sub_t[:, None, :] == 0) | (sub_t[:, :, None] == sub_t[:, None, :])
-        mask = (causal & same_group & visible) | torch.eye(T, dtype=torch.bool, device=dev)  # pads see themselves
-        h = self._hidden(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), mask)
-        logp, greedy = self._score(h.reshape(-1, h.shape[-1])[torch.tensor(pred, device=dev)],
-                                   torch.tensor(targets, device=dev))
+        mask = masks.packed(torch.tensor(seg, device=dev), torch.tensor(sub, device=dev))
+        h = self.model.hidden_states(torch.tensor(ids, device=dev), positions=torch.tensor(pos, device=dev),
+                                     attn_mask=mask)
+        logp, greedy = self._score(h, torch.tensor(pred, device=dev), torch.tensor(targets, device=dev))
         ids_of = sorted(set(owner))
         slot = {ri: j for j, ri in enumerate(ids_of)}
         idx = torch.tensor([slot[ri] for ri in owner], device=dev)
@@ -223,7 +205,7 @@ class Engine:
             out.update(self._score_groups(batch))
             bar.update(sum(len(g.items) for g in batch) * self.world)
         bar.close()
-        out = _gather(out, self.world)
+        out = gather_dict(out)
         return [out[i] for i in range(len(requests))]
 
     # ------------------------------------------------------------------ rolling loglikelihood
@@ -262,22 +244,24 @@ class Engine:
         bar = Progress(len(items), desc, self.progress)
         local: dict[int, float] = {}
         for batch in mine:
-            h = self._hidden(self._pad([items[k][1] for k in batch]))
-            hs, targets, owners = [], [], []
+            h = self.model.hidden_states(self._pad([items[k][1] for k in batch]))
+            T = h.shape[1]
+            index, targets, owners = [], [], []
             for r, k in enumerate(batch):
                 _, inp, tgt = items[k]
                 L, n = len(inp), len(tgt)
-                hs.append(h[r, L - n:L])
+                index.extend(range(r * T + L - n, r * T + L))
                 targets.extend(tgt)
                 owners.extend([r] * n)
-            logp, _ = self._score(torch.cat(hs), torch.tensor(targets, device=self.device))
+            logp, _ = self._score(h, torch.tensor(index, device=self.device),
+                                  torch.tensor(targets, device=self.device))
             sums = torch.zeros(len(batch), dtype=torch.float64, device=self.device).index_add_(
                 0, torch.tensor(owners, device=self.device), logp.double())
             for r, k in enumerate(batch):
                 local[k] = float(sums[r])
             bar.update(len(batch) * self.world)
         bar.close()
-        scores = _gather(local, self.world)
+        scores = gather_dict(local)
         totals = [0.0] * len(requests)
         for k, (i, _, _) in enumerate(items):
             totals[i] += scores[k]
@@ -286,10 +270,6 @@ class Engine:
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()
     def generate_until(self, requests: Sequence[GenerateUntil], desc: str = "generate") -> list[str]:
-        try:
-            from lmlab.generation import GenerationConfig, generate_from_ids
-        except ImportError:
-            raise LmlabError("generation tasks need lmlab.generation, which this install lacks") from None
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i].context))
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         mine = batches[self.rank::self.world]
@@ -306,12 +286,12 @@ class Engine:
                 cfg = GenerationConfig(max_new_tokens=max_new, stop=list(until), **settings)
                 keep = max(1, self.max_length - max_new)  # as lm-evaluation-harness: keep the context's end
                 prompts = [self.encode(requests[i].context)[-keep:] or [self.prefix_id] for i in idx]
-                done = generate_from_ids(self.model, self.tok, prompts, cfg)
+                done = generate_from_ids(self.runner, self.tok, prompts, cfg)
                 for i, completion in zip(idx, done):
                     local[i] = _cut(completion.text, until)
             bar.update(len(batch) * self.world)
         bar.close()
-        out = _gather(local, self.world)
+        out = gather_dict(local)
         return [out[i] for i in range(len(requests))]
 
 

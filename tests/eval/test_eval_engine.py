@@ -1,6 +1,10 @@
+import copy
+
+import pytest
 import torch
 import torch.nn.functional as F
 
+from lmlab.errors import LmlabError
 from lmlab.eval.engine import Engine
 from lmlab.eval.requests import Loglikelihood, LoglikelihoodRolling
 
@@ -78,3 +82,50 @@ def test_packed_rows_match_unbatched_forward(tiny):
         for g, (lp, greedy) in zip(got, want):
             assert abs(g.logprob - lp) < 1e-4
             assert g.is_greedy == greedy
+
+
+def test_max_length_past_the_context_window_is_a_clear_error(tiny):
+    model, tok = tiny  # context window 512
+    with pytest.raises(LmlabError, match="--max-length 600 is outside the model's context window"):
+        Engine(model, tok, max_length=600, progress=False)
+    eng = Engine(model, tok, max_length=512, progress=False)
+    long = "word " * 200  # ~1000 characters: rolling windows at the full window stay inside the table
+    assert eng.loglikelihood_rolling([LoglikelihoodRolling(long)])[0].n_tokens == len(tok.encode(long))
+
+
+def test_pad_id_zero_is_a_real_pad(tiny):
+    model, tok = tiny
+    eng = Engine(model, copy.copy(tok), progress=False)
+    eng.tok.pad_id = 0
+    assert eng._pad([[5, 6, 7], [8]])[1].tolist() == [8, 0, 0]
+    eng.tok.pad_id = 3
+    assert eng._pad([[5, 6, 7], [8]])[1].tolist() == [8, 3, 3]
+    eng.tok.pad_id = None
+    assert eng._pad([[5, 6, 7], [8]])[1].tolist() == [8, 0, 0]
+
+
+def test_engine_calls_only_the_public_model_interface(tiny):
+    """Scoring goes through hidden_states and logits (selected positions only), nothing else."""
+    model, tok = tiny
+    calls = []
+
+    class Spy:
+        def __init__(self, inner):
+            self.inner, self.cfg = inner, inner.cfg
+
+        def parameters(self):
+            return self.inner.parameters()
+
+        def hidden_states(self, *a, **kw):
+            calls.append("hidden_states")
+            return self.inner.hidden_states(*a, **kw)
+
+        def logits(self, h, positions=None):
+            calls.append("logits")
+            assert positions is not None  # only the scored positions are projected
+            return self.inner.logits(h, positions)
+
+    got = Engine(Spy(model), tok, progress=False).loglikelihood(REQS[:3])
+    want = Engine(model, tok, progress=False).loglikelihood(REQS[:3])
+    assert [g.logprob for g in got] == [w.logprob for w in want]
+    assert set(calls) == {"hidden_states", "logits"}

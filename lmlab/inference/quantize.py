@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmlab.errors import LmlabError
+from lmlab.utils.device import bf16_supported
 
 SCHEMES = ("int8", "int4")
 
@@ -86,9 +87,15 @@ def _has_op(name: str) -> bool:
 
 def kernel_dtype(device: torch.device) -> torch.dtype:
     """Activation dtype the weight-only kernels run fastest in on this device."""
-    from lmlab.runtime import bf16_supported
-
     return torch.bfloat16 if bf16_supported(device) else torch.float32
+
+
+def quantization_route(scheme: str, device: torch.device) -> str:
+    """'kernel' when PyTorch has a fast weight-only kernel for `scheme` on this device, else 'reference'."""
+    op = {"int8": "_weight_int8pack_mm", "int4": "_weight_int4pack_mm_for_cpu"}[scheme]
+    if scheme == "int4" and device.type != "cpu":
+        return "reference"
+    return "kernel" if _has_op(op) else "reference"
 
 
 class QuantLinear(nn.Module):

@@ -1,0 +1,76 @@
+"""A Runner: a model plus what makes it fast at decoding (a compiled step), held by the caller.
+
+    runner = Runner(model)                      eager
+    runner = load("smollm2-135m", run)[0]       as `lmlab generate` prepares it (see lmlab.inference.load)
+    cache = runner.new_cache(B, max_len)
+    logits = runner.prefill(ids, cache, chunk=512)   B×V logits of the last prompt position
+    logits = runner.step(next_ids, cache)            B×V logits after one more token per row
+
+Every decoding loop (generation, chat, eval's generation requests, the benchmark) goes through these two.
+"""
+from __future__ import annotations
+
+import torch
+
+PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory, keeps matmuls at full speed
+
+
+class Runner:
+    def __init__(self, model: torch.nn.Module, decode_step=None):
+        self.model = model
+        self.decode_step = decode_step  # lmlab.inference.compile.DecodeStep, or None (eager)
+
+    @property
+    def cfg(self):
+        return self.model.cfg
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def compiled(self) -> bool:
+        return self.decode_step is not None and not self.decode_step.failed
+
+    def new_cache(self, batch: int, max_len: int):
+        return self.model.make_cache(batch, max_len)
+
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor, cache, *, attention_mask: torch.Tensor | None = None,
+                chunk: int = PREFILL_CHUNK, **encoder) -> torch.Tensor:
+        """Run a B×T prompt into `cache` in chunks of at most `chunk` tokens; B×V logits of its last position
+        (only that position is projected onto the vocabulary). `encoder`: encoder_input_ids/encoder_mask."""
+        h = None
+        for s in range(0, ids.shape[1], chunk):
+            mask = attention_mask[:, s:s + chunk] if attention_mask is not None else None
+            h = self.model.hidden_states(ids[:, s:s + chunk], attention_mask=mask, cache=cache,
+                                         **(encoder if s == 0 else {}))
+        return self.model.logits(h, "last")[:, -1]
+
+    def step(self, ids: torch.Tensor, cache, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """B×V logits after feeding ids (B×T, usually T = 1) on top of `cache`: the compiled step when there
+        is one and T = 1, else the eager forward."""
+        if ids.shape[1] == 1 and self.compiled:
+            return self.decode_step(ids, cache, attention_mask)[:, -1]
+        with torch.inference_mode():
+            h = self.model.hidden_states(ids, attention_mask=attention_mask, cache=cache)
+            return self.model.logits(h, "last")[:, -1]
+
+    @torch.inference_mode()
+    def warm(self, steps: int = 2) -> None:
+        """A couple of tiny passes: fast kernels chosen and checked, lazy buffers built."""
+        model, device = self.model, self.device
+        if model.cfg.arch == "encoder":
+            model.hidden_states(torch.zeros(1, 2, dtype=torch.long, device=device))
+            return
+        zeros = torch.zeros(1, 2, dtype=torch.long, device=device)
+        encoder = {"encoder_input_ids": zeros} if model.cfg.arch == "encoder-decoder" else {}
+        cache = self.new_cache(1, steps + 2)
+        self.prefill(zeros, cache, **encoder)
+        for _ in range(steps):
+            self.step(zeros[:, :1], cache)
+
+
+def as_runner(model) -> Runner:
+    """A Runner as given, or an eager one around a bare model."""
+    return model if isinstance(model, Runner) else Runner(model)

@@ -1,0 +1,57 @@
+"""Multi-head, grouped-query or multi-query attention; self- or cross-attention. Masks come from
+lmlab.model.masks; keys/values of earlier tokens come from the cache protocol (lmlab.model.kv_cache)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmlab.config import ModelConfig
+from lmlab.model.positions import apply_rotary
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, cross: bool = False):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.cross = cross
+        q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+        if cross:
+            self.q = nn.Linear(cfg.d_model, q_dim, bias=cfg.attn_bias)
+            self.kv = nn.Linear(cfg.d_model, 2 * kv_dim, bias=cfg.attn_bias)
+        else:  # queries, keys and values in one matrix
+            self.qkv = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=cfg.attn_bias)
+        self.out = nn.Linear(q_dim, cfg.d_model, bias=cfg.out_bias)
+        self.scale = cfg.attn_scale
+        self.dropout = cfg.dropout
+
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, n, self.head_dim).transpose(1, 2)
+
+    def project_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys/values of the encoder's output (computed once per source)."""
+        k, v = self.kv(memory).chunk(2, dim=-1)
+        return self._heads(k, self.n_kv_head), self._heads(v, self.n_kv_head)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, *, is_causal: bool = False,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None, cache=None, layer: int = 0, start=0,
+                memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        if self.cross:
+            q = self._heads(self.q(x), self.n_head)
+            k, v = memory_kv
+        else:
+            H, KV = self.n_head, self.n_kv_head
+            qkv = self.qkv(x).view(B, T, H + 2 * KV, self.head_dim)
+            qk = qkv[:, :, : H + KV]
+            if rope is not None:  # queries and keys rotated together
+                qk = apply_rotary(qk, *rope)
+            q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), qkv[:, :, H + KV:].transpose(1, 2)
+            if cache is not None:
+                k, v = cache.update(layer, start, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
+            dropout_p=self.dropout if self.training else 0.0, scale=self.scale,
+            enable_gqa=self.n_kv_head != self.n_head)
+        return self.out(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))

@@ -1,0 +1,68 @@
+"""Every attention mask, in one place. Boolean masks say True = may attend; a query that may see nothing
+(a padding query) is always allowed its own slot, so no softmax row is empty.
+
+  self_attention   padding, causal order and a caller's own pattern (prefix LM), for any slots of a cache
+  decode_step      one new token per row over a whole static cache (the compiled decoding step)
+  cross            a decoder's view of the encoder's (padded) output
+  packed           eval's packed rows: groups side by side, each continuation sees its context and itself
+  add_bias         a float bias (T5's relative positions) with a boolean mask folded in
+
+A stack asks for its masks per layer (Stack.layer_masks), so layers that differ (a sliding window on
+some layers) get their own mask from here without touching attention.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def self_attention(B: int, T: int, start: int, device: torch.device | str, *, causal: bool,
+                   key_valid: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                   need: bool = False) -> torch.Tensor | None:
+    """B×1×T×S mask (S = start + T slots) for T new queries at slots start.., or None when plain causal
+    (or full) attention is exact: no padding, no caller's pattern, and either no earlier slots or one query.
+
+    key_valid (B×≥S bool): which slots hold a real token of each row. attn_mask (B×T×S or B×1×T×S bool):
+    the caller's own pattern, used as given. need: always return a tensor (e.g. to add a bias to)."""
+    if attn_mask is not None:
+        return attn_mask if attn_mask.dim() == 4 else attn_mask[:, None]
+    if key_valid is None and not need and (start == 0 or T == 1):
+        return None
+    S = start + T
+    if T == 1 and key_valid is not None and causal:  # one decoding step: every earlier slot is causal
+        return decode_step(key_valid[:, :S], S - 1)
+    q_slot = torch.arange(start, S, device=device)[:, None]
+    k_slot = torch.arange(S, device=device)[None, :]
+    allowed = (k_slot <= q_slot) if causal else torch.ones(T, S, dtype=torch.bool, device=device)
+    allowed = allowed[None, None].expand(B, 1, T, S)
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, None, :S]
+    return allowed | (k_slot == q_slot)
+
+
+def decode_step(valid: torch.Tensor, slot: int | torch.Tensor) -> torch.Tensor:
+    """B×1×1×S mask for one new query per row at `slot`, over slots `valid` (B×S): every valid slot is
+    earlier than the new one, and the new slot itself is always visible."""
+    allowed = valid[:, None, None, :].clone()
+    allowed[..., slot] = True
+    return allowed
+
+
+def cross(memory_valid: torch.Tensor | None) -> torch.Tensor | None:
+    """B×1×1×S mask over the encoder's output (None: no padding there)."""
+    return None if memory_valid is None else memory_valid[:, None, None, :]
+
+
+def packed(segment: torch.Tensor, sub: torch.Tensor) -> torch.Tensor:
+    """B×T×T mask for packed rows. segment (B×T): which group a slot belongs to (groups never see each
+    other); sub (B×T): 0 for a group's shared context, k for the slots of its k-th continuation, which see
+    the context and their own earlier slots only. Causal within a group; pads see themselves."""
+    T = segment.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment.device).tril()
+    same_group = segment[:, :, None] == segment[:, None, :]
+    visible = (sub[:, None, :] == 0) | (sub[:, :, None] == sub[:, None, :])
+    return (causal & same_group & visible) | torch.eye(T, dtype=torch.bool, device=segment.device)
+
+
+def add_bias(bias: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A float attention bias with the disallowed places of a boolean mask set to -inf."""
+    return bias if mask is None else bias.masked_fill(~mask, float("-inf"))
