@@ -8,10 +8,10 @@
 """
 from pathlib import Path
 
-from lmlab.eval import metrics
 from lmlab.eval.data import read_json, read_jsonl
-from lmlab.eval.task import Task
-from lmlab.eval.tasks import find
+from lmlab.eval.tasks import filters
+from lmlab.eval.tasks.files import find
+from lmlab.eval.tasks.task import Task
 
 
 def _number(text: str) -> str:
@@ -27,8 +27,7 @@ def gsm8k(data_dir: Path) -> Task:
                 source=str(folder), doc_to_text=lambda d: f"Question: {d['question']}\nAnswer:",
                 doc_to_target=lambda d: d["answer"], doc_to_answer=lambda d: _number(d["answer"]),
                 generation_kwargs={"until": ["Question:", "</s>", "<|im_end|>"], "max_gen_toks": 256},
-                filters={"strict-match": lambda s: _number(metrics.extract_regex(s, r"#### (\-?[0-9\.\,]+)")),
-                         "flexible-extract": lambda s: metrics.extract_number(s) or "[invalid]"})
+                filters={"strict-match": filters.chain([filters.regex(), _number]), "flexible-extract": filters.number})
 
 
 PRIMER = ("Q: What is human life expectancy in the United States?\n"
