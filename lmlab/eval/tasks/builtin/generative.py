@@ -20,8 +20,9 @@ def _number(text: str) -> str:
 
 
 def gsm8k(data_dir: Path) -> Task:
-    folder = find(data_dir, "gsm8k", "gsm8k", ".")
-    test = read_jsonl(find(folder, "gsm8k", "test.jsonl"))
+    questions = find(data_dir, "gsm8k", "gsm8k/test.jsonl", "test.jsonl")
+    folder = questions.parent
+    test = read_jsonl(questions)
     train = read_jsonl(folder / "train.jsonl") if (folder / "train.jsonl").is_file() else None
     return Task("gsm8k", test, "generate_until", fewshot_docs=train, num_fewshot=5 if train else 0,
                 source=str(folder), doc_to_text=lambda d: f"Question: {d['question']}\nAnswer:",
