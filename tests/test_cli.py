@@ -38,7 +38,7 @@ def tiny(tmp_path_factory):
 
 def test_help_lists_commands():
     out = lmlab("--help").stdout
-    for cmd in ["download", "generate", "chat", "convert", "info"]:
+    for cmd in ["download", "generate", "chat", "convert", "info", "eval"]:
         assert cmd in out
 
 

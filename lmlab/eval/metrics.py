@@ -108,7 +108,6 @@ AGGREGATE: dict[str, Callable] = {
     "perplexity": perplexity, "word_perplexity": perplexity, "byte_perplexity": perplexity,
     "bits_per_byte": bits_per_byte,
 }
-HIGHER_IS_BETTER = {name: not name.endswith(("perplexity", "bits_per_byte")) for name in AGGREGATE}
 
 
 def mean_stderr(xs: Sequence[float]) -> float:
