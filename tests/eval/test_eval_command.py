@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lmlab import cli, runtime
+from lmlab import cli
+from lmlab.inference import load as runtime
 from lmlab.eval import evaluate
 from lmlab.eval.command import EvalArgs
 from tiny_gguf import write_tiny
