@@ -143,8 +143,8 @@ def test_run_options_reach_generate_and_chat(tiny):
     chat = lmlab("chat", "-m", str(tiny), "--quantize", "int8", "--max-new-tokens", "3", "--temperature", "0",
                  stdin="hello\n")
     assert chat.returncode == 0, chat.stderr
-    model, tok = runtime.load(str(tiny), runtime.RunConfig(quantize="int8"))
+    runner, tok = runtime.load(str(tiny), runtime.RunConfig(quantize="int8"))
     prompt = tok.apply_chat_template([{"role": "user", "content": "hello"}])
-    assert chat.stdout == greedy(model, tok, tok.encode(prompt, add_special_tokens=False), 3) + "\n"
+    assert chat.stdout == greedy(runner.model, tok, tok.encode(prompt, add_special_tokens=False), 3) + "\n"
     bad = lmlab("generate", "-m", str(tiny), "-p", "x", "--quantize", "int3")
     assert bad.returncode != 0 and "int3" in bad.stderr
