@@ -10,7 +10,7 @@ from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors
 
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, first_line
 
 # Pre-tokenizer split patterns that llama.cpp names in `tokenizer.ggml.pre`.
 _GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -59,7 +59,7 @@ class Tokenizer:
         try:
             tok = HFTokenizer.from_file(str(path))
         except Exception as e:  # the tokenizers library raises plain Exceptions
-            raise LmlabError(f"{path}: cannot read tokenizer ({str(e).splitlines()[0]})") from None
+            raise LmlabError(f"{path}: cannot read tokenizer ({first_line(e)})") from None
         conf: dict[str, Any] = {}
         if (folder / "tokenizer_config.json").is_file():
             conf = json.loads((folder / "tokenizer_config.json").read_text())

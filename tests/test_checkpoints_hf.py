@@ -328,7 +328,7 @@ def test_error_hidden_size_mismatch_names_tensor(llama_folder):
 
 def test_error_inconsistent_config_names_file(llama_folder):
     edit_config(llama_folder, hidden_size=30, head_dim=None)  # not a multiple of 4 heads
-    with pytest.raises(LmlabError, match=r"config\.json: .*d_model=30"):
+    with pytest.raises(LmlabError, match=r"config\.json: .*d_model: 30 is not divisible by n_head=4"):
         load(str(llama_folder))
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, first_line
 from lmlab.utils.atomic import atomic_path
 
 NAME = "ckpt.pt"
@@ -40,7 +40,7 @@ def load(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise LmlabError(f"{path}: cannot read checkpoint ({str(e).splitlines()[0]})") from None
+        raise LmlabError(f"{path}: cannot read checkpoint ({first_line(e)})") from None
 
 
 def check_shape(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:

@@ -16,6 +16,8 @@ def rope_theta(c: Conf) -> float:
     if kind != "default":
         raise LmlabError(f"{c.source}: rope type '{kind}' is not supported by lmlab (supported: 'default')")
     theta = rope.get("rope_theta", c.d.get("rope_theta", 10000.0))
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool):
+        raise LmlabError(f"{c.source}: rope_theta: {theta!r} is not a number (allowed: a finite number > 0)")
     return float(theta)
 
 
