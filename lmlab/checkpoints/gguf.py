@@ -10,7 +10,8 @@ import torch
 from gguf import GGMLQuantizationType as QType, GGUFReader, quants
 
 from lmlab.config import ModelConfig
-from lmlab.errors import LmlabError
+from lmlab.checkpoints.gguf_check import check_header
+from lmlab.errors import LmlabError, first_line
 from lmlab.tokenizer import Tokenizer
 from lmlab.utils.device import machine_threads
 
@@ -23,10 +24,11 @@ ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}  # GGUF architecture → lm
 
 def open_gguf(path: str | Path) -> GGUFReader:
     path = Path(path)
+    check_header(path)  # bounded: counts and offsets against the file size, strings UTF-8
     try:
         reader = GGUFReader(path)
-    except Exception as e:
-        raise LmlabError(f"{path}: not a readable GGUF file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    except Exception as e:  # gguf raises ValueError, KeyError, struct errors... on what the walk lets through
+        raise LmlabError(f"{path}: not a readable GGUF file ({type(e).__name__}: {first_line(e)})") from None
     size = path.stat().st_size
     for t in reader.tensors:
         end = t.data_offset + t.n_bytes
@@ -35,19 +37,23 @@ def open_gguf(path: str | Path) -> GGUFReader:
     return reader
 
 
-def metadata(reader: GGUFReader) -> dict[str, Any]:
+def metadata(reader: GGUFReader, source: str) -> dict[str, Any]:
     out = {}
     for key, field in reader.fields.items():
         if key.startswith("GGUF."):
             continue
-        out[key] = field.contents()
+        try:
+            out[key] = field.contents()
+        except Exception as e:  # check_header has vetted sizes and UTF-8; this is a last guard
+            raise LmlabError(f"{source}: {key}: unreadable value ({type(e).__name__}: {first_line(e)})") from None
     return out
 
 
 def config_from_metadata(meta: dict[str, Any], source: str) -> ModelConfig:
     arch = meta.get("general.architecture")
-    if arch not in ARCHITECTURES:
-        raise LmlabError(f"{source}: unsupported GGUF architecture '{arch}' (supported: {', '.join(ARCHITECTURES)})")
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
+        raise LmlabError(f"{source}: general.architecture: unsupported GGUF architecture {arch!r} "
+                         f"(supported: {', '.join(ARCHITECTURES)})")
 
     def get(key: str, default: Any = None) -> Any:
         value = meta.get(f"{arch}.{key}", default)
@@ -55,22 +61,27 @@ def config_from_metadata(meta: dict[str, Any], source: str) -> ModelConfig:
             raise LmlabError(f"{source}: GGUF metadata lacks '{arch}.{key}'")
         return value
 
-    n_head = int(get("attention.head_count"))
-    d_model = int(get("embedding_length"))
-    vocab = meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"])
-    return ModelConfig(
-        arch="decoder", family=ARCHITECTURES[arch], name=str(meta.get("general.name", "")),
-        vocab_size=int(vocab), n_layer=int(get("block_count")), n_head=n_head,
-        n_kv_head=int(get("attention.head_count_kv", n_head)), d_model=d_model,
-        d_ff=int(get("feed_forward_length")),
-        head_dim=int(meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count")
-                     or d_model // n_head),
-        max_seq_len=int(get("context_length")), pos="rope", rope_theta=float(get("rope.freq_base", 10000.0)),
-        norm="rmsnorm", norm_eps=float(get("attention.layer_norm_rms_epsilon")), mlp="swiglu",
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = meta.get(f"{arch}.vocab_size") or (len(tokens) if isinstance(tokens, list) else None)
+    if vocab is None:
+        raise LmlabError(f"{source}: GGUF metadata lacks '{arch}.vocab_size' and 'tokenizer.ggml.tokens'")
+    fields = dict(
+        arch="decoder", family=ARCHITECTURES[arch], name=meta.get("general.name", ""),
+        vocab_size=vocab, n_layer=get("block_count"), n_head=get("attention.head_count"),
+        n_kv_head=meta.get(f"{arch}.attention.head_count_kv"), d_model=get("embedding_length"),
+        d_ff=get("feed_forward_length"),
+        head_dim=meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count"),
+        max_seq_len=get("context_length"), pos="rope", rope_theta=get("rope.freq_base", 10000.0),
+        norm="rmsnorm", norm_eps=get("attention.layer_norm_rms_epsilon"), mlp="swiglu",
         attn_bias=arch == "qwen2", out_bias=False, tie_embeddings=False,
         bos_id=meta.get("tokenizer.ggml.bos_token_id"), eos_id=meta.get("tokenizer.ggml.eos_token_id"),
         pad_id=meta.get("tokenizer.ggml.padding_token_id") or 0,
     )
+    if isinstance(fields["rope_theta"], int) and not isinstance(fields["rope_theta"], bool):
+        fields["rope_theta"] = float(fields["rope_theta"])
+    cfg = ModelConfig.from_dict(fields, source)  # the one validation layer: types and ranges
+    cfg.check_special_ids(source)
+    return cfg
 
 
 def dequantize(t, source: str) -> np.ndarray:
@@ -133,7 +144,7 @@ def state_dict(reader: GGUFReader, cfg: ModelConfig, source: str) -> dict[str, t
 
 def read(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
     reader = open_gguf(path)
-    meta = metadata(reader)
+    meta = metadata(reader, str(path))
     cfg = config_from_metadata(meta, str(path))
     names = {t.name for t in reader.tensors}
     cfg.tie_embeddings = "output.weight" not in names
