@@ -138,8 +138,15 @@ class Tokenizer:
                              f"(supported: {', '.join(GGUF_PRE_TOKENIZERS)})")
         tokens: list[str] = meta["tokenizer.ggml.tokens"]
         merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+        bad = next((i for i, m in enumerate(merges) if len(m) != 2), None)
+        if bad is not None:
+            raise LmlabError(f"{source}: tokenizer.ggml.merges[{bad}]: {' '.join(merges[bad])!r} is not "
+                             "two tokens separated by a space")
         vocab = {t: i for i, t in enumerate(tokens)}
-        tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
+        try:
+            tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
+        except Exception as e:  # the tokenizers library raises plain Exceptions (a merge of unknown tokens)
+            raise LmlabError(f"{source}: tokenizer.ggml.merges: {first_line(e)}") from None
         tok.pre_tokenizer = GGUF_PRE_TOKENIZERS[pre]()
         tok.decoder = decoders.ByteLevel()
         types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)

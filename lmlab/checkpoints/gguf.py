@@ -11,6 +11,7 @@ from gguf import GGMLQuantizationType as QType, GGUFReader, quants
 
 from lmlab.config import ModelConfig
 from lmlab.checkpoints.gguf_check import check_header
+from lmlab.checkpoints.native import check_tensors
 from lmlab.errors import LmlabError, first_line
 from lmlab.tokenizer import Tokenizer
 from lmlab.utils.device import machine_threads
@@ -98,6 +99,8 @@ def dequantize(t, source: str) -> np.ndarray:
         return quants.dequantize(t.data, qtype).reshape(shape)
     except NotImplementedError:
         raise LmlabError(f"{source}: tensor '{t.name}' has unsupported GGUF type {qtype.name}") from None
+    except ValueError as e:  # a block layout that does not fit the stored bytes
+        raise LmlabError(f"{source}: tensor '{t.name}': cannot de-quantize {qtype.name} ({first_line(e)})") from None
 
 
 def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -106,7 +109,32 @@ def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *rest).transpose(1, 2).reshape(w.shape)
 
 
+def gguf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The shape (PyTorch order) every GGUF tensor must have for this config."""
+    D, V, F = cfg.d_model, cfg.vocab_size, cfg.d_ff
+    q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    out = {"token_embd.weight": (V, D), "output_norm.weight": (D,), "output.weight": (V, D)}
+    for i in range(cfg.n_layer):
+        p = f"blk.{i}."
+        out.update({p + "attn_q.weight": (q, D), p + "attn_k.weight": (kv, D), p + "attn_v.weight": (kv, D),
+                    p + "attn_q.bias": (q,), p + "attn_k.bias": (kv,), p + "attn_v.bias": (kv,),
+                    p + "attn_output.weight": (D, q), p + "attn_norm.weight": (D,), p + "ffn_norm.weight": (D,),
+                    p + "ffn_gate.weight": (F, D), p + "ffn_up.weight": (F, D), p + "ffn_down.weight": (D, F)})
+    return out
+
+
+def check_shapes(reader: GGUFReader, cfg: ModelConfig, source: str) -> None:
+    """Each tensor's stored shape against the config, before anything is de-quantized."""
+    want = gguf_shapes(cfg)
+    for t in reader.tensors:
+        shape = tuple(int(x) for x in reversed(t.shape))
+        if t.name in want and shape != want[t.name]:
+            raise LmlabError(f"{source}: tensor '{t.name}' has shape {shape}, the metadata implies {want[t.name]}")
+
+
 def state_dict(reader: GGUFReader, cfg: ModelConfig, source: str) -> dict[str, torch.Tensor]:
+    check_shapes(reader, cfg, source)
+
     def floats(t) -> tuple[str, torch.Tensor]:
         return t.name, torch.from_numpy(np.ascontiguousarray(dequantize(t, source)))
 
@@ -139,6 +167,7 @@ def state_dict(reader: GGUFReader, cfg: ModelConfig, source: str) -> dict[str, t
     raw.pop("rope_freqs.weight", None)
     if raw:
         raise LmlabError(f"{source}: unexpected tensor '{next(iter(raw))}' for architecture {cfg.family}")
+    check_tensors(cfg, sd, source)  # the final word: exactly the tensors and shapes the model has
     return sd
 
 
