@@ -1,7 +1,6 @@
 """Tokenizers: from an HF tokenizer.json, from GGUF metadata, or character-level; plus chat templates."""
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable
@@ -12,6 +11,7 @@ from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, mo
 
 from lmlab.config import read_json
 from lmlab.errors import LmlabError, first_line
+from lmlab.utils.atomic import write_json, write_text
 
 # Pre-tokenizer split patterns that llama.cpp names in `tokenizer.ggml.pre`.
 _GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -209,11 +209,11 @@ class Tokenizer:
     def save(self, folder: str | Path) -> None:
         """Write tokenizer.json and tokenizer_config.json (HF layout)."""
         folder = Path(folder)
-        self.tok.save(str(folder / "tokenizer.json"))
+        write_text(folder / "tokenizer.json", self.tok.to_str(pretty=True))
         conf: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
         for key, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id)):
             if i is not None:
                 conf[key] = self.token(i)
         if self.chat_template:
             conf["chat_template"] = self.chat_template
-        (folder / "tokenizer_config.json").write_text(json.dumps(conf, indent=2, ensure_ascii=False) + "\n")
+        write_json(folder / "tokenizer_config.json", conf)

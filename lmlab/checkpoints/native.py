@@ -1,6 +1,7 @@
 """lmlab's own checkpoint folder: lmlab.json (ModelConfig) + model.safetensors + tokenizer files."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ from lmlab.errors import LmlabError, first_line
 from lmlab.utils.atomic import atomic_folder
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "atomic_folder", "check_float", "check_tensors", "expected_shapes",
-           "is_native", "read", "read_safetensors", "save", "unique_state_dict"]
+           "is_native", "read", "read_safetensors", "save", "save_safetensors", "unique_state_dict"]
 
 CONFIG_NAME = "lmlab.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -76,11 +77,20 @@ def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """save_file writes a private (0600) temporary and renames it over `path`: give the result an ordinary
+    file's permissions (0666 less the umask), like every other file lmlab writes."""
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def save(model, tokenizer, folder: str | Path) -> Path:
     """Write a checkpoint folder atomically (lmlab.utils.atomic.atomic_folder)."""
     with atomic_folder(folder) as tmp:
         model.cfg.save(tmp / CONFIG_NAME)
-        save_file(unique_state_dict(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_safetensors(unique_state_dict(model), tmp / WEIGHTS_NAME)
         if tokenizer is not None:
             tokenizer.save(tmp)
     return Path(folder)
