@@ -139,6 +139,7 @@ _SOURCE: contextvars.ContextVar[str] = contextvars.ContextVar("lmlab_config_sour
 
 MAX_DIM = 2**31 - 1  # every size must index a tensor
 MAX_LAYERS = 10_000
+MAX_SEQ_LEN = 1 << 20  # position tables are built whole: 2^20 positions is about 1 GB of rotary table
 _SIZES = {"vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "head_dim", "n_decoder_layer",
           "max_seq_len", "rel_buckets", "rel_max_distance"}
 _IDS = {"pad_id", "bos_id", "eos_id", "decoder_start_id"}
@@ -174,7 +175,7 @@ def check_field(name: str, value: Any, source: str) -> None:
             raise bad(f"{value!r} is not supported", "allowed: " + ", ".join(choices))
     elif name in _SIZES or name in _IDS or name == "type_vocab_size":
         low = 1 if name in _SIZES else 0
-        high = MAX_LAYERS if name in ("n_layer", "n_decoder_layer") else MAX_DIM
+        high = {"n_layer": MAX_LAYERS, "n_decoder_layer": MAX_LAYERS, "max_seq_len": MAX_SEQ_LEN}.get(name, MAX_DIM)
         if not isinstance(value, int) or isinstance(value, bool):
             raise bad(f"{value!r} is not an integer", f"allowed: an integer {low}..{high}")
         if not low <= value <= high:

@@ -14,6 +14,7 @@ BAD_FIELDS = {
     "heads-0": ({"n_head": 0}, "n_head: 0 is out of range (allowed: 1..2147483647)"),
     "kv-heads-0": ({"n_kv_head": 0}, "n_kv_head: 0 is out of range"),
     "kv-heads-not-divisor": ({"n_kv_head": 3}, "n_kv_head: 3 does not divide n_head=4"),
+    "context-2^31": ({"max_seq_len": 2**31}, "max_seq_len: 2147483648 is out of range (allowed: 1..1048576)"),
     "layers-negative": ({"n_layer": -1}, "n_layer: -1 is out of range (allowed: 1..10000)"),
     "vocab-string": ({"vocab_size": "512"}, "vocab_size: '512' is not an integer"),
     "d-model-float": ({"d_model": 64.0}, "d_model: 64.0 is not an integer"),
