@@ -224,7 +224,7 @@ def test_model_section_is_typed_and_checked_with_the_config(tmp_path):
         load_config(None, ["model.n_layer=three"])
     with pytest.raises(LmlabError, match=r"model.norm: 'rmsnrom' is not one of .*did you mean 'rmsnorm'"):
         load_config(None, ["model.norm=rmsnrom"])
-    with pytest.raises(LmlabError, match="d_model=30 is not divisible by n_head=4"):
+    with pytest.raises(LmlabError, match=r"model \(preset baby-gpt\): d_model: 30 is not divisible by n_head=4"):
         load_config(None, ["model.d_model=30", "model.n_head=4"])
     with pytest.raises(LmlabError, match=r"unknown preset 'baby-gtp' \(did you mean 'baby-gpt'"):
         load_config(None, ["model.preset=baby-gtp"])
@@ -317,7 +317,7 @@ BAD_OVERRIDES = {
     "dtype-fp16": (["dtype=fp16"], "dtype: 'fp16' is not supported"),
     "seed-65-bits": ([f"seed={2**64}"], f"seed: {2**64} is out of range (allowed: 0..2**63-1)"),
     "seed-negative": (["seed=-1"], "seed: -1 is out of range"),
-    "max-iters-0": (["max_iters=0"], "max_iters: 0 is out of range"),
+    "max-iters-negative": (["max_iters=-1"], "max_iters: -1 is out of range (allowed: >= 0)"),
     "val-fraction-1": (["data.val_fraction=1.5"], "data.val_fraction: 1.5 is out of range"),
     "warmup_iter-top-level": (["warmup_iter=5"], "unknown key 'warmup_iter' (did you mean 'optim.warmup_iters'?)"),
     "warmup_iter-in-optim": (["optim.warmup_iter=5"], "unknown key 'warmup_iter' (did you mean 'warmup_iters'?)"),

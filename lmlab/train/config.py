@@ -132,9 +132,9 @@ LIMITS: dict[str, tuple[str, Any]] = {
     "optim.beta2": ("0 <= beta2 < 1", lambda v: 0 <= v < 1),
     "data.val_fraction": ("0 <= val_fraction < 1", lambda v: 0 <= v < 1),
     "data.workers": (">= 1", lambda v: v >= 1),
-    **{k: (">= 1", lambda v: v >= 1) for k in ("seq_len", "batch_size", "grad_accum", "max_iters",
-                                               "eval_interval", "eval_iters", "log_interval")},
-    "checkpoint_interval": (">= 0", lambda v: v >= 0),
+    **{k: (">= 1", lambda v: v >= 1) for k in ("seq_len", "batch_size", "grad_accum", "eval_interval",
+                                               "eval_iters", "log_interval")},
+    **{k: (">= 0", lambda v: v >= 0) for k in ("max_iters", "checkpoint_interval")},  # 0 iterations: init_from as is
     "threads": (">= 0", lambda v: v >= 0),
     "peak_flops": (">= 0", lambda v: v >= 0),
     "seed": ("0..2**63-1", lambda v: 0 <= v < 2**63),
