@@ -67,6 +67,9 @@ class ModelConfig:
         source = _SOURCE.get()
         for f in dataclasses.fields(self):
             check_field(f.name, getattr(self, f.name), source)
+        for name in ("rope_theta", "norm_eps", "attn_scale", "dropout"):  # 10000 in a JSON file is a float here
+            if getattr(self, name) is not None:
+                setattr(self, name, float(getattr(self, name)))
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.d_ff is None:
@@ -183,9 +186,13 @@ def check_field(name: str, value: Any, source: str) -> None:
     elif name in ("rope_theta", "norm_eps", "attn_scale", "dropout"):
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise bad(f"{value!r} is not a number", "allowed: a finite number")
-        low_ok = value > 0 if name in ("rope_theta", "attn_scale") else value >= 0
-        high_ok = value < 1 if name == "dropout" else True
-        if not math.isfinite(value) or not low_ok or not high_ok:
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond any float
+            number = math.inf
+        low_ok = number > 0 if name in ("rope_theta", "attn_scale") else number >= 0
+        high_ok = number < 1 if name == "dropout" else True
+        if not math.isfinite(number) or not low_ok or not high_ok:
             allowed = {"dropout": "0 <= dropout < 1", "norm_eps": "a finite number >= 0"}.get(name, "a finite number > 0")
             raise bad(f"{value!r} is out of range", f"allowed: {allowed}")
     elif name in ("family", "name"):

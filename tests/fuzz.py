@@ -4,7 +4,7 @@ Seed inputs (written once per run): a tiny GGUF (tests/tiny_gguf.py), a tiny lml
 (lmlab.json + model.safetensors) and a tiny HF folder (config.json + model.safetensors). Each case
 mutates one of them (header bytes, or the JSON text) with a seeded RNG and loads it in a worker
 process; any other exception type, a crash or a case running past its timeout is a failure that
-names the target and seed, so `run(target, seed)` reproduces it.
+names the target and seed, so `python -m tests.fuzz --case TARGET:SEED` reproduces it.
 
     python -m tests.fuzz --minutes 10        # the long run; prints counts per outcome
     tests/test_fuzz.py                       # the bounded run in the suite (<= 60 s)
@@ -113,6 +113,9 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("lmlab.json", make_lmlab_json, len, read_spec, text=True),
     Target("config.json", make_config_json, len, read_spec, text=True),
 )}
+
+_SEED_NAMES = {"gguf": "tiny.gguf", "safetensors": "model.safetensors", "hf-safetensors": "model.safetensors",
+               "lmlab.json": "lmlab.json", "config.json": "config.json"}
 
 # targets that check the harness itself (never part of a fuzz run)
 SELFTEST: dict[str, Callable[[Path], object]] = {"hang": lambda path: time.sleep(3600), "crash": lambda path: os._exit(3)}
@@ -246,9 +249,37 @@ class Report:
     failures: list[str]
 
 
+def _seed_input(name: str, work: Path) -> tuple[Path, bytes]:
+    seed_dir = work / "seed" / name
+    if not seed_dir.is_dir() or not any(seed_dir.iterdir()):
+        seed_dir.mkdir(parents=True, exist_ok=True)
+        TARGETS[name].make(seed_dir)
+    path = next(p for p in seed_dir.rglob("*") if p.is_file() and p.name == _SEED_NAMES[name])
+    return path, path.read_bytes()
+
+
+def _write_case(name: str, path: Path, data: bytes, case_seed: int, work: Path) -> Path:
+    trial = work / "case" / name
+    shutil.rmtree(trial, ignore_errors=True)
+    shutil.copytree(path.parent, trial)
+    (trial / path.name).write_bytes(mutated(TARGETS[name], data, case_seed))
+    return trial / path.name
+
+
+def run_case(name: str, case_seed: int, work: Path, timeout: float = CASE_TIMEOUT_S) -> tuple[str, str]:
+    """One case again: (outcome, detail)."""
+    path, data = _seed_input(name, work)
+    pool = Pool()
+    try:
+        return pool.run(name, _write_case(name, path, data, case_seed, work), timeout)
+    finally:
+        pool.close()
+
+
 def fuzz(seconds: float, seed: int = 0, targets: list[str] | None = None, timeout: float = CASE_TIMEOUT_S,
-         work: Path | None = None) -> Report:
-    """Mutate and load cases round-robin over the targets until `seconds` have passed."""
+         work: Path | None = None, replay: list[tuple[str, int]] = ()) -> Report:
+    """Mutate and load cases round-robin over the targets until `seconds` have passed (after the
+    (target, seed) cases of `replay`, e.g. failures found earlier)."""
     names = targets or list(TARGETS)
     own = work is None
     work = Path(tempfile.mkdtemp(prefix="lmlab-fuzz-")) if own else work
@@ -256,23 +287,17 @@ def fuzz(seconds: float, seed: int = 0, targets: list[str] | None = None, timeou
     counts: Counter = Counter()
     failures: list[str] = []
     try:
-        seeds = {}
-        for name in names:
-            seed_dir = work / "seed" / name
-            seed_dir.mkdir(parents=True, exist_ok=True)
-            path = TARGETS[name].make(seed_dir)
-            seeds[name] = (path, path.read_bytes())
+        seeds = {name: _seed_input(name, work) for name in {*names, *(n for n, _ in replay)}}
         deadline, case = time.monotonic() + seconds, 0
-        while time.monotonic() < deadline:
-            name = names[case % len(names)]
-            case_seed = seed * 1_000_003 + case
+        while case < len(replay) or time.monotonic() < deadline:
+            if case < len(replay):
+                name, case_seed = replay[case]
+            else:
+                name = names[case % len(names)]
+                case_seed = seed * 1_000_003 + case
             case += 1
             path, data = seeds[name]
-            trial = work / "case" / name
-            shutil.rmtree(trial, ignore_errors=True)
-            shutil.copytree(path.parent, trial)
-            (trial / path.name).write_bytes(mutated(TARGETS[name], data, case_seed))
-            outcome, detail = pool.run(name, trial / path.name, timeout)
+            outcome, detail = pool.run(name, _write_case(name, path, data, case_seed, work), timeout)
             if outcome == "lmlab-error" and detail:
                 outcome = "bad-message"
             counts[f"{name}: {outcome}"] += 1
@@ -290,7 +315,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minutes", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--target", action="append", choices=list(TARGETS), help="repeatable; default: all")
+    ap.add_argument("--case", help="TARGET:SEED of a reported failure: run that one case and print its outcome")
     args = ap.parse_args(argv)
+    if args.case:
+        name, _, case_seed = args.case.rpartition(":")
+        with tempfile.TemporaryDirectory(prefix="lmlab-fuzz-") as work:
+            outcome, detail = run_case(name, int(case_seed), Path(work))
+        print(outcome, detail)
+        return 0 if outcome in ("ok", "lmlab-error") else 1
     report = fuzz(args.minutes * 60, args.seed, args.target)
     print(json.dumps(dict(sorted(report.counts.items())), indent=1))
     for line in report.failures:

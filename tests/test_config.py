@@ -26,6 +26,7 @@ BAD_FIELDS = {
     "arch-list": ({"arch": ["decoder"]}, "arch: ['decoder'] is not supported"),
     "rope-nan": ({"rope_theta": float("nan")}, "rope_theta: nan is out of range"),
     "rope-inf": ({"rope_theta": float("inf")}, "rope_theta: inf is out of range"),
+    "rope-int-beyond-float": ({"rope_theta": 10**400}, "rope_theta: 1000000000"),
     "eps-string": ({"norm_eps": "1e-5"}, "norm_eps: '1e-5' is not a number"),
     "dropout-1": ({"dropout": 1.0}, "dropout: 1.0 is out of range (allowed: 0 <= dropout < 1)"),
     "bias-string": ({"attn_bias": "yes"}, "attn_bias: 'yes' is not a boolean"),
@@ -42,6 +43,12 @@ def test_bad_field_is_one_line_naming_source_and_field(case):
         preset("tiny-llama", **overrides)
     message = str(info.value)
     assert message.startswith("preset tiny-llama: ") and text in message and "\n" not in message
+
+
+def test_integer_float_fields_become_floats():
+    cfg = preset("tiny-llama", rope_theta=10**30, norm_eps=0, dropout=0)
+    assert isinstance(cfg.rope_theta, float) and isinstance(cfg.norm_eps, float) and isinstance(cfg.dropout, float)
+    Transformer(cfg)  # a huge integer theta used to overflow inside the rotary table
 
 
 @pytest.mark.parametrize("case", ["heads-0", "pos-unknown", "vocab-string", "rope-nan"])
