@@ -109,7 +109,7 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         for key in d:
             if key not in known:
-                raise LmlabError(f"{source}: unknown model config key '{key}'{did_you_mean(key, known)}")
+                raise LmlabError(f"{source}: unknown model config key {key!r}{did_you_mean(key, known)}")
         with config_source(source):
             return cls(**d)
 

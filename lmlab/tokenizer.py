@@ -131,10 +131,10 @@ class Tokenizer:
         _check_gguf_tokenizer(meta, source)
         kind = meta.get("tokenizer.ggml.model")
         if kind != "gpt2":
-            raise LmlabError(f"{source}: unsupported GGUF tokenizer model '{kind}' (supported: gpt2-style BPE)")
+            raise LmlabError(f"{source}: unsupported GGUF tokenizer model {kind!r} (supported: gpt2-style BPE)")
         pre = meta.get("tokenizer.ggml.pre", "default")
         if not isinstance(pre, str) or pre not in GGUF_PRE_TOKENIZERS:
-            raise LmlabError(f"{source}: unsupported GGUF pre-tokenizer '{pre}' "
+            raise LmlabError(f"{source}: unsupported GGUF pre-tokenizer {pre!r} "
                              f"(supported: {', '.join(GGUF_PRE_TOKENIZERS)})")
         tokens: list[str] = meta["tokenizer.ggml.tokens"]
         merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]

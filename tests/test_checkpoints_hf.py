@@ -406,7 +406,7 @@ BAD_HF_CONFIGS = {
                           "rope_theta: 'big' is not a number"),
     "rope-theta-negative": ({"rope_parameters": {"rope_type": "default", "rope_theta": -1.0}},
                             "rope_theta: -1.0 is out of range"),
-    "model-type-list": ({"model_type": ["llama"]}, "model_type '['llama']' is not supported"),
+    "model-type-list": ({"model_type": ["llama"]}, "model_type ['llama'] is not supported"),
     "model-type-unknown": ({"model_type": "mamba"}, "model_type 'mamba' is not supported"),
     "context-0": ({"max_position_embeddings": 0}, "max_seq_len: 0 is out of range"),
 }

@@ -3,7 +3,8 @@ import fuzz
 
 # cases the fuzz once found (target, seed): each must stay a load or an LmlabError
 FOUND = [("lmlab.json", 7005999),  # rope_theta an integer beyond float range: OverflowError in the rotary table
-         ("gguf", 495)]  # merges naming tokens outside the vocabulary: a bare Exception from tokenizers
+         ("gguf", 495),  # merges naming tokens outside the vocabulary: a bare Exception from tokenizers
+         ("lmlab.json", 11003216)]  # a key holding a newline made a two-line message
 
 
 def test_readers_survive_mutations(tmp_path):

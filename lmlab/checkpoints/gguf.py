@@ -34,7 +34,7 @@ def open_gguf(path: str | Path) -> GGUFReader:
     for t in reader.tensors:
         end = t.data_offset + t.n_bytes
         if end > size:
-            raise LmlabError(f"{path}: truncated: tensor '{t.name}' needs bytes up to {end}, file has {size}")
+            raise LmlabError(f"{path}: truncated: tensor {t.name!r} needs bytes up to {end}, file has {size}")
     return reader
 
 
@@ -88,7 +88,7 @@ def config_from_metadata(meta: dict[str, Any], source: str) -> ModelConfig:
 def dequantize(t, source: str) -> np.ndarray:
     qtype = QType(t.tensor_type)
     if qtype in UNSUPPORTED:
-        raise LmlabError(f"{source}: tensor '{t.name}' has unsupported GGUF type {qtype.name}")
+        raise LmlabError(f"{source}: tensor {t.name!r} has unsupported GGUF type {qtype.name}")
     shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists dimensions innermost first
     if qtype in FLOAT_TYPES:
         arr = np.asarray(t.data)
@@ -98,9 +98,9 @@ def dequantize(t, source: str) -> np.ndarray:
     try:
         return quants.dequantize(t.data, qtype).reshape(shape)
     except NotImplementedError:
-        raise LmlabError(f"{source}: tensor '{t.name}' has unsupported GGUF type {qtype.name}") from None
+        raise LmlabError(f"{source}: tensor {t.name!r} has unsupported GGUF type {qtype.name}") from None
     except ValueError as e:  # a block layout that does not fit the stored bytes
-        raise LmlabError(f"{source}: tensor '{t.name}': cannot de-quantize {qtype.name} ({first_line(e)})") from None
+        raise LmlabError(f"{source}: tensor {t.name!r}: cannot de-quantize {qtype.name} ({first_line(e)})") from None
 
 
 def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -129,7 +129,7 @@ def check_shapes(reader: GGUFReader, cfg: ModelConfig, source: str) -> None:
     for t in reader.tensors:
         shape = tuple(int(x) for x in reversed(t.shape))
         if t.name in want and shape != want[t.name]:
-            raise LmlabError(f"{source}: tensor '{t.name}' has shape {shape}, the metadata implies {want[t.name]}")
+            raise LmlabError(f"{source}: tensor {t.name!r} has shape {shape}, the metadata implies {want[t.name]}")
 
 
 def state_dict(reader: GGUFReader, cfg: ModelConfig, source: str) -> dict[str, torch.Tensor]:
@@ -143,7 +143,7 @@ def state_dict(reader: GGUFReader, cfg: ModelConfig, source: str) -> dict[str, t
 
     def take(name: str) -> torch.Tensor:
         if name not in raw:
-            raise LmlabError(f"{source}: missing tensor '{name}'")
+            raise LmlabError(f"{source}: missing tensor {name!r}")
         return raw.pop(name)
 
     sd = {"tok_emb.weight": take("token_embd.weight"), "decoder.norm.weight": take("output_norm.weight")}
@@ -166,7 +166,7 @@ def state_dict(reader: GGUFReader, cfg: ModelConfig, source: str) -> dict[str, t
         sd[q + "mlp.proj.weight"] = take(p + "ffn_down.weight")
     raw.pop("rope_freqs.weight", None)
     if raw:
-        raise LmlabError(f"{source}: unexpected tensor '{next(iter(raw))}' for architecture {cfg.family}")
+        raise LmlabError(f"{source}: unexpected tensor {next(iter(raw))!r} for architecture {cfg.family}")
     check_tensors(cfg, sd, source)  # the final word: exactly the tensors and shapes the model has
     return sd
 

@@ -29,6 +29,7 @@ class _Cursor:
         self.data, self.path, self.order, self.pos = data, path, order, 0
 
     def fail(self, field: str, what: str) -> LmlabError:
+        field = field if field.isprintable() else repr(field)  # a key from the file may hold a newline
         return LmlabError(f"{self.path}: {field}: {what} (at byte {self.pos} of {len(self.data)})")
 
     def left(self) -> int:
@@ -122,26 +123,26 @@ def _walk(cur: _Cursor, path: Path, size: int) -> None:
     start = cur.pos + (-cur.pos % alignment)
     for name, offset, n_bytes in tensors:
         if offset % alignment:
-            raise LmlabError(f"{path}: tensor '{name}': data offset {offset} is not a multiple of {alignment}")
+            raise LmlabError(f"{path}: tensor {name!r}: data offset {offset} is not a multiple of {alignment}")
         if start + offset + n_bytes > size:
-            raise LmlabError(f"{path}: truncated: tensor '{name}' needs bytes up to {start + offset + n_bytes}, "
+            raise LmlabError(f"{path}: truncated: tensor {name!r} needs bytes up to {start + offset + n_bytes}, "
                              f"file has {size}")
 
 
 def _tensor_info(cur: _Cursor, i: int) -> tuple[str, int, int]:
     name = cur.string(f"tensor #{i} name")
-    n_dims = cur.unpack("I", f"tensor '{name}' n_dims")
+    n_dims = cur.unpack("I", f"tensor {name!r} n_dims")
     if not 1 <= n_dims <= MAX_DIMS:
-        raise cur.fail(f"tensor '{name}' n_dims", f"{n_dims} (allowed: 1..{MAX_DIMS})")
-    dims = [cur.unpack("Q", f"tensor '{name}' shape") for _ in range(n_dims)]
-    code = cur.unpack("I", f"tensor '{name}' type")
+        raise cur.fail(f"tensor {name!r} n_dims", f"{n_dims} (allowed: 1..{MAX_DIMS})")
+    dims = [cur.unpack("Q", f"tensor {name!r} shape") for _ in range(n_dims)]
+    code = cur.unpack("I", f"tensor {name!r} type")
     try:
         block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(code)]
     except (ValueError, KeyError):
-        raise cur.fail(f"tensor '{name}' type", f"unknown GGML tensor type {code}") from None
-    offset = cur.unpack("Q", f"tensor '{name}' offset")
+        raise cur.fail(f"tensor {name!r} type", f"unknown GGML tensor type {code}") from None
+    offset = cur.unpack("Q", f"tensor {name!r} offset")
     if dims[0] % block:
-        raise cur.fail(f"tensor '{name}' shape", f"row length {dims[0]} is not a multiple of the block size {block}")
+        raise cur.fail(f"tensor {name!r} shape", f"row length {dims[0]} is not a multiple of the block size {block}")
     n = 1
     for d in dims:
         n *= d

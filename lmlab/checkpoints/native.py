@@ -44,7 +44,7 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def check_float(source: str | Path, name: str, t: torch.Tensor) -> None:
     if not t.is_floating_point():
-        raise LmlabError(f"{source}: tensor '{name}' has dtype {str(t.dtype).removeprefix('torch.')} "
+        raise LmlabError(f"{source}: tensor {name!r} has dtype {str(t.dtype).removeprefix('torch.')} "
                          "(allowed: a floating-point dtype)")
 
 
@@ -59,10 +59,10 @@ def check_tensors(cfg: ModelConfig, sd: dict[str, torch.Tensor], source: str | P
                          f"({len(shapes)} expected for this config)")
     for name, t in sd.items():
         if name not in shapes:
-            raise LmlabError(f"{source}: unexpected tensor '{name}' for this config")
+            raise LmlabError(f"{source}: unexpected tensor {name!r} for this config")
         check_float(source, name, t)
         if tuple(t.shape) != shapes[name]:
-            raise LmlabError(f"{source}: tensor '{name}' has shape {tuple(t.shape)}, config expects {shapes[name]}")
+            raise LmlabError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, config expects {shapes[name]}")
 
 
 def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

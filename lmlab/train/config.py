@@ -119,7 +119,7 @@ def _unknown(source: str, key: str, known, nested: dict[str, Any] | None = None)
         if isinstance(value, dict) and section != "model":
             names.update({k: f"{section}.{k}" for k in value if k not in names})
     hint = difflib.get_close_matches(key, list(names), n=1, cutoff=0.6)
-    return LmlabError(f"{source}: unknown key '{key}'" + (f" (did you mean '{names[hint[0]]}'?)" if hint else ""))
+    return LmlabError(f"{source}: unknown key {key!r}" + (f" (did you mean '{names[hint[0]]}'?)" if hint else ""))
 
 
 # Ranges of numeric recipe values (dotted path → allowed, as text and as a test); types are checked first.

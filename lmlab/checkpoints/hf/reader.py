@@ -71,7 +71,7 @@ def read(folder: str | Path):
     leftover = [n for n in raw if not re.search(fam.ignore, n)
                 and not (cfg.tie_embeddings and n in fam.tied_copies) and not fam.unused(n, cfg, prefix)]
     if leftover:
-        raise LmlabError(f"{where[leftover[0]]}: unexpected tensor '{leftover[0]}' for {fam.model_type} "
+        raise LmlabError(f"{where[leftover[0]]}: unexpected tensor {leftover[0]!r} for {fam.model_type} "
                          f"as configured in config.json")
     tok = Tokenizer.from_folder(folder) if (folder / "tokenizer.json").is_file() else None
     fill_special_ids(cfg, folder, tok)
@@ -98,11 +98,11 @@ def gather(raw: dict[str, torch.Tensor], where: dict[str, Path], entries: list[E
         pieces = []
         for name, want in zip(e.theirs, piece_shapes(e, shapes[e.ours])):
             if name not in raw:
-                raise LmlabError(f"{folder}: missing tensor '{name}' (needed for {e.ours})")
+                raise LmlabError(f"{folder}: missing tensor {name!r} (needed for {e.ours})")
             t = raw.pop(name)
             check_float(where[name], name, t)
             if tuple(t.shape) != want:
-                raise LmlabError(f"{where[name]}: tensor '{name}' has shape {tuple(t.shape)}, "
+                raise LmlabError(f"{where[name]}: tensor {name!r} has shape {tuple(t.shape)}, "
                                  f"config.json implies {want}")
             pieces.append(t.t() if e.transpose else t)
         sd[e.ours] = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).contiguous()
