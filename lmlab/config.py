@@ -1,13 +1,17 @@
 """Model configuration: one dataclass describes every Transformer lmlab builds, plus named presets."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import json
+import math
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, first_line
 from lmlab.utils.atomic import write_json
 from lmlab.utils.suggest import did_you_mean
 
@@ -60,20 +64,36 @@ class ModelConfig:
     name: str = ""
 
     def __post_init__(self) -> None:
+        source = _SOURCE.get()
+        for f in dataclasses.fields(self):
+            check_field(f.name, getattr(self, f.name), source)
+        for name in ("rope_theta", "norm_eps", "attn_scale", "dropout"):  # 10000 in a JSON file is a float here
+            if getattr(self, name) is not None:
+                setattr(self, name, float(getattr(self, name)))
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model
         if self.head_dim is None:
             if self.d_model % self.n_head:
-                raise LmlabError(f"config: d_model={self.d_model} is not divisible by n_head={self.n_head}")
+                raise LmlabError(f"{source}: d_model: {self.d_model} is not divisible by n_head={self.n_head} "
+                                 "(set head_dim, or a multiple of n_head)")
             self.head_dim = self.d_model // self.n_head
         if self.n_head % self.n_kv_head:
-            raise LmlabError(f"config: n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
+            raise LmlabError(f"{source}: n_kv_head: {self.n_kv_head} does not divide n_head={self.n_head} "
+                             "(allowed: a divisor of n_head)")
         if self.arch == "encoder-decoder" and self.n_decoder_layer is None:
             self.n_decoder_layer = self.n_layer
         if self.pos == "rope" and self.head_dim % 2:
-            raise LmlabError(f"config: rotary positions need an even head_dim, got {self.head_dim}")
+            raise LmlabError(f"{source}: head_dim: rotary positions need an even head_dim, got {self.head_dim}")
+
+    def check_special_ids(self, source: str) -> None:
+        """Readers whose file fixes the vocabulary (GGUF) insist that every special id lies inside it."""
+        for name in ("pad_id", "bos_id", "eos_id", "decoder_start_id"):
+            value = getattr(self, name)
+            if value is not None and value >= self.vocab_size:
+                raise LmlabError(f"{source}: {name}: {value} is outside the vocabulary "
+                                 f"(allowed: 0..{self.vocab_size - 1})")
 
     @property
     def causal(self) -> bool:
@@ -84,22 +104,102 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise LmlabError(f"{source}: expected a JSON object of model config fields, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         for key in d:
             if key not in known:
-                raise LmlabError(f"{source}: unknown model config key '{key}'{did_you_mean(key, known)}")
-        return cls(**d)
+                raise LmlabError(f"{source}: unknown model config key {key!r}{did_you_mean(key, known)}")
+        with config_source(source):
+            return cls(**d)
 
     def save(self, path: str | Path) -> None:
         write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelConfig":
+        return cls.from_dict(read_json(path), source=str(path))
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file's value; unreadable, non-UTF-8 or invalid JSON is a one-line LmlabError naming the file."""
+    try:
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise LmlabError(f"{path}: file not found") from None
+    except OSError as e:
+        raise LmlabError(f"{path}: cannot read ({first_line(e)})") from None
+    except UnicodeDecodeError as e:
+        raise LmlabError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise LmlabError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    except RecursionError:
+        raise LmlabError(f"{path}: not valid JSON (nested too deeply)") from None
+
+
+# Which file a ModelConfig being built comes from (named in every validation message).
+_SOURCE: contextvars.ContextVar[str] = contextvars.ContextVar("lmlab_config_source", default="config")
+
+MAX_DIM = 2**31 - 1  # every size must index a tensor
+MAX_LAYERS = 10_000
+MAX_SEQ_LEN = 1 << 20  # position tables are built whole: 2^20 positions is about 1 GB of rotary table
+_SIZES = {"vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "head_dim", "n_decoder_layer",
+          "max_seq_len", "rel_buckets", "rel_max_distance"}
+_IDS = {"pad_id", "bos_id", "eos_id", "decoder_start_id"}
+
+
+@contextlib.contextmanager
+def config_source(source: str):
+    """Name `source` in the messages of every ModelConfig built inside (readers wrap their construction)."""
+    token = _SOURCE.set(source)
+    try:
+        yield
+    finally:
+        _SOURCE.reset(token)
+
+
+def _choices(name: str) -> tuple | None:
+    hint = typing.get_type_hints(ModelConfig)[name]
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
+
+
+def check_field(name: str, value: Any, source: str) -> None:
+    """The one type and range check of a ModelConfig field: `SOURCE: FIELD: what is wrong (allowed)`."""
+    def bad(what: str, allowed: str) -> LmlabError:
+        return LmlabError(f"{source}: {name}: {what} ({allowed})")
+
+    choices = _choices(name)
+    optional = name in {"n_kv_head", "d_ff", "head_dim", "n_decoder_layer", "attn_scale",
+                        "bos_id", "eos_id", "decoder_start_id"}
+    if value is None and optional:
+        return
+    if choices is not None:
+        if not isinstance(value, str) or value not in choices:
+            raise bad(f"{value!r} is not supported", "allowed: " + ", ".join(choices))
+    elif name in _SIZES or name in _IDS or name == "type_vocab_size":
+        low = 1 if name in _SIZES else 0
+        high = {"n_layer": MAX_LAYERS, "n_decoder_layer": MAX_LAYERS, "max_seq_len": MAX_SEQ_LEN}.get(name, MAX_DIM)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise bad(f"{value!r} is not an integer", f"allowed: an integer {low}..{high}")
+        if not low <= value <= high:
+            raise bad(f"{value} is out of range", f"allowed: {low}..{high}")
+    elif name in ("rope_theta", "norm_eps", "attn_scale", "dropout"):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise bad(f"{value!r} is not a number", "allowed: a finite number")
         try:
-            d = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as e:
-            raise LmlabError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-        return cls.from_dict(d, source=str(path))
+            number = float(value)
+        except OverflowError:  # an integer beyond any float
+            number = math.inf
+        low_ok = number > 0 if name in ("rope_theta", "attn_scale") else number >= 0
+        high_ok = number < 1 if name == "dropout" else True
+        if not math.isfinite(number) or not low_ok or not high_ok:
+            allowed = {"dropout": "0 <= dropout < 1", "norm_eps": "a finite number >= 0"}.get(name, "a finite number > 0")
+            raise bad(f"{value!r} is out of range", f"allowed: {allowed}")
+    elif name in ("family", "name"):
+        if not isinstance(value, str):
+            raise bad(f"{value!r} is not a string", "allowed: a string")
+    elif not isinstance(value, bool):
+        raise bad(f"{value!r} is not a boolean", "allowed: true or false")
 
 
 def _llama(**kw: Any) -> dict[str, Any]:
