@@ -28,5 +28,5 @@ def test_build_takes_the_tensors_and_recomputes_position_tables(pos):
 def test_build_names_a_missing_tensor():
     source = Transformer(ModelConfig(**SMALL))
     sd = {k: v for k, v in source.state_dict().items() if k != "decoder.norm.weight"}
-    with pytest.raises(LmlabError, match="missing tensor 'decoder.norm.weight'"):
+    with pytest.raises(LmlabError, match="missing tensors 'decoder.norm.weight'"):
         build(source.cfg, sd, "test")

@@ -50,20 +50,12 @@ def _is_gguf(path: Path) -> bool:
 
 
 def build(cfg: ModelConfig, sd: dict[str, torch.Tensor], source: str) -> Transformer:
-    """A model with exactly these weights; a missing, unexpected or mis-shaped tensor is named."""
+    """A model with exactly these weights; a missing, unexpected, non-float or mis-shaped tensor is named."""
+    from lmlab.checkpoints import native
+
     with torch.device("meta"):  # every parameter is taken from sd below: no memory, no random init
         model = Transformer(cfg)
-    expected = model.state_dict()
-    tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
-    for name, t in sd.items():
-        if name not in expected:
-            raise LmlabError(f"{source}: unexpected tensor '{name}' for this config")
-        if tuple(t.shape) != tuple(expected[name].shape):
-            raise LmlabError(f"{source}: tensor '{name}' has shape {tuple(t.shape)}, "
-                             f"config expects {tuple(expected[name].shape)}")
-    missing = [n for n in expected if n not in sd and n not in tied]
-    if missing:
-        raise LmlabError(f"{source}: missing tensor '{missing[0]}'")
+    native.check_tensors(cfg, sd, source)
     model.load_state_dict(sd, strict=False, assign=True)  # take the tensors as they are: no copy
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, first_line
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
@@ -159,7 +159,7 @@ def encode_example(tokenizer, messages: list[dict], max_len: int = 0) -> Example
     try:
         enc = tokenizer.tok.encode(text, add_special_tokens=False)
     except Exception as e:  # the tokenizers library raises plain Exceptions
-        raise LmlabError(f"the tokenizer cannot encode the conversation ({str(e).splitlines()[0]})") from None
+        raise LmlabError(f"the tokenizer cannot encode the conversation ({first_line(e)})") from None
     ids, offsets = list(enc.ids), enc.offsets
     inside = [any(a <= s < b for a, b in spans) for s, _ in offsets]
     labels = [ids[t + 1] if inside[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]

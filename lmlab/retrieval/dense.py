@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, first_line
 from lmlab.retrieval import store
 from lmlab.retrieval.base import Retriever
 from lmlab.retrieval.embed import Embedder
@@ -93,7 +93,7 @@ class DenseRetriever(Retriever):
         try:
             self.faiss_index = faiss.read_index(str(folder / FILE))
         except RuntimeError as e:
-            raise LmlabError(f"{folder / FILE}: cannot read the faiss index ({str(e).splitlines()[0]})") from None
+            raise LmlabError(f"{folder / FILE}: cannot read the faiss index ({first_line(e)})") from None
         self.texts = store.read_texts(folder, manifest["count"])
         if self.faiss_index.ntotal != len(self.texts) or self.faiss_index.d != manifest.get("dim"):
             raise LmlabError(f"{folder / FILE}: holds {self.faiss_index.ntotal} vectors of dimension "
