@@ -61,13 +61,14 @@ class Speculation:
         return f"prompt lookup (n <= {self.prompt_lookup})" if self.prompt_lookup else f"draft model {self.draft_name}"
 
 
-def check_pair(target_cfg, draft_cfg, target_tok=None, draft_tok=None, draft_name: str = "draft") -> None:
+def check_pair(target_cfg, draft_cfg, target_tok=None, draft_tok=None, draft_name: str = "draft",
+               target_name: str = "target") -> None:
     """A draft must be a causal LM over the target's vocabulary (same size, same tokenizer when known)."""
     if draft_cfg.arch != "decoder":
         raise LmlabError(f"speculation: the draft {draft_name} is an {draft_cfg.arch} model; "
                          "drafting needs a decoder-only (causal) language model")
     if target_cfg.arch != "decoder":
-        raise LmlabError(f"speculation: the target is an {target_cfg.arch} model; "
+        raise LmlabError(f"speculation: the target {target_name} is an {target_cfg.arch} model; "
                          "speculative decoding needs a decoder-only target")
     t_vocab = getattr(target_tok, "vocab_size", None)
     d_vocab = getattr(draft_tok, "vocab_size", None)
@@ -75,7 +76,7 @@ def check_pair(target_cfg, draft_cfg, target_tok=None, draft_tok=None, draft_nam
                                        or _tok_probe(target_tok) == _tok_probe(draft_tok))
     if draft_cfg.vocab_size != target_cfg.vocab_size or not same_tok:
         raise LmlabError(f"speculation: the draft {draft_name} has vocabulary {draft_cfg.vocab_size} "
-                         f"(tokenizer {_tok_name(draft_tok, d_vocab)}), the target {target_cfg.vocab_size} "
+                         f"(tokenizer {_tok_name(draft_tok, d_vocab)}), the target {target_name} {target_cfg.vocab_size} "
                          f"(tokenizer {_tok_name(target_tok, t_vocab)}); they must share one vocabulary")
 
 
@@ -87,7 +88,7 @@ def _tok_probe(tok) -> tuple:
 def _tok_name(tok, vocab) -> str:
     if tok is None:
         return "unknown"
-    return f"{getattr(tok, 'name', None) or type(tok).__name__} of {vocab} tokens, eos {tok.eos_id}"
+    return f"{vocab} entries, eos id {tok.eos_id}, a test line in {len(_tok_probe(tok)[0])} tokens"
 
 
 # --------------------------------------------------------------------------- caches

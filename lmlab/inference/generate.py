@@ -191,8 +191,8 @@ def _decode_speculative(runner: Runner, cache, logits: torch.Tensor, budgets: li
                         stops: set[int], pad_id: int, seen, on_token, spec, prompts: list[list[int]],
                         chunk: int) -> tuple[list[list[int]], dict[int, int], SpecStats]:
     """The token loop with speculation: each pass is a speculative step (drafting.speculative_step) or, when
-    the controller says so (or nothing could be drafted), a plain step. The first step is plain and timed,
-    so that the cost ratio c has its denominator from the start."""
+    the controller says so (or nothing could be drafted), a plain step. With the adaptive controller the
+    first step is plain and timed, so that the cost ratio c has its denominator from the start."""
     B, device = len(budgets), runner.device
     generator = sampling.make_generator(cfg, device)
     watch, made = _Watch(budgets, stops, on_token), [[] for _ in budgets]
@@ -210,7 +210,7 @@ def _decode_speculative(runner: Runner, cache, logits: torch.Tensor, budgets: li
         drafter = drafting.ModelDrafter(draft, draft_cache, first, pad_id)
     control = DraftController(spec.k) if spec.adaptive else None
     stats = SpecStats(method=spec.method)
-    plain_first = True
+    plain_first = control is not None  # a timed plain step first gives the controller its c
     while not all(watch.done):
         active = [not d for d in watch.done]
         k = 0 if plain_first else (control.k if control is not None else spec.k)
