@@ -147,7 +147,7 @@ class ModelDrafter:
         self.start, self.fed = self.cache.length, ids.shape[1]
         seen = seen.clone() if seen is not None else None
         rows = torch.arange(len(active), device=device)
-        step_mask = None if all(active) else torch.tensor(active, device=device)[:, None]
+        self.lengths = lengths
         drafts, probs = [], []
         for j in range(K):
             logits = self.runner.step(ids, self.cache, attention_mask=mask).float()
@@ -161,14 +161,14 @@ class ModelDrafter:
             if seen is not None:
                 seen[rows, tok] = True
             drafts.append(tok)
-            if j + 1 < K:
-                ids, mask = tok[:, None], step_mask
+            if j + 1 < K:  # a row feeds draft j+1 only when it wants draft j+2 (keeps it inside its window)
+                wanted = [a and j + 1 < n for a, n in zip(active, lengths)]
+                ids, mask = tok[:, None], (None if all(wanted) else torch.tensor(wanted, device=device)[:, None])
         return torch.stack(drafts, 1), (torch.stack(probs, 1) if probs else None)
 
     def commit(self, drafts: list[list[int]], accepted: list[int], extra: list[int]) -> None:
         """Keep what each row accepted in the draft cache; the rest waits in `pending`."""
-        K = len(drafts[0])
-        kept = [min(n, K - 1) for n in accepted]
+        kept = [max(0, min(a, n - 1)) for a, n in zip(accepted, self.lengths)]  # drafts fed and accepted
         self.cache.truncate([self.start + self.fed + n for n in kept])
         self.pending = [d[n:a] + [x] for d, n, a, x in zip(drafts, kept, accepted, extra)]
 
