@@ -222,7 +222,7 @@ def speculative_step(target: Runner, cache, last: torch.Tensor, drafter, lengths
         if max(lengths) == 0:
             return None
         drafts, _ = pad_drafts(found, device=device)
-        q, draft_steps = None, 0
+        q, draft_steps = None, 1  # one lookup per pass
     else:
         drafts, q = drafter.propose(max(lengths), lengths, active, cfg, generator, seen)
         draft_steps = drafts.shape[1]
