@@ -64,12 +64,10 @@ class Speculation:
 def check_pair(target_cfg, draft_cfg, target_tok=None, draft_tok=None, draft_name: str = "draft",
                target_name: str = "target") -> None:
     """A draft must be a causal LM over the target's vocabulary (same size, same tokenizer when known)."""
+    check_target(target_cfg, target_name)
     if draft_cfg.arch != "decoder":
         raise LmlabError(f"speculation: the draft {draft_name} is an {draft_cfg.arch} model; "
                          "drafting needs a decoder-only (causal) language model")
-    if target_cfg.arch != "decoder":
-        raise LmlabError(f"speculation: the target {target_name} is an {target_cfg.arch} model; "
-                         "speculative decoding needs a decoder-only target")
     t_vocab = getattr(target_tok, "vocab_size", None)
     d_vocab = getattr(draft_tok, "vocab_size", None)
     same_tok = t_vocab == d_vocab and (target_tok is None or draft_tok is None
@@ -78,6 +76,12 @@ def check_pair(target_cfg, draft_cfg, target_tok=None, draft_tok=None, draft_nam
         raise LmlabError(f"speculation: the draft {draft_name} has vocabulary {draft_cfg.vocab_size} "
                          f"(tokenizer {_tok_name(draft_tok, d_vocab)}), the target {target_name} {target_cfg.vocab_size} "
                          f"(tokenizer {_tok_name(target_tok, t_vocab)}); they must share one vocabulary")
+
+
+def check_target(target_cfg, target_name: str = "target") -> None:
+    if target_cfg.arch != "decoder":
+        raise LmlabError(f"speculation: the target {target_name} is an {target_cfg.arch} model; "
+                         "speculative decoding needs a decoder-only target")
 
 
 def _tok_probe(tok) -> tuple:

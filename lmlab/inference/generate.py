@@ -297,7 +297,7 @@ def generate_tokens(model, prompts: list[list[int]], cfg: GenerationConfig, *, s
         drafting.check_pair(runner.cfg, draft_cfg, draft_name=speculation.draft_name)
         budgets = [min(a, b) for a, b in zip(budgets, token_budgets(draft_cfg, prompts, cfg.max_new_tokens))]
     elif speculation is not None:
-        drafting.check_pair(runner.cfg, runner.cfg)
+        drafting.check_target(runner.cfg)
     if max(budgets) == 0:
         return TokenResult([[] for _ in prompts], ["length"] * len(prompts), Timing(0.0, 0.0, 0))
     stops = set() if cfg.ignore_eos else set(stop_ids)

@@ -321,3 +321,43 @@ def test_qwen_pair_greedy_speculation_equals_plain():
     assert out.tokens == plain
     assert out.spec.acceptance_rate > 0.3
 
+
+
+# --------------------------------------------------------------------------- the command line
+def lmlab_cli(capsys, monkeypatch, *args, stdin=""):
+    """`lmlab ARGS` in this process (subprocesses cost seconds each): (exit code, stdout, stderr)."""
+    import io
+
+    from lmlab.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    with pytest.raises(SystemExit) as ended:
+        main(list(args))
+    out = capsys.readouterr()
+    return ended.value.code, out.out, out.err
+
+
+def test_cli_draft_and_prompt_lookup_with_run_options(tmp_path, capsys, monkeypatch):
+    from tiny_gguf import write_tiny
+
+    tiny = tmp_path / "tiny.gguf"
+    write_tiny(tiny)
+    base = ["generate", "-m", str(tiny), "-p", "The quick brown fox. The quick", "--max-new-tokens", "8",
+            "--temperature", "0", "--threads", "1"]
+    code, plain, err = lmlab_cli(capsys, monkeypatch, *base)
+    assert code == 0, err
+    for opts in (["--draft", str(tiny), "--speculate", "3", "--no-adapt"], ["--prompt-lookup", "2"],
+                 ["--draft", str(tiny), "--quantize", "int8", "--dtype", "bfloat16"]):
+        code, out, err = lmlab_cli(capsys, monkeypatch, *base, "--stats", *opts)
+        assert code == 0, (opts, err)
+        assert "acceptance rate" in err and "tokens per pass" in err, opts
+        if "--quantize" not in opts:
+            assert out == plain, opts
+    code, out, err = lmlab_cli(capsys, monkeypatch, "chat", "-m", str(tiny), "--prompt-lookup", "2",
+                               "--max-new-tokens", "4", "--temperature", "0", "--stats", stdin="hello\n")
+    assert code == 0 and "acceptance rate" in err, err
+    for opts, needle in ((["--draft", str(tiny), "--prompt-lookup", "2"], "not both"),
+                         (["--prompt-lookup", "2", "--speculate", "0"], "k=0")):
+        code, out, err = lmlab_cli(capsys, monkeypatch, *base, *opts)
+        lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+        assert code == 1 and len(lines) == 1 and needle in lines[0], err
