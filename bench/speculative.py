@@ -77,12 +77,12 @@ def pair_dir(given: str | None) -> Path | None:
 
 
 # --------------------------------------------------------------------------- HF transformers
-def load_hf(path: Path, model=None, tok=None):
+def load_hf(path: Path, dtype: str, model=None, tok=None):
     """A transformers model from a GGUF (gguf_file=), else from lmlab's HF export of `model`."""
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype),
                                                     local_files_only=True).eval()
     except Exception as e:  # noqa: BLE001 - fall back to lmlab's own export
         log(f"  (transformers cannot read {path.name} itself: {str(e).splitlines()[0][:120]}; using lmlab's HF export)")
@@ -90,7 +90,7 @@ def load_hf(path: Path, model=None, tok=None):
 
         out = Path(tempfile.mkdtemp(prefix="specbench-"))
         hf.export(model, tok, out)
-        return AutoModelForCausalLM.from_pretrained(str(out)).eval()
+        return AutoModelForCausalLM.from_pretrained(str(out), dtype=getattr(torch, dtype)).eval()
 
 
 @torch.inference_mode()
@@ -175,12 +175,12 @@ def batched(runner, tok, prompts: list[str], spec: Speculation, args) -> None:
 
 def qwen_part(folder: Path, args, run: RunConfig) -> None:
     log(f"\n### Qwen pair from {folder} ({run.dtype})")
-    t_model, tok = load_checkpoint(str(folder / TARGET), dtype="float32", device="cpu")
-    d_model, _ = load_checkpoint(str(folder / DRAFT), dtype="float32", device="cpu")
+    t_model, tok = load_checkpoint(str(folder / TARGET), dtype=run.dtype, device="cpu")
+    d_model, _ = load_checkpoint(str(folder / DRAFT), dtype=run.dtype, device="cpu")
     hf_target = hf_draft = None
-    if not args.skip_hf:
-        hf_target = load_hf(folder / TARGET, t_model, tok).to(getattr(torch, run.dtype))
-        hf_draft = load_hf(folder / DRAFT, d_model, tok).to(getattr(torch, run.dtype))
+    if not args.skip_hf:  # four models at once: float32 needs ~17 GB of memory, bfloat16 half that
+        hf_target = load_hf(folder / TARGET, run.dtype, t_model, tok)
+        hf_draft = load_hf(folder / DRAFT, run.dtype, d_model, tok)
     target, draft = prepare(t_model, run), prepare(d_model, run)
     spec = Speculation(draft=draft, k=args.k, adaptive=not args.fixed_k, draft_name="qwen2.5-coder-0.5b")
     hf_kw = {"assistant_model": hf_draft}
@@ -193,10 +193,10 @@ def qwen_part(folder: Path, args, run: RunConfig) -> None:
 
 def lookup_part(args, run: RunConfig) -> None:
     log(f"\n### SmolLM2-135M, prompt lookup (n <= {args.lookup_n}, k <= {args.lookup_k}; {run.dtype})")
-    model, tok = load_checkpoint("smollm2-135m", dtype="float32", device="cpu")
+    model, tok = load_checkpoint("smollm2-135m", dtype=run.dtype, device="cpu")
     hf_model = None
     if not args.skip_hf:
-        hf_model = load_hf(resolve("smollm2-135m"), model, tok).to(getattr(torch, run.dtype))
+        hf_model = load_hf(resolve("smollm2-135m"), run.dtype, model, tok)
     runner = prepare(model, run)
     spec = Speculation(prompt_lookup=args.lookup_n, k=args.lookup_k, adaptive=not args.fixed_k)
     prompts = [t.format(p=p) for t, p in zip(GROUNDED, PASSAGES)][:args.prompts]
