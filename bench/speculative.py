@@ -78,12 +78,19 @@ def pair_dir(given: str | None) -> Path | None:
 
 # --------------------------------------------------------------------------- HF transformers
 def load_hf(path: Path, dtype: str, model=None, tok=None):
-    """A transformers model from a GGUF (gguf_file=), else from lmlab's HF export of `model`."""
+    """A transformers model from a GGUF (gguf_file=, de-quantized to `dtype` as lmlab does: the same dtype,
+    the same weights), else from lmlab's HF export of `model`."""
     from transformers import AutoModelForCausalLM
 
     try:
+        from transformers import GgufConfig
+
+        dense = {"quantization_config": GgufConfig(gguf_file=path.name, dequantize=True)}
+    except ImportError:  # older transformers de-quantize GGUF files anyway
+        dense = {}
+    try:
         return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=getattr(torch, dtype),
-                                                    local_files_only=True).eval()
+                                                    local_files_only=True, **dense).eval()
     except Exception as e:  # noqa: BLE001 - fall back to lmlab's own export
         log(f"  (transformers cannot read {path.name} itself: {str(e).splitlines()[0][:120]}; using lmlab's HF export)")
         from lmlab.checkpoints import hf
