@@ -73,26 +73,38 @@ def _load(model: str, run=None):
     return m, tok
 
 
+def _speculation(m, tok, model: str, speculate: dict | None, run):
+    """The Speculation for --draft/--speculate/--prompt-lookup/--no-adapt (None: plain decoding)."""
+    from lmlab.inference.load import load_speculation
+
+    return load_speculation(m, tok, run=run, target_name=model, **(speculate or {}))
+
+
 def generate(model: str, prompts: list[str], *, max_new_tokens: int = 128, temperature: float = 0.8,
              top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, stop: list[str] | None = None,
-             seed: int | None = None, run=None, stats: bool = False, stream: bool = True) -> list[str]:
-    """`run`: a lmlab.inference.load.RunConfig (dtype, quantize, threads, compile, device); default float32."""
+             seed: int | None = None, run=None, stats: bool = False, stream: bool = True,
+             speculate: dict | None = None) -> list[str]:
+    """`run`: a lmlab.inference.load.RunConfig (dtype, quantize, threads, compile, device); default float32.
+    `speculate`: load_speculation's options (draft=, speculate=, prompt_lookup=, adapt=)."""
     from lmlab.inference.sampling import GenerationConfig
 
-    m, tok = _load(model, run)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            repetition_penalty=repetition_penalty, stop=list(stop or []), seed=seed)
-    return _generate(m, tok, prompts, cfg, stream=stream, stats=stats)
+    m, tok = _load(model, run)
+    spec = _speculation(m, tok, model, speculate, run)
+    return _generate(m, tok, prompts, cfg, stream=stream, stats=stats, speculation=spec)
 
 
-def _generate(m, tok, prompts: list[str], cfg, *, stream: bool = True, stats: bool = False) -> list[str]:
+def _generate(m, tok, prompts: list[str], cfg, *, stream: bool = True, stats: bool = False,
+              speculation=None) -> list[str]:
     from lmlab.inference.text import generate as run
 
     single = len(prompts) == 1 and stream
     if single:
         _write(prompts[0])
     t0 = time.perf_counter()
-    outs = run(m, tok, prompts, cfg, on_text=(lambda row, piece: _write(piece)) if single else None)
+    outs = run(m, tok, prompts, cfg, on_text=(lambda row, piece: _write(piece)) if single else None,
+               speculation=speculation)
     elapsed = time.perf_counter() - t0
     if single:
         sys.stdout.write("\n")
@@ -104,17 +116,28 @@ def _generate(m, tok, prompts: list[str], cfg, *, stream: bool = True, stats: bo
         n = sum(len(o.token_ids) for o in outs)
         print(f"[{n} tokens in {elapsed:.2f} s: {n / max(elapsed, 1e-9):.1f} tok/s; "
               f"finish: {', '.join(o.finish_reason for o in outs)}]", file=sys.stderr)
+        if outs and outs[0].spec is not None:
+            print(_spec_report(outs[0].spec, len(outs)), file=sys.stderr)
     return [o.text for o in outs]
 
 
+def _spec_report(spec, rows: int) -> str:
+    """SpecStats.format, with plain decoding's speed estimated from the plain steps this run timed."""
+    plain = rows * spec.plain_steps / spec.plain_s if spec.plain_s > 0 else None
+    note = "\n  (plain tok/s from this run's timed plain steps)" if plain else ""
+    return spec.format(plain) + note
+
+
 def chat(model: str, *, system: str | None = None, max_new_tokens: int = 512, temperature: float = 0.7,
-         top_p: float = 0.95, seed: int | None = None, run=None) -> None:
+         top_p: float = 0.95, seed: int | None = None, run=None, speculate: dict | None = None,
+         stats: bool = False) -> None:
     from lmlab.inference.sampling import GenerationConfig
-    from lmlab.inference.text import chat_turn
+    from lmlab.inference.text import generate_from_ids
 
     m, tok = _load(model, run)
     if not tok.chat_template:
         raise LmlabError(f"{model}: has no chat template; use `lmlab generate`")
+    spec = _speculation(m, tok, model, speculate, run)
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     interactive = sys.stdin.isatty()
@@ -133,9 +156,12 @@ def chat(model: str, *, system: str | None = None, max_new_tokens: int = 512, te
             messages = messages[:1] if system else []
             continue
         messages.append({"role": "user", "content": line})
-        reply = chat_turn(m, tok, messages, cfg, on_text=_write)
+        ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
+        (out,) = generate_from_ids(m, tok, [ids], cfg, on_text=lambda row, piece: _write(piece), speculation=spec)
         sys.stdout.write("\n")
-        messages.append({"role": "assistant", "content": reply})
+        if stats and out.spec is not None:
+            print(_spec_report(out.spec, 1), file=sys.stderr)
+        messages.append({"role": "assistant", "content": out.text})
 
 
 def convert(model: str, out: str, to: str = "lmlab", dtype: str = "float32") -> Path:
@@ -195,7 +221,7 @@ def _dtype_arg(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub) -> None:
-    from lmlab.inference.load import add_run_args, run_config
+    from lmlab.inference.load import add_run_args, add_speculation_args, run_config, speculation_options
 
     p = sub.add_parser("download", help="fetch a preset's weights into $LMLAB_HOME")
     p.add_argument("name", help="preset name, e.g. smollm2-135m")
@@ -216,12 +242,14 @@ def register(sub) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stats", action="store_true", help="print tokens/s and finish reasons to stderr")
+    p.add_argument("--stats", action="store_true",
+                   help="print tokens/s and finish reasons (and speculation's acceptance and speed-up) to stderr")
     add_run_args(p)
+    add_speculation_args(p)
     p.set_defaults(func=lambda a: generate(
         a.model, [sys.stdin.read().rstrip("\n") if x == "-" else x for x in a.prompt], max_new_tokens=a.max_new_tokens,
         temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty,
-        stop=a.stop, seed=a.seed, run=run_config(a), stats=a.stats) and 0)
+        stop=a.stop, seed=a.seed, run=run_config(a), stats=a.stats, speculate=speculation_options(a)) and 0)
 
     p = sub.add_parser("chat", help="talk to a model through its chat template")
     _model_arg(p)
@@ -230,10 +258,12 @@ def register(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stats", action="store_true", help="print speculation's acceptance and speed-up after each reply")
     add_run_args(p)
+    add_speculation_args(p)
     p.set_defaults(func=lambda a: chat(a.model, system=a.system, max_new_tokens=a.max_new_tokens,
                                        temperature=a.temperature, top_p=a.top_p, seed=a.seed,
-                                       run=run_config(a)))
+                                       run=run_config(a), speculate=speculation_options(a), stats=a.stats))
 
     p = sub.add_parser("convert", help="GGUF / HF folder / lmlab checkpoint → lmlab checkpoint or HF folder")
     _model_arg(p)

@@ -5,6 +5,9 @@ all run generate_tokens.
   the loop    next token per row (lmlab.inference.sampling), then one cached step of one token per row
               (Runner.step: the compiled step when the runner has one)
   the end     each row cut at its first stop id, at the token on_token said to stop on, or at its budget
+  speculation the same loop where a step may be a speculative pass (lmlab.inference.drafting: a draft
+              model or prompt lookup proposes tokens, the model verifies them in one pass, each row keeps
+              its own number); the first step is plain and timed, DraftController picks k per pass
 
 Decoder-only models get LEFT padding, so that every row's last prompt token sits in the same (last) slot
 and every new token is written to the same slot for all rows; the cache keeps each row's own positions
@@ -26,9 +29,11 @@ from typing import Callable, Literal
 import torch
 
 from lmlab.errors import LmlabError
-from lmlab.inference import sampling
+from lmlab.inference import drafting, sampling
+from lmlab.inference.drafting import Speculation
 from lmlab.inference.runner import PREFILL_CHUNK, Runner, as_runner
 from lmlab.inference.sampling import GenerationConfig
+from lmlab.inference.speculative import DraftController, SpecStats
 from lmlab.utils.device import synchronize
 
 FinishReason = Literal["eos", "stop", "length"]
@@ -53,6 +58,7 @@ class TokenResult:
     tokens: list[list[int]]  # new tokens per row, without the prompt and without the stop id
     finish_reasons: list[FinishReason]
     timing: Timing
+    spec: SpecStats | None = None  # acceptance, cost ratio, switch-offs of a speculative run
 
 
 def token_budgets(model_cfg, prompts: list[list[int]], max_new_tokens: int) -> list[int]:
@@ -103,7 +109,7 @@ def _prefill(runner: Runner, prompts: list[list[int]], pad_id: int, steps: int, 
 class _Watch:
     """Host-side bookkeeping for on_token: each token as it is made, rows that are done."""
 
-    def __init__(self, budgets: list[int], stops: set[int], on_token: Callable[[int, int], bool | None]):
+    def __init__(self, budgets: list[int], stops: set[int], on_token: Callable[[int, int], bool | None] | None):
         self.budgets, self.stops, self.on_token = budgets, stops, on_token
         self.kept = [0] * len(budgets)
         self.done = [b == 0 for b in budgets]
@@ -111,17 +117,28 @@ class _Watch:
 
     def see(self, next_ids: torch.Tensor) -> None:
         for row, tok in enumerate(next_ids.tolist()):
-            if self.done[row]:
-                continue
-            if tok in self.stops:
-                self.done[row] = True
-                continue
-            self.kept[row] += 1
-            if self.on_token(row, tok):
-                self.done[row] = True
-                self.stopped_at[row] = self.kept[row]
-            elif self.kept[row] >= self.budgets[row]:
-                self.done[row] = True
+            if not self.done[row]:
+                self.see_one(row, tok)
+
+    def see_one(self, row: int, tok: int) -> None:
+        if tok in self.stops:
+            self.done[row] = True
+            return
+        self.kept[row] += 1
+        if self.on_token is not None and self.on_token(row, tok):
+            self.done[row] = True
+            self.stopped_at[row] = self.kept[row]
+        elif self.kept[row] >= self.budgets[row]:
+            self.done[row] = True
+
+    def see_rows(self, rows: list[list[int]], made: list[list[int]]) -> None:
+        """Several tokens per row (a speculative pass), in order; `made` gets what each row took in."""
+        for row, toks in enumerate(rows):
+            for tok in toks:
+                if self.done[row]:
+                    break
+                made[row].append(tok)
+                self.see_one(row, tok)
 
 
 def _decode(runner: Runner, cache, logits: torch.Tensor, budgets: list[int], cfg: GenerationConfig,
@@ -163,6 +180,79 @@ def _decode(runner: Runner, cache, logits: torch.Tensor, budgets: list[int], cfg
     return torch.stack(out, 1), (watch.stopped_at if watch is not None else {})
 
 
+def _room(budgets: list[int], k: int) -> int:
+    """Cache slots past the prompt for a speculative run: the budget, one pass of drafts, and slack for the
+    holes per-row rollback leaves (ensure_room compacts when they run out)."""
+    steps = max(budgets)
+    return steps + 2 * (k + 2) + steps // 2 + 16
+
+
+def _decode_speculative(runner: Runner, cache, logits: torch.Tensor, budgets: list[int], cfg: GenerationConfig,
+                        stops: set[int], pad_id: int, seen, on_token, spec, prompts: list[list[int]],
+                        chunk: int) -> tuple[list[list[int]], dict[int, int], SpecStats]:
+    """The token loop with speculation: each pass is a speculative step (drafting.speculative_step) or, when
+    the controller says so (or nothing could be drafted), a plain step. With the adaptive controller the
+    first step is plain and timed, so that the cost ratio c has its denominator from the start."""
+    B, device = len(budgets), runner.device
+    generator = sampling.make_generator(cfg, device)
+    watch, made = _Watch(budgets, stops, on_token), [[] for _ in budgets]
+    rows = torch.arange(B, device=device)
+    last = sampling.next_token(logits, cfg, generator, seen)
+    if seen is not None:
+        seen[rows, last] = True
+    first = last.tolist()
+    watch.see_rows([[t] for t in first], made)
+    if spec.prompt_lookup:
+        drafter = drafting.LookupDrafter(prompts, spec.prompt_lookup, first, spec.k)
+    else:
+        draft = drafting.draft_runner(spec, runner)
+        draft_cache, _ = _prefill(draft, prompts, pad_id, _room(budgets, spec.k), chunk)
+        drafter = drafting.ModelDrafter(draft, draft_cache, first, pad_id)
+    control = DraftController(spec.k) if spec.adaptive else None
+    stats = SpecStats(method=spec.method)
+    plain_first = control is not None  # a timed plain step first gives the controller its c
+    while not all(watch.done):
+        active = [not d for d in watch.done]
+        k = 0 if plain_first else (control.k if control is not None else spec.k)
+        lengths = [min(k, b - n - 1) if a else 0 for a, b, n in zip(active, budgets, watch.kept)]
+        step = None
+        if max(lengths) > 0:
+            step = drafting.speculative_step(runner, cache, last, drafter, lengths, active, cfg, generator, seen)
+        if step is None:
+            synchronize(device)
+            t0 = time.perf_counter()
+            drafting.ensure_room(cache, 1)
+            mask = None if all(active) else torch.tensor(active, device=device)[:, None]
+            feed = last if mask is None else torch.where(mask[:, 0], last, torch.full_like(last, pad_id))
+            last = sampling.next_token(runner.step(feed[:, None], cache, attention_mask=mask).float(), cfg,
+                                       generator, seen)
+            emitted = [[t] for t in last.tolist()]
+            took = time.perf_counter() - t0
+            stats.record_plain(sum(active), took)
+            if control is not None:
+                control.record_plain(took)
+            drafter.plain([e[0] for e in emitted])
+        else:
+            emitted = step.verdict.rows()
+            last = step.verdict.tokens[rows, step.verdict.accepted]
+            live = [i for i in range(B) if active[i]]
+            proposed, accepted = [step.lengths[i] for i in live], [len(emitted[i]) - 1 for i in live]
+            stats.record(proposed, accepted, draft_steps=step.draft_steps, draft_s=step.draft_s,
+                         target_s=step.target_s)
+            if control is not None:
+                control.record(proposed, accepted, draft_s=step.draft_s, target_s=step.target_s)
+            if isinstance(drafter, drafting.LookupDrafter):
+                drafter.commit(emitted)
+        if seen is not None:
+            for i, toks in enumerate(emitted):
+                seen[i, torch.tensor(toks, device=device)] = True
+        watch.see_rows(emitted, made)
+        plain_first = False
+    if control is not None:
+        stats.switched_off = control.off_reason or (control.reason and f"for a while: {control.reason}")
+    return made, watch.stopped_at, stats
+
+
 def _finish(made: list[list[int]], budgets: list[int], stops: set[int],
             stopped_at: dict[int, int]) -> tuple[list[list[int]], list[FinishReason]]:
     """Each row's kept tokens and why it ended, from everything the loop made for it."""
@@ -187,12 +277,14 @@ def _finish(made: list[list[int]], budgets: list[int], stops: set[int],
 
 def generate_tokens(model, prompts: list[list[int]], cfg: GenerationConfig, *, stop_ids: list[int], pad_id: int,
                     on_token: Callable[[int, int], bool | None] | None = None,
-                    chunk: int = PREFILL_CHUNK) -> TokenResult:
+                    chunk: int = PREFILL_CHUNK, speculation: Speculation | None = None) -> TokenResult:
     """Generate new tokens for every prompt in one batch (`model`: a Transformer or a Runner).
 
     A row ends at one of `stop_ids` (not included; finish "eos"), at its token budget ("length"), or when
     on_token(row, token_id) returns True ("stop"; the token is included). on_token is called once per kept
-    token, in order, as the token is made.
+    token, in order, as the token is made. `speculation` (lmlab.inference.drafting.Speculation): draft with
+    a small model or by prompt lookup and verify with the model; the output follows the same distribution
+    (greedy: the same tokens); TokenResult.spec holds its statistics.
     """
     if not prompts:
         return TokenResult([], [], Timing(0.0, 0.0, 0))
@@ -200,6 +292,12 @@ def generate_tokens(model, prompts: list[list[int]], cfg: GenerationConfig, *, s
     if runner.cfg.arch == "encoder":
         raise LmlabError("an encoder-only model cannot generate text; use a decoder or encoder-decoder model")
     budgets = token_budgets(runner.cfg, prompts, cfg.max_new_tokens)
+    if speculation is not None and speculation.draft is not None:
+        draft_cfg = as_runner(speculation.draft).cfg
+        drafting.check_pair(runner.cfg, draft_cfg, draft_name=speculation.draft_name)
+        budgets = [min(a, b) for a, b in zip(budgets, token_budgets(draft_cfg, prompts, cfg.max_new_tokens))]
+    elif speculation is not None:
+        drafting.check_target(runner.cfg)
     if max(budgets) == 0:
         return TokenResult([[] for _ in prompts], ["length"] * len(prompts), Timing(0.0, 0.0, 0))
     stops = set() if cfg.ignore_eos else set(stop_ids)
@@ -213,20 +311,30 @@ def generate_tokens(model, prompts: list[list[int]], cfg: GenerationConfig, *, s
                 seen = sampling.seen_tokens(prompts, runner.cfg.vocab_size, device)
             synchronize(device)
             t0 = time.perf_counter()
-            cache, logits = _prefill(runner, prompts, pad_id, max(budgets), chunk)
+            room = max(budgets) if speculation is None else _room(budgets, speculation.k)
+            cache, logits = _prefill(runner, prompts, pad_id, room, chunk)
             synchronize(device)
             t1 = time.perf_counter()
-            made, stopped_at = _decode(runner, cache, logits, budgets, cfg, stops, pad_id, seen, on_token)
-            made_rows = made.tolist()  # the one host sync of a run without on_token
+            spec = None
+            if speculation is None:
+                made, stopped_at = _decode(runner, cache, logits, budgets, cfg, stops, pad_id, seen, on_token)
+                made_rows = made.tolist()  # the one host sync of a run without on_token
+            else:
+                made_rows, stopped_at, spec = _decode_speculative(runner, cache, logits, budgets, cfg, stops, pad_id,
+                                                                  seen, on_token, speculation, prompts, chunk)
             t2 = time.perf_counter()
     finally:
         model.train(was_training)
     tokens, reasons = _finish(made_rows, budgets, stops, stopped_at)
     timing = Timing(prefill_s=t1 - t0, decode_s=t2 - t1, decode_tokens=sum(len(t) for t in tokens))
-    return TokenResult(tokens, reasons, timing)
+    if spec is not None:
+        spec.emitted, spec.total_s = timing.decode_tokens, timing.decode_s
+    return TokenResult(tokens, reasons, timing, spec)
 
 
 def generate_ids(model, prompts: list[list[int]], cfg: GenerationConfig, *, stop_ids: list[int], pad_id: int,
-                 on_token: Callable[[int, int], bool | None] | None = None) -> list[list[int]]:
+                 on_token: Callable[[int, int], bool | None] | None = None,
+                 speculation: Speculation | None = None) -> list[list[int]]:
     """New token ids per row (without the prompt, without the stop id). See generate_tokens."""
-    return generate_tokens(model, prompts, cfg, stop_ids=stop_ids, pad_id=pad_id, on_token=on_token).tokens
+    return generate_tokens(model, prompts, cfg, stop_ids=stop_ids, pad_id=pad_id, on_token=on_token,
+                           speculation=speculation).tokens

@@ -6,6 +6,7 @@ falls back to float32, a missing fast kernel falls back to the reference route, 
 there leaves the eager model. Nothing assumes a CPU: the same calls run on CUDA.
 
     runner, tok = load("smollm2-135m", RunConfig(dtype="bfloat16", quantize="int8"))
+    spec = load_speculation(runner, tok, draft="other-model", speculate=4, run=run)   # --draft/--speculate
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from lmlab.checkpoints import load as load_checkpoint
 from lmlab.errors import LmlabError
 from lmlab.inference.compile import compile_step
+from lmlab.inference.drafting import DEFAULT_K, Speculation, check_pair
 from lmlab.inference.quantize import SCHEMES, quantization_route, quantize_model
 from lmlab.inference.runner import Runner
 from lmlab.utils.device import DTYPES, notice, resolve_device, resolve_dtype, set_threads
@@ -115,3 +117,40 @@ def load(spec: str, run: RunConfig | None = None, **kw) -> tuple[Runner, object]
     run = run or RunConfig(**kw)
     model, tok = load_checkpoint(spec, dtype="float32", device="cpu")
     return prepare(model, run), tok
+
+
+# --------------------------------------------------------------------------- speculation
+def add_speculation_args(p) -> None:
+    """--draft M2 --speculate K | --prompt-lookup N, --no-adapt (argparse; generate, chat, eval)."""
+    p.add_argument("--draft", default=None, help="draft model for speculative decoding (shares the vocabulary)")
+    p.add_argument("--speculate", type=int, default=None,
+                   help=f"most draft tokens per pass (default {DEFAULT_K}; adaptive below it unless --no-adapt)")
+    p.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
+                   help="draft by prompt lookup: the longest recent n-gram (n <= N) seen earlier proposes what followed")
+    p.add_argument("--no-adapt", action="store_true", help="always draft --speculate tokens (no switching off)")
+
+
+def load_speculation(target: Runner, target_tok, *, draft: str | None = None, speculate: int | None = None,
+                     prompt_lookup: int = 0, adapt: bool = True, run: RunConfig | None = None,
+                     target_name: str = "target") -> Speculation | None:
+    """The Speculation that --draft/--speculate/--prompt-lookup ask for (None: plain decoding). The draft is
+    loaded with the target's RunConfig (dtype, quantization, compiled step, device) and checked against the
+    target: decoder-only, the same vocabulary and tokenizer."""
+    if draft is None and not prompt_lookup:
+        if speculate is not None:
+            raise LmlabError("--speculate needs --draft MODEL or --prompt-lookup N")
+        return None
+    k = DEFAULT_K if speculate is None else speculate
+    if draft is not None and prompt_lookup:
+        Speculation(draft=draft, prompt_lookup=prompt_lookup, k=k)  # raises the one-line conflict error
+    if prompt_lookup:
+        return Speculation(prompt_lookup=prompt_lookup, k=k, adaptive=adapt)
+    Speculation(draft=draft, k=k)  # validate k before loading anything
+    model, tok = load_checkpoint(draft, dtype="float32", device="cpu")
+    check_pair(target.cfg, model.cfg, target_tok, tok, draft_name=draft, target_name=target_name)
+    return Speculation(draft=prepare(model, run), k=k, adaptive=adapt, draft_name=draft)
+
+
+def speculation_options(args) -> dict:
+    """load_speculation's keyword arguments from parsed add_speculation_args options."""
+    return dict(draft=args.draft, speculate=args.speculate, prompt_lookup=args.prompt_lookup, adapt=not args.no_adapt)

@@ -5,6 +5,7 @@
     cache = runner.new_cache(B, max_len)
     logits = runner.prefill(ids, cache, chunk=512)   B×V logits of the last prompt position
     logits = runner.step(next_ids, cache)            B×V logits after one more token per row
+    logits = runner.logits_all(ids, cache)           B×T×V logits of every fed position (verification)
 
 Every decoding loop (generation, chat, eval's generation requests, the benchmark) goes through these two.
 """
@@ -55,6 +56,12 @@ class Runner:
         with torch.inference_mode():
             h = self.model.hidden_states(ids, attention_mask=attention_mask, cache=cache)
             return self.model.logits(h, "last")[:, -1]
+
+    @torch.inference_mode()
+    def logits_all(self, ids: torch.Tensor, cache, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """B×T×V logits of every position of ids fed on top of `cache` (speculative verification)."""
+        h = self.model.hidden_states(ids, attention_mask=attention_mask, cache=cache)
+        return self.model.logits(h)
 
     @torch.inference_mode()
     def warm(self, steps: int = 2) -> None:

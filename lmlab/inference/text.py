@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from lmlab.inference.drafting import Speculation
 from lmlab.inference.generate import FinishReason, Timing, generate_tokens
 from lmlab.inference.sampling import GenerationConfig
+from lmlab.inference.speculative import SpecStats
 
 
 @dataclass
@@ -20,6 +22,7 @@ class Completion:
     prompt_tokens: int
     finish_reason: FinishReason
     timing: Timing
+    spec: SpecStats | None = None  # the batch's speculation statistics (shared by its rows)
 
 
 class IncrementalDetokenizer:
@@ -101,9 +104,10 @@ class StopFilter:
 
 
 def generate_from_ids(model, tokenizer, prompts: list[list[int]], cfg: GenerationConfig, *,
-                      on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
+                      on_text: Callable[[int, str], None] | None = None,
+                      speculation: Speculation | None = None) -> list[Completion]:
     """Like generate(), for prompts that are already token ids (e.g. a rendered chat template).
-    `model`: a Transformer or a Runner (lmlab.inference.runner)."""
+    `model`: a Transformer or a Runner (lmlab.inference.runner); `speculation`: see generate_tokens."""
     detoks = [IncrementalDetokenizer(tokenizer) for _ in prompts]
     filters = [StopFilter(cfg.stop) for _ in prompts]
     pieces: list[list[str]] = [[] for _ in prompts]
@@ -119,7 +123,7 @@ def generate_from_ids(model, tokenizer, prompts: list[list[int]], cfg: Generatio
         return filters[row].stopped
 
     result = generate_tokens(model, prompts, cfg, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
-                             on_token=on_token)
+                             on_token=on_token, speculation=speculation)
     completions = []
     for row, prompt in enumerate(prompts):
         reason = result.finish_reasons[row]
@@ -129,21 +133,23 @@ def generate_from_ids(model, tokenizer, prompts: list[list[int]], cfg: Generatio
             if filters[row].stopped:
                 reason = "stop"
         completions.append(Completion(text="".join(pieces[row]), token_ids=result.tokens[row],
-                                      prompt_tokens=len(prompt), finish_reason=reason, timing=result.timing))
+                                      prompt_tokens=len(prompt), finish_reason=reason, timing=result.timing,
+                                      spec=result.spec))
     return completions
 
 
 def generate(model, tokenizer, prompts: list[str], cfg: GenerationConfig, *,
-             on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
+             on_text: Callable[[int, str], None] | None = None,
+             speculation: Speculation | None = None) -> list[Completion]:
     """Continue every prompt (one batch); on_text(row, piece) streams each row's new text as it appears."""
     ids = [tokenizer.encode(p, add_special_tokens=True) for p in prompts]
-    return generate_from_ids(model, tokenizer, ids, cfg, on_text=on_text)
+    return generate_from_ids(model, tokenizer, ids, cfg, on_text=on_text, speculation=speculation)
 
 
 def chat_turn(model, tokenizer, messages: list[dict[str, str]], cfg: GenerationConfig,
-              on_text: Callable[[str], None] | None = None) -> str:
+              on_text: Callable[[str], None] | None = None, speculation: Speculation | None = None) -> str:
     """The assistant's reply to `messages` ([{"role": ..., "content": ...}]); on_text(piece) streams it."""
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     ids = tokenizer.encode(prompt, add_special_tokens=False)  # the template already holds any BOS
     stream = None if on_text is None else (lambda row, piece: on_text(piece))
-    return generate_from_ids(model, tokenizer, [ids], cfg, on_text=stream)[0].text
+    return generate_from_ids(model, tokenizer, [ids], cfg, on_text=stream, speculation=speculation)[0].text
