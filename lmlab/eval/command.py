@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmlab.inference.load import RunConfig, add_run_args, run_config
+from lmlab.inference.load import RunConfig, add_run_args, add_speculation_args, run_config, speculation_options
 
 
 @dataclass
@@ -23,11 +23,12 @@ class EvalArgs:
     output: str | None = None
     log_samples: bool = False
     run: RunConfig = field(default_factory=RunConfig)  # dtype, quantize, threads, compile, device
+    speculation: dict = field(default_factory=dict)  # --draft/--speculate/--prompt-lookup/--no-adapt
 
     @classmethod
     def from_namespace(cls, a: argparse.Namespace) -> "EvalArgs":
-        own = {f.name: getattr(a, f.name) for f in dataclasses.fields(cls) if f.name != "run"}
-        return cls(**own, run=run_config(a))
+        own = {f.name: getattr(a, f.name) for f in dataclasses.fields(cls) if f.name not in ("run", "speculation")}
+        return cls(**own, run=run_config(a), speculation=speculation_options(a))
 
 
 def register(subparsers) -> None:
@@ -47,6 +48,7 @@ def register(subparsers) -> None:
     p.add_argument("--output", help="write the results JSON here (only once the run has completed)")
     p.add_argument("--log-samples", action="store_true", help="also write per-item records next to --output")
     add_run_args(p)
+    add_speculation_args(p)
     p.set_defaults(func=lambda a: run(EvalArgs.from_namespace(a)))
 
 
@@ -62,7 +64,7 @@ def run(args: EvalArgs) -> int:
 def _run(args: EvalArgs, d) -> int:
     import torch
 
-    from lmlab.inference.load import load
+    from lmlab.inference.load import load, load_speculation
     from lmlab.errors import LmlabError
     from lmlab.eval.evaluator import evaluate
     from lmlab.eval.report import markdown_table, write_results, write_samples
@@ -79,9 +81,10 @@ def _run(args: EvalArgs, d) -> int:
     model, tok = load(args.model, run)
     if tok is None:
         raise LmlabError(f"{args.model}: no tokenizer found with this model")
+    spec = load_speculation(model, tok, run=run, target_name=args.model, **args.speculation)
     results = evaluate(model, tok, args.tasks, data_dir=args.data_dir, num_fewshot=args.num_fewshot,
                        limit=args.limit, batch_size=args.batch_size, seed=args.seed, max_length=args.max_length,
-                       rolling_stride=args.rolling_stride, log_samples=args.log_samples)
+                       rolling_stride=args.rolling_stride, log_samples=args.log_samples, speculation=spec)
     results["config"]["model"] = args.model
     results["config"]["run"] = dataclasses.asdict(run)
     if not d.main:

@@ -55,11 +55,13 @@ class _Group:
 
 class Engine:
     """Answers requests for one model + tokenizer. `batch_size` is the number of contexts per forward.
-    `model`: a Transformer, or a Runner (lmlab.inference.runner) whose compiled step generation then uses."""
+    `model`: a Transformer, or a Runner (lmlab.inference.runner) whose compiled step generation then uses;
+    `speculation`: how generation requests draft (None = plain decoding; greedy results are the same)."""
 
     def __init__(self, model, tokenizer, *, batch_size: int = 32, max_length: int | None = None,
-                 progress: bool = True):
+                 progress: bool = True, speculation=None):
         self.runner = as_runner(model)
+        self.speculation = speculation  # generation requests decode speculatively (lmlab.inference.drafting)
         cfg = self.runner.cfg
         if cfg.arch != "decoder":
             raise LmlabError(f"evaluation needs a decoder-only model (this one is {cfg.arch})")
@@ -286,7 +288,7 @@ class Engine:
                 cfg = GenerationConfig(max_new_tokens=max_new, stop=list(until), **settings)
                 keep = max(1, self.max_length - max_new)  # as lm-evaluation-harness: keep the context's end
                 prompts = [self.encode(requests[i].context)[-keep:] or [self.prefix_id] for i in idx]
-                done = generate_from_ids(self.runner, self.tok, prompts, cfg)
+                done = generate_from_ids(self.runner, self.tok, prompts, cfg, speculation=self.speculation)
                 for i, completion in zip(idx, done):
                     local[i] = _cut(completion.text, until)
             bar.update(len(batch) * self.world)

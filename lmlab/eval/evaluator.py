@@ -78,11 +78,13 @@ def _aggregate(scored: list[dict[str, Any]]) -> dict[str, float]:
 def evaluate(model, tokenizer, tasks: str | Sequence[str | Task], *, data_dir: str | Path | None = None,
              num_fewshot: int | None = None, limit: int | None = None, batch_size: int = 32, seed: int = 1234,
              max_length: int | None = None, rolling_window: int | None = None, rolling_stride: int | None = None,
-             log_samples: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Run `tasks` on an lmlab model; returns results shaped like lm-evaluation-harness output."""
+             log_samples: bool = False, progress: bool = True, speculation=None) -> dict[str, Any]:
+    """Run `tasks` on an lmlab model; returns results shaped like lm-evaluation-harness output.
+    `speculation` (lmlab.inference.drafting.Speculation): generation requests decode speculatively."""
     started = time.perf_counter()
     task_list = resolve_tasks(tasks, data_dir)
-    engine = Engine(model, tokenizer, batch_size=batch_size, max_length=max_length, progress=progress)
+    engine = Engine(model, tokenizer, batch_size=batch_size, max_length=max_length, progress=progress,
+                    speculation=speculation)
     built = [(t, t.items(limit=limit, num_fewshot=num_fewshot, seed=seed)) for t in task_list]
     answer(engine, built, rolling_window=rolling_window, rolling_stride=rolling_stride)
     results: dict[str, Any] = {}

@@ -79,3 +79,50 @@ def test_bad_input_is_a_one_line_error(setup, capsys, monkeypatch, extra, messag
     assert e.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lmlab eval: error: ") and re.search(message, err[0]), err
+
+
+GEN_TASK = ("task: gen\ndataset_path: json\ndata_files: {test: gen.jsonl}\ntest_split: test\n"
+            "output_type: generate_until\ndoc_to_text: '{{q}}'\ndoc_to_target: '{{a}}'\n"
+            "generation_kwargs: {until: ['\\n\\n'], max_gen_toks: 12}\nmetric_list: [{metric: exact_match}]\n")
+
+
+def test_eval_generation_with_speculation_gives_the_same_answers(setup, tmp_path):
+    """`lmlab eval --draft M` / `--prompt-lookup N`: generation requests decode speculatively, and under
+    greedy decoding every generated answer (hence every score) equals plain decoding's."""
+    rows = [{"q": f"the the the cat {i} the the", "a": "x"} for i in range(5)]
+    (tmp_path / "gen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "gen.yaml").write_text(GEN_TASK)
+    model = str(setup / "tiny.gguf")
+
+    def answers(*extra):
+        out = tmp_path / f"r{len(extra)}{extra[:1]}.json"
+        proc = subprocess.run([sys.executable, "-m", "lmlab", "eval", "-m", model, "--tasks", str(tmp_path / "gen.yaml"),
+                               "--output", str(out), "--log-samples", "--threads", "1", *extra],
+                              capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        samples = (out.with_name(f"{out.stem}_samples_gen.jsonl")).read_text().splitlines()
+        return [json.loads(line)["resps"] for line in samples], json.loads(out.read_text())["results"]
+
+    plain = answers()
+    assert answers("--prompt-lookup", "3") == plain
+    assert answers("--draft", model, "--speculate", "3") == plain
+
+
+def test_evaluate_hands_the_speculation_to_generation(setup, tmp_path, monkeypatch):
+    """The speculation evaluate() is given is the one generation requests decode with (a pass counter on
+    the speculative step proves it is used), and the answers equal plain decoding's."""
+    from lmlab.inference import drafting
+
+    rows = [{"q": f"the the the cat {i} the the", "a": "x"} for i in range(3)]
+    (tmp_path / "gen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "gen.yaml").write_text(GEN_TASK)
+    runner, tok = runtime.load(str(setup / "tiny.gguf"), runtime.RunConfig(threads=1))
+    passes = []
+    real = drafting.speculative_step
+    monkeypatch.setattr(drafting, "speculative_step", lambda *a, **k: passes.append(1) or real(*a, **k))
+    kw = dict(log_samples=True, progress=False)
+    plain = evaluate(runner, tok, [str(tmp_path / "gen.yaml")], **kw)["samples"]["gen"]
+    assert not passes
+    spec = runtime.load_speculation(runner, tok, prompt_lookup=3, adapt=False)
+    fast = evaluate(runner, tok, [str(tmp_path / "gen.yaml")], speculation=spec, **kw)["samples"]["gen"]
+    assert passes and [s["resps"] for s in fast] == [s["resps"] for s in plain]
