@@ -47,6 +47,20 @@ class ModelConfig:
     tie_embeddings: bool = True
     tied_logit_scale: bool = False  # T5: scale hidden by d_model**-0.5 before a tied LM head
     dropout: float = 0.0
+    # mixture of experts (lmlab.model.moe); moe_experts = 0: every feed-forward block is dense
+    moe_experts: int = 0
+    moe_top_k: int = 2  # experts per token
+    moe_d_ff: int | None = None  # hidden size of each routed expert; None = d_ff
+    moe_shared_d_ff: int = 0  # always-on shared expert with a sigmoid gate (Qwen2-MoE); 0 = none
+    moe_renormalize: bool = True  # top-k weights rescaled to sum to 1 (Mixtral) or kept (Qwen2-MoE)
+    moe_layers: list[int] | None = None  # layers (of each stack) that are MoE; None = all of them
+    moe_aux_coef: float = 0.01  # weight of the Switch/Mixtral load-balancing loss
+    moe_z_coef: float = 0.0  # weight of the router z-loss
+    moe_global_balance: bool = False  # balance loss over the global batch (counts all-reduced, Qwen)
+    # sparse attention (lmlab.model.sparse_attention); None = full attention
+    attn_window: int | None = None  # decoder: causal sliding window (Mistral); encoder: local band width
+    attn_global_tokens: int = 0  # encoder local+global: the first n positions see and are seen by all
+    window_layers: list[int] | None = None  # layers (of each stack) with the window; None = all of them
     # encoder extras
     type_vocab_size: int = 0  # BERT segment embeddings (0 = none)
     mlm_head: bool = False  # BERT MLM transform (dense + act + norm) before the vocabulary projection
@@ -74,6 +88,54 @@ class ModelConfig:
             self.n_decoder_layer = self.n_layer
         if self.pos == "rope" and self.head_dim % 2:
             raise LmlabError(f"config: rotary positions need an even head_dim, got {self.head_dim}")
+        self._check_moe()
+        self._check_window()
+
+    def _check_layers(self, name: str) -> None:
+        layers = getattr(self, name)
+        n = max(self.n_layer, self.n_decoder_layer or 0)
+        if layers is None:
+            return
+        if not isinstance(layers, (list, tuple)) or not all(type(i) is int and 0 <= i < n for i in layers):
+            raise LmlabError(f"config: {name}={layers!r} must be a list of layer indices in 0..{n - 1}")
+        setattr(self, name, sorted(set(layers)))
+
+    def _check_moe(self) -> None:
+        if type(self.moe_experts) is not int or self.moe_experts < 0:
+            raise LmlabError(f"config: moe_experts must be an integer >= 0, got {self.moe_experts!r}")
+        if not self.moe_experts:
+            return
+        if type(self.moe_top_k) is not int or not 1 <= self.moe_top_k:
+            raise LmlabError(f"config: moe_top_k must be an integer >= 1, got {self.moe_top_k!r}")
+        if self.moe_top_k > self.moe_experts:
+            raise LmlabError(f"config: moe_top_k={self.moe_top_k} is larger than moe_experts={self.moe_experts}")
+        if self.mlp not in ("swiglu", "gelu", "relu"):
+            raise LmlabError(f"config: mlp={self.mlp!r} has no mixture-of-experts version (swiglu, gelu, relu)")
+        self._check_layers("moe_layers")
+
+    def _check_window(self) -> None:
+        w = self.attn_window
+        if w is None:
+            return
+        if type(w) is not int or w < 1:
+            raise LmlabError(f"config: attn_window must be an integer >= 1 or null, got {w!r}")
+        if w > self.max_seq_len:
+            raise LmlabError(f"config: attn_window={w} is larger than the context max_seq_len={self.max_seq_len}")
+        if type(self.attn_global_tokens) is not int or not 0 <= self.attn_global_tokens <= self.max_seq_len:
+            raise LmlabError(f"config: attn_global_tokens must be an integer in 0..max_seq_len, "
+                             f"got {self.attn_global_tokens!r}")
+        if self.attn_global_tokens and self.arch != "encoder":
+            raise LmlabError(f"config: attn_global_tokens={self.attn_global_tokens} needs arch='encoder' "
+                             f"(local+global attention is bidirectional), got arch={self.arch!r}")
+        if self.pos == "relative":
+            raise LmlabError("config: attn_window with pos='relative' is not supported (the bias is dense)")
+        self._check_layers("window_layers")
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.moe_experts > 0 and (self.moe_layers is None or i in self.moe_layers)
+
+    def is_window_layer(self, i: int) -> bool:
+        return self.attn_window is not None and (self.window_layers is None or i in self.window_layers)
 
     @property
     def causal(self) -> bool:
