@@ -109,6 +109,8 @@ class ModelConfig:
             raise LmlabError(f"config: moe_top_k must be an integer >= 1, got {self.moe_top_k!r}")
         if self.moe_top_k > self.moe_experts:
             raise LmlabError(f"config: moe_top_k={self.moe_top_k} is larger than moe_experts={self.moe_experts}")
+        if self.moe_d_ff is None:
+            self.moe_d_ff = self.d_ff
         if self.mlp not in ("swiglu", "gelu", "relu"):
             raise LmlabError(f"config: mlp={self.mlp!r} has no mixture-of-experts version (swiglu, gelu, relu)")
         self._check_layers("moe_layers")
