@@ -80,3 +80,10 @@ def make_feed_forward(cfg: ModelConfig, layer: int = 0) -> nn.Module:
     except KeyError:
         raise LmlabError(f"model config: mlp={cfg.mlp!r} is not a known feed-forward kind "
                          f"(known: {', '.join(FEED_FORWARD)})") from None
+
+
+def residual_outputs(ff: nn.Module) -> list[torch.Tensor]:
+    """The weights that write a feed-forward block's output into the residual stream (GPT-2's scaled init)."""
+    if isinstance(ff, MoE):
+        return [ff.w_out] + ([ff.shared.w_out.weight] if ff.shared is not None else [])
+    return [ff.proj.weight]
