@@ -116,3 +116,38 @@ def test_bad_window_and_top_k_are_one_line_errors():
         preset("tiny-llama", attn_window=0)
     with pytest.raises(LmlabError, match="needs arch='encoder'"):
         preset("tiny-llama", attn_window=4, attn_global_tokens=2)
+
+
+@pytest.mark.parametrize("left_pad,layers", [(False, None), (True, None), (True, [0])])
+def test_rolling_cache_generation_equals_recomputation(left_pad, layers):
+    model = tiny(attn_window=4, window_layers=layers)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 512, (2, 6), generator=g)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    if left_pad:
+        mask[1, :3] = 0
+    cache = model.make_cache(2, 40, rolling=True)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask, cache=cache)
+        seq, seq_mask = ids, mask
+        for step in range(14):
+            full = model(seq, attention_mask=seq_mask)
+            assert (logits[:, -1] - full[:, -1]).abs().max() <= 1e-4, step
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            seq, seq_mask = torch.cat([seq, nxt], 1), torch.cat([seq_mask, torch.ones_like(nxt)], 1)
+            logits = model(nxt, cache=cache)
+    windowed = [r for r in cache.rolling if r is not None]
+    assert windowed and all(r.keys.shape[2] == 4 for r in windowed)  # memory: the window, not the sequence
+    with pytest.raises(LmlabError, match="cannot roll back"):
+        cache.truncate(3)
+
+
+def test_rolling_cache_chunked_prompt():
+    model = tiny(attn_window=3)
+    ids = torch.randint(3, 512, (1, 11))
+    cache = model.make_cache(1, rolling=True)
+    with torch.no_grad():
+        parts = [model(ids[:, a:b], cache=cache) for a, b in ((0, 4), (4, 9), (9, 11))]
+        assert (torch.cat(parts, 1) - model(ids)).abs().max() <= 1e-4
+    with pytest.raises(LmlabError, match="needs a decoder-only model with attn_window"):
+        tiny().make_cache(1, rolling=True)

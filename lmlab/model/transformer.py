@@ -28,6 +28,7 @@ from lmlab.model.kv_cache import KVCache
 from lmlab.model.layers import ACTIVATIONS, make_feed_forward, make_norm
 from lmlab.model.loss import linear_cross_entropy
 from lmlab.model.moe import MoE, RouterStats
+from lmlab.model.rolling_cache import RollingCache
 from lmlab.model.positions import RelativeBias, Rotary, sinusoidal_table
 
 TABLE_POSITIONS = ("learned", "sinusoidal", "rope")  # position kinds with a table of max_seq_len rows
@@ -113,6 +114,9 @@ class Stack(nn.Module):
         B, T, _ = x.shape
         layer_masks = self.layer_masks(B, T, start, x.device, key_valid=key_valid, attn_mask=attn_mask,
                                        dtype=x.dtype)
+        if isinstance(cache, RollingCache):  # windowed layers see only the keys their ring buffer kept
+            layer_masks = [m if m is None or isinstance(m, masks.Sparse) else m[..., cache.first_key(i, start):]
+                           for i, m in enumerate(layer_masks)]
         rope = self.rotary(positions) if self.rotary is not None else None
         cross_mask = masks.cross(memory_valid)
         memory_kv = memory_kv or [None] * len(self.blocks)
@@ -260,12 +264,22 @@ class Transformer(nn.Module):
         valid = attention_mask.bool() if attention_mask is not None else None
         return self.encoder(x, positions, key_valid=valid, stats=self._stats)
 
-    def make_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
-        """An empty KV cache for `batch` rows of up to `max_len` tokens (default: the context window)."""
+    def make_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None,
+                   rolling: bool = False) -> KVCache | RollingCache:
+        """An empty KV cache for `batch` rows of up to `max_len` tokens (default: the context window).
+        rolling: sliding-window layers keep only their window (RollingCache; no rollback). Without it,
+        windowed layers keep every key and their mask applies the window (any cache operation works)."""
         if self.decoder is None:
             raise LmlabError(f"an encoder-only model ({self.cfg.name or self.cfg.arch}) has no decoder to keep a "
                              "KV cache for; caches serve decoder and encoder-decoder models")
         cfg, p = self.cfg, self.tok_emb.weight
+        if rolling:
+            if cfg.arch != "decoder" or cfg.attn_window is None:
+                raise LmlabError(f"a rolling KV cache needs a decoder-only model with attn_window set "
+                                 f"(this is arch={cfg.arch!r}, attn_window={cfg.attn_window})")
+            windows = [pat.window if pat is not None else None for pat in self.decoder.patterns]
+            return RollingCache(windows, batch, cfg.n_kv_head, max_len or cfg.max_seq_len, cfg.head_dim,
+                                dtype or p.dtype, p.device)
         return KVCache(len(self.decoder.blocks), batch, cfg.n_kv_head, max_len or cfg.max_seq_len,
                        cfg.head_dim, dtype or p.dtype, p.device)
 
