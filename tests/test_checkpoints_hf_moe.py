@@ -93,3 +93,23 @@ def test_export_refuses_moe_config_mixtral_cannot_hold():
     cfg = preset("tiny-llama", attn_bias=False, moe_experts=4, moe_layers=[1], family="mixtral")
     with pytest.raises(LmlabError, match="moe_layers"):
         hf.export(Transformer(cfg), None, "/nonexistent/never-written")
+
+
+@pytest.mark.parametrize("kw", [dict(family="mixtral"),
+                                dict(family="qwen2_moe", attn_bias=True, moe_shared_d_ff=24, moe_d_ff=16,
+                                     moe_layers=[1], moe_renormalize=False)])
+def test_name_pieces_agree_with_exported_tensors(kw):
+    from lmlab.config import preset
+
+    torch.manual_seed(0)
+    model = randomize(Transformer(preset("tiny-llama", moe_experts=3, moe_top_k=2, **kw)))
+    exported, ours = hf.hf_state_dict(model, kw["family"]), model.state_dict()
+    pieces = hf.name_pieces(model.cfg)
+    assert {p.theirs for p in pieces} == set(exported)
+    for p in pieces:
+        t = ours[p.ours]
+        assert torch.equal(exported[p.theirs], (t.flatten(0, 1) if t.dim() == 3 else t)[p.start:p.stop]), p
+        assert hf.from_hf(model.cfg, p.theirs) == p
+    w_in = hf.to_hf(model.cfg, "decoder.blocks.1.mlp.w_in")
+    assert [p.theirs.split("experts.")[1] for p in w_in][:2] == (
+        ["0.w1.weight", "0.w3.weight"] if kw["family"] == "mixtral" else ["0.gate_proj.weight", "0.up_proj.weight"])
