@@ -75,3 +75,33 @@ def test_moe_stats_sum_over_calls_and_close():
     load.add(stats, 0.5)
     row = load.row()
     assert sum(row["moe_tokens"]) == 36 and row["moe_aux_loss"] == 0.5 and load.row() == {}
+
+
+@pytest.mark.parametrize("recipe,extra", [("bert-mlm-nsp.yaml", ["model.attn_window=8", "model.attn_global_tokens=1"]),
+                                          ("t5-span.yaml", [])])
+def test_other_objectives_train_with_moe(tmp_path, recipe, extra):
+    """MLM+NSP (an encoder, here also with local+global attention) and T5 span corruption (both stacks)."""
+    from pathlib import Path
+
+    from lmlab.train import train
+
+    text = "".join(f"Speaker {i % 5}:\nline {i} of the play, with words.\n\n" for i in range(300))
+    (tmp_path / "play.txt").write_text(text)
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / recipe, [
+        f"data.corpus={tmp_path / 'play.txt'}", "data.doc_boundary=blank_line", "data.workers=1",
+        f"out_dir={tmp_path / 'out'}", "max_iters=2", "eval_interval=2", "eval_iters=1", "batch_size=2",
+        "log_interval=1", "model.n_layer=1", "model.moe_experts=4", "model.moe_top_k=2", "threads=1", "plot=false",
+        "progress=false", "save_model=false", *extra])
+    summary = train(cfg)
+    assert summary["val_loss"] is not None and summary["active_params"] < summary["params"]
+    assert sum(sum(c) for c in summary["moe_tokens_per_layer"].values()) > 0
+
+
+def test_window_longer_than_the_training_context_is_a_one_line_error(tmp_path, data_dir):
+    from lmlab.errors import LmlabError
+    from lmlab.train import train
+
+    cfg = load_config(None, [*MOE, "model.attn_window=32", f"data.path={data_dir}", f"out_dir={tmp_path}"])
+    with pytest.raises(LmlabError, match=r"attn_window=32 is larger than the context max_seq_len=16$"):
+        train(cfg)
