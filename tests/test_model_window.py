@@ -151,3 +151,21 @@ def test_rolling_cache_chunked_prompt():
         assert (torch.cat(parts, 1) - model(ids)).abs().max() <= 1e-4
     with pytest.raises(LmlabError, match="needs a decoder-only model with attn_window"):
         tiny().make_cache(1, rolling=True)
+
+
+@pytest.mark.slow
+def test_compiled_decoding_step_applies_the_window():
+    """lmlab.inference's compiled step passes the whole static cache and a slot tensor: the window still holds."""
+    from lmlab.inference.compile import DecodeStep
+
+    model = tiny(attn_window=4, window_layers=[1])
+    step, cache = DecodeStep(model), model.make_cache(1, 20)
+    seq = torch.randint(3, 512, (1, 3))
+    with torch.no_grad():
+        logits = model(seq, cache=cache)
+        for _ in range(8):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+            logits = step(nxt, cache)
+            assert (logits[:, -1] - model(seq)[:, -1]).abs().max() <= 1e-4
+    assert not step.failed
