@@ -89,34 +89,34 @@ class Stack(nn.Module):
         """Every layer's cross-attention keys/values of the encoder's output."""
         return [block.cross.project_kv(memory) for block in self.blocks]
 
-    def layer_masks(self, B: int, T: int, start, device, *, key_valid, attn_mask, dtype) -> list:
-        """One self-attention mask per layer: shared by the full-attention layers; the windowed layers
-        (cfg.window_layers) take their pattern's (a Sparse route over a fresh sequence, see masks.windowed)."""
+    def layer_masks(self, B: int, T: int, start, device, *, key_valid, attn_mask, dtype, cache=None) -> list:
+        """One self-attention mask per layer: one shared by the full-attention layers, and one for the
+        windowed layers (cfg.window_layers): their pattern's Sparse route over a fresh sequence, else the
+        full mask and-ed with the pattern (cut to the keys a RollingCache kept). See masks.windowed."""
         bias = None
         if self.rel_bias is not None:
             slots = torch.arange(start + T, device=device)
             bias = self.rel_bias(slots[start:], slots).to(dtype)
-        windowed = any(w is not None for w in self.patterns)
         mask = masks.self_attention(B, T, start, device, causal=self.causal, key_valid=key_valid,
                                     attn_mask=attn_mask, need=bias is not None)
         shared = mask if bias is None else masks.add_bias(bias, mask)
-        if not windowed:
+        pattern = next((p for p in self.patterns if p is not None), None)
+        if pattern is None:
             return [shared] * len(self.blocks)
         fresh = attn_mask is None and bias is None and isinstance(start, int) and start == 0
-        full = mask if (fresh or mask is not None) else masks.self_attention(
-            B, T, start, device, causal=self.causal, key_valid=key_valid, attn_mask=None, need=True)
-        sparse = {id(p): masks.windowed(full, p, B, T, start, device, key_valid=key_valid, sparse=fresh)
-                  for p in self.patterns if p is not None}
-        return [shared if p is None else sparse[id(p)] for p in self.patterns]
+        if not fresh and mask is None:  # plain causal so far: the window needs the explicit mask
+            mask = masks.self_attention(B, T, start, device, causal=self.causal, key_valid=key_valid, need=True)
+        windowed = masks.windowed(mask, pattern, B, T, start, device, key_valid=key_valid, sparse=fresh)
+        if isinstance(cache, RollingCache) and not fresh:
+            return [windowed[..., cache.first_key(i, start):] if p is not None else shared
+                    for i, p in enumerate(self.patterns)]
+        return [shared if p is None else windowed for p in self.patterns]
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, *, key_valid=None, attn_mask=None,
                 cache=None, start=0, memory_kv=None, memory_valid=None, stats=None) -> torch.Tensor:
         B, T, _ = x.shape
         layer_masks = self.layer_masks(B, T, start, x.device, key_valid=key_valid, attn_mask=attn_mask,
-                                       dtype=x.dtype)
-        if isinstance(cache, RollingCache):  # windowed layers see only the keys their ring buffer kept
-            layer_masks = [m if m is None or isinstance(m, masks.Sparse) else m[..., cache.first_key(i, start):]
-                           for i, m in enumerate(layer_masks)]
+                                       dtype=x.dtype, cache=cache)
         rope = self.rotary(positions) if self.rotary is not None else None
         cross_mask = masks.cross(memory_valid)
         memory_kv = memory_kv or [None] * len(self.blocks)
