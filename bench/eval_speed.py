@@ -87,8 +87,9 @@ def forward_tokens(tok, task: str, data: Path, limit: int) -> tuple[int, int]:
 
     ours = theirs = 0
     for item in resolve_tasks([task], data)[0].items(limit=limit):
-        ctx = len(tok.encode(item.requests[0].context))
-        conts = [len(tok.encode(r.context + r.continuation)) - ctx for r in item.requests]
+        main = item.requests["main"]
+        ctx = len(tok.encode(main[0].context))
+        conts = [len(tok.encode(r.context + r.continuation)) - ctx for r in main]
         ours += ctx + sum(conts)
         theirs += ctx + 1 if max(conts) == 1 else sum(ctx + c for c in conts)
     return ours, theirs

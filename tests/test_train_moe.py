@@ -103,5 +103,5 @@ def test_window_longer_than_the_training_context_is_a_one_line_error(tmp_path, d
     from lmlab.train import train
 
     cfg = load_config(None, [*MOE, "model.attn_window=32", f"data.path={data_dir}", f"out_dir={tmp_path}"])
-    with pytest.raises(LmlabError, match=r"attn_window=32 is larger than the context max_seq_len=16$"):
+    with pytest.raises(LmlabError, match=r"attn_window: 32 is larger than the context max_seq_len=16$"):
         train(cfg)

@@ -42,8 +42,11 @@ def permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def write_tiny(path: Path, *, arch: str = "llama", qtype: Q = Q.F32, n_layer: int = 2, d_model: int = 64,
                n_head: int = 4, n_kv_head: int = 2, d_ff: int = 128, tied: bool = True, seed: int = 0,
-               truncate: int | None = None, tensor_type_override: dict | None = None) -> dict[str, np.ndarray]:
-    """Write a random model; returns the float weights by GGUF name (as a reader must recover them)."""
+               truncate: int | None = None, tensor_type_override: dict | None = None,
+               meta: dict | None = None) -> dict[str, np.ndarray]:
+    """Write a random model; returns the float weights by GGUF name (as a reader must recover them).
+
+    meta: metadata to replace or add, key → (value, gguf.GGUFValueType) or key → None to drop it."""
     tok = train_bpe()
     vocab = tok.get_vocab()
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
@@ -75,6 +78,13 @@ def write_tiny(path: Path, *, arch: str = "llama", qtype: Q = Q.F32, n_layer: in
     w.add_eos_token_id(2)
     w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    for key, spec in (meta or {}).items():
+        if spec is None:
+            w.kv_data[0].pop(key.replace("{arch}", arch), None)
+        else:
+            value, vtype = spec
+            sub = gguf.GGUFValueType.get_type(value[0]) if vtype == gguf.GGUFValueType.ARRAY else None
+            w.kv_data[0][key.replace("{arch}", arch)] = gguf.GGUFValue(value, vtype, sub)
     truth: dict[str, np.ndarray] = {}
 
     def add(name: str, arr: np.ndarray, store: np.ndarray | None = None) -> None:

@@ -1,13 +1,13 @@
 """Reading prepared token shards: one memory-mapped stream per split, windows and documents out of it."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from lmlab.data.prepare import DTYPES, META
+from lmlab.config import read_json
 from lmlab.errors import LmlabError
 from lmlab.tokenizer import Tokenizer
 
@@ -59,6 +59,41 @@ class TokenStream:
         return self._docs
 
 
+def read_meta(path: Path) -> dict:
+    """meta.json of a prepared folder, checked: types, and every shard file of the size it records."""
+    meta = read_json(path)
+
+    def bad(field: str, what: str) -> LmlabError:
+        return LmlabError(f"{path}: {field}: {what} (prepare the folder again)")
+
+    if not isinstance(meta, dict):
+        raise bad("meta", "not a JSON object")
+    if meta.get("dtype") not in DTYPES:
+        raise bad("dtype", f"{meta.get('dtype')!r} is not one of {', '.join(DTYPES)}")
+    vocab = meta.get("vocab_size")
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1:
+        raise bad("vocab_size", f"{vocab!r} is not a positive integer")
+    sep = meta.get("sep_id")
+    if sep is not None and (not isinstance(sep, int) or isinstance(sep, bool) or not 0 <= sep < vocab):
+        raise bad("sep_id", f"{sep!r} is not a token id below vocab_size={vocab}")
+    shards = meta.get("shards")
+    if not isinstance(shards, dict) or not all(isinstance(shards.get(s), list) for s in ("train", "val")):
+        raise bad("shards", "expected lists of train and val shards")
+    itemsize = np.dtype(DTYPES[meta["dtype"]]).itemsize
+    for split in ("train", "val"):
+        for i, shard in enumerate(shards[split]):
+            where = f"shards.{split}[{i}]"
+            if not isinstance(shard, dict) or not isinstance(shard.get("file"), str) \
+                    or not isinstance(shard.get("tokens"), int) or "/" in shard["file"] or shard["file"] in ("", ".", ".."):
+                raise bad(where, "expected {file: NAME, tokens: N}")
+            f = path.parent / shard["file"]
+            size = f.stat().st_size if f.is_file() else None
+            if size != shard["tokens"] * itemsize:
+                raise bad(where, f"{shard['file']} has {size if size is not None else 'no'} bytes, "
+                                 f"expected {shard['tokens'] * itemsize}")
+    return meta
+
+
 class TokenData:
     """A prepared folder: tokenizer, train and validation streams, separator id."""
 
@@ -67,8 +102,11 @@ class TokenData:
         if not (folder / META).is_file():
             raise LmlabError(f"{folder}: not a prepared data folder (no {META}; run `lmlab prepare` first)")
         self.folder = folder
-        self.meta = json.loads((folder / META).read_text())
+        self.meta = read_meta(folder / META)
         self.tokenizer = Tokenizer.from_folder(folder)
+        if self.tokenizer.vocab_size != self.meta["vocab_size"]:
+            raise LmlabError(f"{folder / META}: vocab_size: {self.meta['vocab_size']} but tokenizer.json has "
+                             f"{self.tokenizer.vocab_size} tokens (prepare the folder again)")
         self.sep_id: int = self.meta["sep_id"]
         self.train = TokenStream([folder / s["file"] for s in self.meta["shards"]["train"]], self.meta["dtype"])
         self.val = TokenStream([folder / s["file"] for s in self.meta["shards"]["val"]], self.meta["dtype"])

@@ -144,9 +144,9 @@ def check_replaceable(out: Path) -> None:
     ours = set(TOKENIZER_FILES) | {META}
     if (out / META).is_file():
         try:
-            shards = json.loads((out / META).read_text())["shards"]
+            shards = json.loads((out / META).read_bytes().decode("utf-8"))["shards"]
             ours |= {s["file"] for split in shards.values() for s in split}
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):  # (JSON, UTF-8 errors)
             raise LmlabError(f"{out / META}: not a meta.json written by lmlab prepare; choose a new output "
                              "folder") from None
     foreign = sorted(p.name for p in out.iterdir() if p.name not in ours)

@@ -10,7 +10,7 @@ from typing import Iterable
 
 from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, first_line
 from lmlab.tokenizer import Tokenizer
 
 EOT = "<|endoftext|>"
@@ -77,7 +77,7 @@ def load_tokenizer(spec: str) -> Tokenizer:
         try:
             return Tokenizer(HFTokenizer.from_file(str(path)))
         except Exception as e:  # the tokenizers library raises plain Exceptions
-            raise LmlabError(f"{path}: cannot read tokenizer ({str(e).splitlines()[0]})") from None
+            raise LmlabError(f"{path}: cannot read tokenizer ({first_line(e)})") from None
     if path.is_dir() and (path / "tokenizer.json").is_file():
         return Tokenizer.from_folder(path)
     from lmlab.checkpoints import read

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.errors import LmlabError
-from lmlab.eval.progress import Progress
+from lmlab.utils.progress import Progress
 from lmlab.eval.requests import (GenerateUntil, Loglikelihood, LoglikelihoodResult, LoglikelihoodRolling,
                                  RollingResult)
 from lmlab.inference.runner import as_runner
@@ -199,7 +199,7 @@ class Engine:
         groups = self._groups(requests)
         batches = [groups[i:i + self.batch_size] for i in range(0, len(groups), self.batch_size)]
         mine = batches[self.rank::self.world]
-        bar = Progress(sum(len(g.items) for b in mine for g in b) * self.world, desc, self.progress)
+        bar = Progress(sum(len(g.items) for b in mine for g in b) * self.world, desc, enabled=self.progress)
         out: dict[int, LoglikelihoodResult] = {}
         for batch in mine:
             out.update(self._score_groups(batch))
@@ -241,7 +241,7 @@ class Engine:
         order = sorted(range(len(items)), key=lambda k: -len(items[k][1]))
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         mine = batches[self.rank::self.world]
-        bar = Progress(len(items), desc, self.progress)
+        bar = Progress(len(items), desc, enabled=self.progress)
         local: dict[int, float] = {}
         for batch in mine:
             h = self.model.hidden_states(self._pad([items[k][1] for k in batch]))
@@ -273,7 +273,7 @@ class Engine:
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i].context))
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         mine = batches[self.rank::self.world]
-        bar = Progress(len(requests), desc, self.progress)
+        bar = Progress(len(requests), desc, enabled=self.progress)
         local: dict[int, str] = {}
         for batch in mine:
             by_settings: dict[tuple, list[int]] = {}

@@ -1,5 +1,6 @@
-"""evaluate(model, tokenizer, tasks): build every task's requests, answer them in as few engine calls as
-possible (all tasks' loglikelihood requests share batches), score, and aggregate (suites included)."""
+"""evaluate(model, tokenizer, tasks): build every task's items, answer all their requests (every
+request group) in as few engine calls as possible (one per request type, across tasks), score, and
+aggregate (suites included)."""
 from __future__ import annotations
 
 import time
@@ -9,13 +10,22 @@ from typing import Any, Sequence
 from lmlab.errors import LmlabError
 from lmlab.eval import metrics
 from lmlab.eval.engine import Engine
-from lmlab.eval.task import Item, Task, load_yaml
+from lmlab.eval.requests import MAIN, GenerateUntil, Item, Loglikelihood, LoglikelihoodRolling
+from lmlab.eval.tasks import builtin
+from lmlab.eval.tasks.task import Task
+from lmlab.eval.tasks.yaml import load_yaml
+
+# request type → how the engine answers a list of them (in this order, the same on every process)
+ENGINE_CALLS = {
+    Loglikelihood: lambda engine, reqs, opts, desc: engine.loglikelihood(reqs, desc=desc),
+    LoglikelihoodRolling: lambda engine, reqs, opts, desc: engine.loglikelihood_rolling(
+        reqs, window=opts.get("rolling_window"), stride=opts.get("rolling_stride"), desc=desc),
+    GenerateUntil: lambda engine, reqs, opts, desc: engine.generate_until(reqs, desc=desc),
+}
 
 
 def resolve_tasks(tasks: str | Sequence[str | Task], data_dir: str | Path | None = None) -> list[Task]:
     """Task names (built-in), paths to YAML task files, or Task objects → Tasks (suites expanded)."""
-    from lmlab.eval import tasks as builtin
-
     if isinstance(tasks, str):
         tasks = [t for t in tasks.split(",") if t.strip()]
     out: list[Task] = []
@@ -31,22 +41,36 @@ def resolve_tasks(tasks: str | Sequence[str | Task], data_dir: str | Path | None
     return out
 
 
-def _answer(engine: Engine, kind: str, requests: list, rolling_window: int | None, rolling_stride: int | None,
-            desc: str) -> list:
-    if not requests:
-        return []
-    if kind in ("multiple_choice", "loglikelihood"):
-        return engine.loglikelihood(requests, desc=desc)
-    if kind == "loglikelihood_rolling":
-        return engine.loglikelihood_rolling(requests, window=rolling_window, stride=rolling_stride, desc=desc)
-    return engine.generate_until(requests, desc=desc)
+def answer(engine: Engine, built: Sequence[tuple[Task, list[Item]]], **opts) -> None:
+    """Fill `item.answers[group]` for every request group of every item: one engine call per request
+    type across all tasks and groups (small tasks such as MMLU subjects share batches). `opts`:
+    rolling_window, rolling_stride."""
+    for _, items in built:
+        for it in items:
+            it.answers = {group: [None] * len(reqs) for group, reqs in it.requests.items()}
+    for kind, call in ENGINE_CALLS.items():
+        asked = [(task.name, it, group, i) for task, items in built for it in items
+                 for group, reqs in it.requests.items() for i, r in enumerate(reqs) if type(r) is kind]
+        if not asked:
+            continue
+        names = list(dict.fromkeys(name for name, *_ in asked))
+        got = call(engine, [it.requests[g][i] for _, it, g, i in asked], opts,
+                   names[0] if len(names) == 1 else f"{len(names)} tasks")
+        for (_, it, group, i), a in zip(asked, got):
+            it.answers[group][i] = a
+    for _, items in built:
+        for it in items:
+            for group, reqs in it.requests.items():
+                bad = [r for r, a in zip(reqs, it.answers[group]) if a is None]
+                if bad:
+                    raise LmlabError(f"{it.origin or f'item {it.index}'}: request group '{group}' holds a "
+                                     f"{type(bad[0]).__name__}, not a request the engine answers")
 
 
-def _aggregate(task: Task, scored: list[dict[str, Any]]) -> dict[str, float]:
+def _aggregate(scored: list[dict[str, Any]]) -> dict[str, float]:
     out: dict[str, float] = {}
     for key in scored[0]:
-        name = key.split(",")[0]
-        value, err = metrics.aggregate(name, [s[key] for s in scored])
+        value, err = metrics.aggregate(key.split(",")[0], [s[key] for s in scored])
         out[key], out[f"{key}_stderr"] = value, err
     return out
 
@@ -59,30 +83,15 @@ def evaluate(model, tokenizer, tasks: str | Sequence[str | Task], *, data_dir: s
     started = time.perf_counter()
     task_list = resolve_tasks(tasks, data_dir)
     engine = Engine(model, tokenizer, batch_size=batch_size, max_length=max_length, progress=progress)
-    built: list[tuple[Task, list[Item]]] = [(t, t.items(limit=limit, num_fewshot=num_fewshot, seed=seed))
-                                            for t in task_list]
-    answers: dict[int, list] = {}
-    # one engine call per request type, across tasks: small tasks (MMLU subjects) share batches
-    request_type = {"multiple_choice": "loglikelihood", "loglikelihood": "loglikelihood",
-                    "loglikelihood_rolling": "loglikelihood_rolling", "generate_until": "generate_until"}
-    answers: dict[int, list] = {}
-    for kind in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
-        members = [it for t, items in built if request_type[t.output_type] == kind for it in items]
-        names = [t.name for t, _ in built if request_type[t.output_type] == kind]
-        flat = [r for it in members for r in it.requests]
-        desc = names[0] if len(names) == 1 else f"{len(names)} tasks"
-        got = _answer(engine, kind, flat, rolling_window, rolling_stride, desc)
-        pos = 0
-        for it in members:
-            answers[id(it)] = got[pos:pos + len(it.requests)]
-            pos += len(it.requests)
+    built = [(t, t.items(limit=limit, num_fewshot=num_fewshot, seed=seed)) for t in task_list]
+    answer(engine, built, rolling_window=rolling_window, rolling_stride=rolling_stride)
     results: dict[str, Any] = {}
     groups: dict[str, list[tuple[str, list[dict]]]] = {}
     samples: dict[str, list[dict]] = {}
     configs, n_samples = {}, {}
     for task, items in built:
-        scored = [task.score(it, answers[id(it)]) for it in items]
-        results[task.name] = {"alias": task.name, **_aggregate(task, scored)}
+        scored = [task.score(it) for it in items]
+        results[task.name] = {"alias": task.name, **_aggregate(scored)}
         n_samples[task.name] = {"original": len(task.docs), "effective": len(items)}
         configs[task.name] = {"task": task.name, "output_type": task.output_type, "source": task.source,
                               "num_fewshot": task.num_fewshot if num_fewshot is None else num_fewshot,
@@ -91,7 +100,7 @@ def evaluate(model, tokenizer, tasks: str | Sequence[str | Task], *, data_dir: s
         if task.group:
             groups.setdefault(task.group, []).append((task.name, scored))
         if log_samples:
-            samples[task.name] = [_sample(task, it, answers[id(it)], s) for it, s in zip(items, scored)]
+            samples[task.name] = [_sample(it, s) for it, s in zip(items, scored)]
     out: dict[str, Any] = {"results": results}
     if groups:
         out["groups"] = {g: _group_scores(members, results) for g, members in groups.items()}
@@ -119,18 +128,28 @@ def _group_scores(members: list[tuple[str, list[dict]]], results: dict[str, Any]
     return out
 
 
-def _sample(task: Task, item: Item, answers: list, scored: dict) -> dict[str, Any]:
-    resp = []
+def _arguments(requests: list) -> list[list]:
+    return [[getattr(r, "context", None), getattr(r, "continuation", getattr(r, "text", None))] for r in requests]
+
+
+def _responses(answers: list) -> list:
+    out = []
     for a in answers:
         if hasattr(a, "is_greedy"):
-            resp.append([a.logprob, a.is_greedy])
+            out.append([a.logprob, a.is_greedy])
         elif hasattr(a, "n_tokens"):
-            resp.append([a.logprob, a.n_tokens])
+            out.append([a.logprob, a.n_tokens])
         else:
-            resp.append(a)
-    args = []
-    for r in item.requests:
-        args.append([getattr(r, "context", None), getattr(r, "continuation", getattr(r, "text", None))])
-    return {"doc_id": item.index, "doc": item.doc, "target": item.gold if item.gold is not None else item.target,
-            "arguments": args, "resps": resp,
-            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in scored.items()}}
+            out.append(a)
+    return out
+
+
+def _sample(item: Item, scored: dict) -> dict[str, Any]:
+    """One item's log record: its main requests and answers, any further groups', and its scores."""
+    record = {"doc_id": item.index, "doc": item.doc, "target": item.gold if item.gold is not None else item.target,
+              "arguments": _arguments(item.requests[MAIN]), "resps": _responses(item.answers[MAIN])}
+    others = {g: {"arguments": _arguments(r), "resps": _responses(item.answers[g])}
+              for g, r in item.requests.items() if g != MAIN}
+    if others:
+        record["groups"] = others
+    return {**record, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in scored.items()}}

@@ -12,6 +12,9 @@ import random
 import re
 from typing import Callable, Sequence
 
+from lmlab.errors import LmlabError
+from lmlab.utils.suggest import unknown
+
 LN2 = math.log(2)
 
 
@@ -28,8 +31,8 @@ def score_multiple_choice(lls: Sequence[float], choices: Sequence[str], gold: in
     nbytes = [ll / max(len(c.encode("utf-8")), 1) for ll, c in zip(lls, choices)]
     out = {"acc": float(argmax(lls) in golds), "acc_norm": float(argmax(chars) in golds),
            "acc_bytes": float(argmax(nbytes) in golds)}
-    if is_greedy is not None and len(golds) == 1:
-        out["exact_match"] = float(bool(is_greedy[golds[0]]))
+    if is_greedy is not None:  # the greedy continuation is a right choice
+        out["exact_match"] = float(any(is_greedy[g] for g in golds))
     return out
 
 
@@ -105,7 +108,6 @@ AGGREGATE: dict[str, Callable] = {
     "perplexity": perplexity, "word_perplexity": perplexity, "byte_perplexity": perplexity,
     "bits_per_byte": bits_per_byte,
 }
-HIGHER_IS_BETTER = {name: not name.endswith(("perplexity", "bits_per_byte")) for name in AGGREGATE}
 
 
 def mean_stderr(xs: Sequence[float]) -> float:
@@ -127,6 +129,8 @@ def bootstrap_stderr(fn: Callable, items: Sequence, iters: int = 1000, seed: int
 
 def aggregate(name: str, values: Sequence) -> tuple[float, float]:
     """(score, standard error) of a metric over its per-item values."""
+    if name not in AGGREGATE:
+        raise LmlabError(unknown("metric", name, AGGREGATE))
     fn = AGGREGATE[name]
     if fn is mean:
         return mean(values), mean_stderr(values)

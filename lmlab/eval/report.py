@@ -1,40 +1,32 @@
-"""Results: lm-evaluation-harness-shaped JSON (written atomically), a markdown table, per-sample logs."""
+"""Results: lm-evaluation-harness-shaped JSON and per-sample logs (written atomically), a markdown table."""
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from lmlab.utils import atomic
 
-def _clean(x: Any) -> Any:
+
+def clean(x: Any) -> Any:
+    """NaN and infinities (a standard error of one item) become null: the file stays valid JSON."""
     if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
         return None
     if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
+        return {k: clean(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
+        return [clean(v) for v in x]
     return x
 
 
-def write_json(results: dict[str, Any], path: str | Path) -> None:
-    """Write to a temporary file in the same folder, then rename: the path holds a whole file or nothing."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # an ordinary file's permissions, not mkstemp's private 0600
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(_clean(results), f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def write_results(path: str | Path, results: dict[str, Any]) -> Path:
+    """The results JSON at `path`: the whole file or, if anything fails, nothing."""
+    return atomic.write_json(path, clean(results))
+
+
+def write_samples(path: str | Path, records: list[dict[str, Any]]) -> Path:
+    """Per-item records, one JSON object a line (values JSON cannot hold are written as text)."""
+    return atomic.write_jsonl(path, (clean(r) for r in records), default=str)
 
 
 def markdown_table(results: dict[str, Any]) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, first_line
 from lmlab.utils.atomic import atomic_path
 
 NAME = "ckpt.pt"
@@ -36,11 +36,21 @@ def save(path: Path, state: dict[str, Any]) -> None:
         torch.save(state, tmp)
 
 
+KEYS = ("model", "optim", "iter", "rng", "model_cfg")
+
+
 def load(path: Path) -> dict[str, Any]:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise LmlabError(f"{path}: cannot read checkpoint ({str(e).splitlines()[0]})") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises EOFError, RuntimeError, UnpicklingError... (some with no message)
+        raise LmlabError(f"{path}: cannot read checkpoint ({first_line(e)}); move it aside or set resume=false") from None
+    missing = [k for k in KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise LmlabError(f"{path}: not a training checkpoint (lacks {', '.join(missing)}); "
+                         "move it aside or set resume=false")
+    if not isinstance(state["iter"], int) or not isinstance(state["rng"], list) or not state["rng"]:
+        raise LmlabError(f"{path}: damaged training checkpoint (iter or rng state); move it aside or set resume=false")
+    return state
 
 
 def check_shape(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:

@@ -9,6 +9,9 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +89,12 @@ class TrainConfig:
             raise LmlabError(f"config: mixture must be 'sum' or 'sample', got '{self.mixture}'")
         if self.distributed not in ("ddp", "fsdp"):
             raise LmlabError(f"config: distributed must be 'ddp' or 'fsdp', got '{self.distributed}'")
+        if not DEVICE.fullmatch(self.device):
+            raise LmlabError(f"config: device: {self.device!r} is not a device (allowed: auto, cpu, cuda, cuda:N, "
+                             "mps, xpu)")
+        if self.dtype not in DTYPES:
+            raise LmlabError(f"config: dtype: {self.dtype!r} is not supported (allowed: {', '.join(DTYPES)})"
+                             f"{did_you_mean(self.dtype, DTYPES)}")
         if not self.objectives:
             raise LmlabError("config: objectives is empty")
         for key in ("batch_size", "grad_accum", "seq_len", "eval_interval", "eval_iters", "log_interval"):
@@ -102,8 +111,43 @@ class TrainConfig:
         return {**dataclasses.asdict(self), "model": self.model.to_dict()}
 
 
-def _unknown(source: str, key: str, known) -> LmlabError:
-    return LmlabError(f"{source}: unknown key '{key}'{did_you_mean(key, known)}")
+def _unknown(source: str, key: str, known, nested: dict[str, Any] | None = None) -> LmlabError:
+    """Unknown `key`, with the closest known name; `nested` sections' keys count too (as section.key), so
+    a top-level `warmup_iter` suggests `optim.warmup_iters`."""
+    names = {k: k for k in known}
+    for section, value in (nested or {}).items():
+        if isinstance(value, dict) and section != "model":
+            names.update({k: f"{section}.{k}" for k in value if k not in names})
+    hint = difflib.get_close_matches(key, list(names), n=1, cutoff=0.6)
+    return LmlabError(f"{source}: unknown key {key!r}" + (f" (did you mean '{names[hint[0]]}'?)" if hint else ""))
+
+
+# Ranges of numeric recipe values (dotted path → allowed, as text and as a test); types are checked first.
+LIMITS: dict[str, tuple[str, Any]] = {
+    **{f"optim.{k}": (">= 0", lambda v: v >= 0) for k in ("min_lr", "weight_decay", "warmup_iters",
+                                                           "lr_decay_iters", "grad_clip")},
+    "optim.lr": ("> 0", lambda v: v > 0),
+    "optim.eps": ("> 0", lambda v: v > 0),
+    "optim.beta1": ("0 <= beta1 < 1", lambda v: 0 <= v < 1),
+    "optim.beta2": ("0 <= beta2 < 1", lambda v: 0 <= v < 1),
+    "data.val_fraction": ("0 <= val_fraction < 1", lambda v: 0 <= v < 1),
+    "data.workers": (">= 1", lambda v: v >= 1),
+    **{k: (">= 1", lambda v: v >= 1) for k in ("seq_len", "batch_size", "grad_accum", "eval_interval",
+                                               "eval_iters", "log_interval")},
+    **{k: (">= 0", lambda v: v >= 0) for k in ("max_iters", "checkpoint_interval")},  # 0 iterations: init_from as is
+    "threads": (">= 0", lambda v: v >= 0),
+    "peak_flops": (">= 0", lambda v: v >= 0),
+    "seed": ("0..2**63-1", lambda v: 0 <= v < 2**63),
+}
+DEVICE = re.compile(r"auto|cpu|mps|xpu|cuda(:\d+)?")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_limits(where: str, path: str, value: Any) -> None:
+    if path in LIMITS and isinstance(value, (int, float)) and not isinstance(value, bool):
+        allowed, ok = LIMITS[path]
+        if not math.isfinite(value) or not ok(value):
+            raise LmlabError(f"{where}: {value!r} is out of range (allowed: {allowed})")
 
 
 def from_dict(cls, d: Any, source: str = "config", prefix: str = ""):
@@ -115,7 +159,8 @@ def from_dict(cls, d: Any, source: str = "config", prefix: str = ""):
     kwargs = {}
     for key, value in d.items():
         if key not in fields:
-            raise _unknown(f"{source}: {prefix}" if prefix else source, key, fields)
+            nested = None if prefix else TrainConfig().to_dict() if cls is TrainConfig else None
+            raise _unknown(f"{source}: {prefix}" if prefix else source, key, fields, nested)
         kind = hints[key]
         where = f"{source}: {prefix}{key}"
         if kind is ModelSection:
@@ -129,6 +174,7 @@ def from_dict(cls, d: Any, source: str = "config", prefix: str = ""):
                      for i, v in enumerate(value)]
         else:
             value = check_value(where, kind, value)
+            check_limits(where, f"{prefix}{key}", value)
         kwargs[key] = value
     return cls(**kwargs)
 
@@ -151,7 +197,7 @@ def apply_override(d: dict[str, Any], item: str) -> None:
             node = node[int(key)]
         elif isinstance(node, dict):
             if key not in node:
-                raise _unknown(f"override '{item}'", key, node)
+                raise _unknown(f"override '{item}'", key, node, d if node is d else None)
             node = node[key]
         else:
             raise _not_section(item, keys[:i], node)
@@ -162,7 +208,7 @@ def apply_override(d: dict[str, Any], item: str) -> None:
         node[int(last)] = value
     elif isinstance(node, dict):
         if node is not d.get("model") and last not in node:  # model overrides may add any ModelConfig field
-            raise _unknown(f"override '{item}'", last, node)
+            raise _unknown(f"override '{item}'", last, node, d if node is d else None)
         if node is d.get("model") and last in ("preset", "init_from"):  # the two are alternatives
             node.pop("init_from" if last == "preset" else "preset", None)
         node[last] = value
@@ -182,7 +228,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise LmlabError(f"{path}: config file not found")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise LmlabError(f"{path}: not UTF-8 text (byte {e.start})") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from lmlab.errors import LmlabError
 from lmlab.model.moe import load_balance_report
 from lmlab.utils.atomic import write_jsonl
 
@@ -23,6 +24,7 @@ class MetricsLog:
         if self.path.is_file():
             keep = [r for r in self.read() if r["iter"] < truncate_after or
                     (r["iter"] == truncate_after and r.get("split") == "train")] if truncate_after else []
+            # (rewritten whole: rows past the checkpoint and any torn last line are gone)
             write_jsonl(self.path, keep)
         if tensorboard:
             try:
@@ -43,9 +45,25 @@ class MetricsLog:
                     self.tb.add_scalar(f"{row.get('split', 'train')}/{k}", v, row["iter"])
 
     def read(self) -> list[dict[str, Any]]:
+        """The rows; a torn last line (a run killed mid-write) is dropped, damage elsewhere is named."""
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        lines = self.path.read_bytes().split(b"\n")
+        rows = []
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.decode("utf-8"))
+                if not isinstance(row, dict) or not isinstance(row.get("iter"), int):
+                    raise ValueError("not a metrics row")
+            except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                if all(not rest.strip() for rest in lines[i + 1:]):
+                    break  # the torn last line: truncated when the log is rewritten on resume
+                raise LmlabError(f"{self.path}:{i + 1}: not a metrics row (a JSON object with an integer "
+                                 "'iter'); move the file aside to resume") from None
+            rows.append(row)
+        return rows
 
     def close(self) -> None:
         if self.tb is not None:

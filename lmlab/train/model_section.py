@@ -79,7 +79,8 @@ class ModelSection:
         try:
             return preset(self.preset, **spec)
         except LmlabError as e:
-            raise LmlabError(f"config: model (preset {self.preset}): {str(e).removeprefix('config: ')}") from None
+            why = str(e).removeprefix("config: ").removeprefix(f"preset {self.preset}: ")
+            raise LmlabError(f"config: model (preset {self.preset}): {why}") from None
 
 
 def _check_spec(spec: str) -> None:

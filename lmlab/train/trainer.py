@@ -20,14 +20,14 @@ from typing import Any
 
 import torch
 
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, first_line
 from lmlab.model.layers import residual_outputs
 from lmlab.train import checkpoint
 from lmlab.train.config import TrainConfig, dump_config
 from lmlab.train.distributed import wrap
 from lmlab.train.metrics import ExpertLoad, MetricsLog, plot_expert_load, plot_losses
 from lmlab.train.model_section import start_model
-from lmlab.utils.atomic import write_json, write_text
+from lmlab.utils.atomic import check_writable, write_json, write_text
 from lmlab.utils.device import bf16_supported, cpu_peak_flops, parse_dtype
 from lmlab.utils.dist import Dist, all_mean, setup, teardown
 from lmlab.utils.progress import Progress
@@ -240,7 +240,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         dtype = pick_dtype(cfg.dtype, device)
         out = Path(cfg.out_dir)
         if d.main:
-            out.mkdir(parents=True, exist_ok=True)
+            check_writable(out / "config.yaml")  # before any work: an unwritable out_dir fails now
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise LmlabError(f"{out}: cannot create out_dir ({first_line(e)})") from None
             write_text(out / "config.yaml", dump_config(cfg))
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)

@@ -482,7 +482,7 @@ def test_load_lora_state_dict_is_strict():
 
 
 def test_quantized_base_keeps_the_adapter_but_refuses_to_merge():
-    from lmlab.quantize import quantize_model
+    from lmlab.inference.quantize import quantize_model
 
     model = tiny()
     inject_lora(model, ["q", "v"], r=2, alpha=4)

@@ -115,7 +115,7 @@ def run(items: int, copa: int, mmlu_shots: int, workdir: Path, batch_size: int =
             continue
         ours.update(evaluate(model, tok, [spec], data_dir=DATA, limit=limit, batch_size=batch_size,
                              log_samples=True, progress=False)["samples"])
-    from lmlab.eval.tasks import suites
+    from lmlab.eval.tasks.builtin import suites
     mmlu_tasks = [t for t in suites.mmlu(DATA) if t.name[len("mmlu_"):] in subjects]
     ours.update(evaluate(model, tok, mmlu_tasks, limit=per_subject, num_fewshot=mmlu_shots, batch_size=batch_size,
                          log_samples=True, progress=False)["samples"])
@@ -190,7 +190,7 @@ def wikitext(docs: int | None, window: int, workdir: Path, batch_size: int = 8) 
 
     from lmlab.checkpoints import load
     from lmlab.eval import evaluate
-    from lmlab.eval.tasks.wikitext import articles
+    from lmlab.eval.tasks.builtin.wikitext import articles
 
     corpora = DATA.parent / "corpora"
     model, tok = load("smollm2-135m")

@@ -6,8 +6,8 @@ import pytest
 
 from lmlab.errors import LmlabError
 from lmlab.eval import evaluate
-from lmlab.eval.report import write_json
-from lmlab.eval.task import load_yaml
+from lmlab.eval.report import write_results
+from lmlab.eval.tasks.yaml import load_yaml
 
 TASK = """task: toy
 dataset_path: json
@@ -37,12 +37,12 @@ def test_yaml_task_prompts_and_fewshot_never_leak(tmp_path):
     task = load_yaml(_write(tmp_path))
     items = task.items()
     assert len(items) == 12
-    first = items[0].requests[0]
+    first = items[0].requests["main"][0]
     assert first.context.endswith("Q: what is 0?\nA:") and first.continuation == " yes"
     assert first.context.count("Q: ") == 3  # two shots + the item
     for it in items[:5]:  # these items are also in the few-shot pool: never shown to themselves
-        assert it.requests[0].context.count(f"Q: what is {it.index}?") == 1
-    assert [r.context for r in task.items(limit=3)[2].requests] == [r.context for r in items[2].requests]
+        assert it.requests["main"][0].context.count(f"Q: what is {it.index}?") == 1
+    assert [r.context for r in task.items(limit=3)[2].requests["main"]] == [r.context for r in items[2].requests["main"]]
 
 
 def test_unknown_key_names_file_and_key(tmp_path):
@@ -106,23 +106,24 @@ def test_batch_size_invariance(tiny, tmp_path):
 def test_interrupted_write_leaves_nothing(tmp_path):
     out = tmp_path / "r.json"
     with pytest.raises(Exception):
-        write_json({"results": {"t": {"acc": object()}}}, out)
+        write_results(out, {"results": {"t": {"acc": object()}}})
     assert not out.exists() and not list(tmp_path.iterdir())
-    write_json({"results": {"t": {"acc": 0.5}}}, out)
-    assert json.loads(out.read_text())["results"]["t"]["acc"] == 0.5
+    write_results(out, {"results": {"t": {"acc": 0.5, "acc_stderr": float("nan")}}})
+    assert json.loads(out.read_text())["results"]["t"] == {"acc": 0.5, "acc_stderr": None}
 
 
 def test_wikitext_detokenizes_but_counts_the_original_text(tmp_path):
     from lmlab.eval.requests import RollingResult
-    from lmlab.eval.tasks import wikitext
+    from lmlab.eval.tasks.builtin import wikitext
 
     raw = " = Title = \r\n Some text @-@ here , and ( a note ) .\r\n = = Section = = \r\n More .\r\n = Other = \r\n x\r\n"
     (tmp_path / "wikitext-2-raw-test.txt").write_text(raw, newline="")
     task = wikitext.build(tmp_path)
     items = task.items()
     assert len(items) == 2  # split at top-level headings only
-    text, page = items[0].requests[0].text, items[0].doc["page"]
+    text, page = items[0].requests["main"][0].text, items[0].doc["page"]
     assert "Some text-here, and (a note)" in text and "== Section ==" in text and " @-@ " in page
-    scored = task.score(items[0], [RollingResult(-10.0, 7)])
+    items[0].answers = {"main": [RollingResult(-10.0, 7)]}
+    scored = task.score(items[0])
     assert scored["bits_per_byte"] == (-10.0, len(page.encode("utf-8")))  # as lm-evaluation-harness counts
     assert scored["word_perplexity"] == (-10.0, len(re.split(r"\s+", page))) and len(page) > len(text)

@@ -23,8 +23,8 @@ _NOT_COMPARED = {"name", "family", "dropout", "pad_id", "bos_id", "eos_id", "dec
 def family_of(conf: dict[str, Any], source: str) -> Family:
     """The family of a config.json (its model_type)."""
     model_type = conf.get("model_type")
-    if model_type not in FAMILIES:
-        raise LmlabError(f"{source}: model_type '{model_type}' is not supported "
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
+        raise LmlabError(f"{source}: model_type {model_type!r} is not supported "
                          f"(supported: {', '.join(FAMILIES)})")
     return FAMILIES[model_type]
 

@@ -17,8 +17,10 @@ def rope_theta(c: Conf) -> float:
         raise LmlabError(f"{c.source}: rope_parameters should be an object, got {rope!r}")
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind != "default":
-        raise LmlabError(f"{c.source}: rope type '{kind}' is not supported by lmlab (supported: 'default')")
+        raise LmlabError(f"{c.source}: rope type {kind!r} is not supported by lmlab (supported: 'default')")
     theta = rope.get("rope_theta", c.d.get("rope_theta", 10000.0))
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool):
+        raise LmlabError(f"{c.source}: rope_theta: {theta!r} is not a number (allowed: a finite number > 0)")
     return float(theta)
 
 

@@ -1,7 +1,6 @@
 """Reading an HF-format folder (config.json + safetensors + tokenizer.json) into lmlab names."""
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -10,8 +9,8 @@ import torch
 
 from lmlab.checkpoints.hf.base import Conf, Entry
 from lmlab.checkpoints.hf.families import family_of
-from lmlab.checkpoints.native import read_safetensors
-from lmlab.config import ModelConfig
+from lmlab.checkpoints.native import check_float, expected_shapes, read_safetensors
+from lmlab.config import ModelConfig, config_source, read_json
 from lmlab.errors import LmlabError
 
 WEIGHTS_NAME = "model.safetensors"
@@ -19,10 +18,7 @@ INDEX_NAME = "model.safetensors.index.json"
 
 
 def load_json(path: Path) -> dict[str, Any]:
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise LmlabError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    d = read_json(path)
     if not isinstance(d, dict):
         raise LmlabError(f"{path}: expected a JSON object")
     return d
@@ -52,14 +48,6 @@ def read_tensors(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]
     return tensors, where
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """lmlab tensor shapes for a config, without allocating any weights."""
-    from lmlab.model import Transformer
-
-    with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
-
-
 def piece_shapes(e: Entry, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
     """Each HF piece's shape; a 3-D lmlab tensor (stacked experts) is matched as its first two dims flat."""
     if len(shape) == 3:
@@ -80,15 +68,13 @@ def read(folder: str | Path):
     raw, where = read_tensors(folder)
     fam.read_fixup(raw, where)
     prefix = fam.prefix if any(n.startswith(fam.prefix) for n in raw) else ""
-    try:
+    with config_source(source):  # ModelConfig's own checks name the file
         cfg = fam.config_from_hf(Conf(conf, source), set(raw))
-    except LmlabError as e:  # ModelConfig's own checks do not know the file
-        raise LmlabError(str(e) if str(e).startswith(source) else f"{source}: {e}") from None
     sd = gather(raw, where, fam.names(cfg, prefix), expected_shapes(cfg), folder)
     leftover = [n for n in raw if not re.search(fam.ignore, n)
                 and not (cfg.tie_embeddings and n in fam.tied_copies) and not fam.unused(n, cfg, prefix)]
     if leftover:
-        raise LmlabError(f"{where[leftover[0]]}: unexpected tensor '{leftover[0]}' for {fam.model_type} "
+        raise LmlabError(f"{where[leftover[0]]}: unexpected tensor {leftover[0]!r} for {fam.model_type} "
                          f"as configured in config.json")
     tok = Tokenizer.from_folder(folder) if (folder / "tokenizer.json").is_file() else None
     fill_special_ids(cfg, folder, tok)
@@ -115,10 +101,11 @@ def gather(raw: dict[str, torch.Tensor], where: dict[str, Path], entries: list[E
         pieces = []
         for name, want in zip(e.theirs, piece_shapes(e, shapes[e.ours])):
             if name not in raw:
-                raise LmlabError(f"{folder}: missing tensor '{name}' (needed for {e.ours})")
+                raise LmlabError(f"{folder}: missing tensor {name!r} (needed for {e.ours})")
             t = raw.pop(name)
+            check_float(where[name], name, t)
             if tuple(t.shape) != want:
-                raise LmlabError(f"{where[name]}: tensor '{name}' has shape {tuple(t.shape)}, "
+                raise LmlabError(f"{where[name]}: tensor {name!r} has shape {tuple(t.shape)}, "
                                  f"config.json implies {want}")
             pieces.append(t.t() if e.transpose else t)
         sd[e.ours] = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).reshape(shapes[e.ours]).contiguous()

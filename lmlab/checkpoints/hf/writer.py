@@ -33,7 +33,7 @@ def hf_state_dict(model: torch.nn.Module, family: str) -> dict[str, torch.Tensor
 
 def export(model, tokenizer, folder: str | Path) -> Path:
     """Write an HF-format folder that transformers' AutoModelFor* loads with the same logits (atomically)."""
-    from safetensors.torch import save_file
+    from lmlab.checkpoints.native import save_safetensors
 
     cfg = model.cfg
     family = export_family(cfg)
@@ -47,7 +47,7 @@ def export(model, tokenizer, folder: str | Path) -> Path:
     with atomic_folder(folder) as tmp:
         write_json(tmp / "config.json", hf_conf, ensure_ascii=True)
         write_json(tmp / "generation_config.json", gen, ensure_ascii=True)
-        save_file(hf_state_dict(model, family), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_safetensors(hf_state_dict(model, family), tmp / WEIGHTS_NAME)
         if tokenizer is not None:
             tokenizer.save(tmp)
     return Path(folder)

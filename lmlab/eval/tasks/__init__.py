@@ -1,53 +1,11 @@
-"""Built-in tasks, each reading its benchmark's own published file layout from --data-dir.
+"""Evaluation tasks, one module per concern:
 
-`build(name, data_dir)` returns the task (a suite such as mmlu returns one task per subject).
-The expected files of every task are listed in the README (Evaluation, built-in tasks) and in each module's docstring.
+- task.py      Task (documents → items of requests → per-item scores) and named request groups
+- outputs.py   output types (multiple_choice, loglikelihood, loglikelihood_rolling, generate_until)
+- fewshot.py   few-shot samplers
+- templates.py doc_to_text / doc_to_target / doc_to_choice templates and their errors
+- filters.py   answer filters for generation tasks
+- files.py     finding a task's files
+- yaml.py      tasks from lm-evaluation-harness YAML files
+- builtin/     the built-in benchmarks, each reading its published file layout
 """
-from __future__ import annotations
-
-import difflib
-from pathlib import Path
-from typing import Callable
-
-from lmlab.errors import LmlabError
-
-
-def _registry() -> dict[str, Callable]:
-    from lmlab.eval.tasks import arc, generative, hellaswag, lambada, piqa, suites, superglue, wikitext, winogrande
-
-    return {
-        "piqa": piqa.build, "hellaswag": hellaswag.build, "winogrande": winogrande.build,
-        "arc_easy": arc.build_easy, "arc_challenge": arc.build_challenge,
-        "boolq": superglue.boolq, "copa": superglue.copa, "rte": superglue.rte, "cb": superglue.cb,
-        "mmlu": suites.mmlu, "ceval": suites.ceval, "cmmlu": suites.cmmlu,
-        "lambada_openai": lambada.build, "wikitext": wikitext.build,
-        "gsm8k": generative.gsm8k, "truthfulqa_mc1": generative.truthfulqa_mc1,
-        "truthfulqa_mc2": generative.truthfulqa_mc2,
-    }
-
-
-def names() -> list[str]:
-    return sorted(_registry())
-
-
-def build(name: str, data_dir: str | Path | None) -> list:
-    registry = _registry()
-    if name not in registry:
-        hint = difflib.get_close_matches(name, registry, n=1)
-        raise LmlabError(f"unknown task '{name}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
-                         + f"; built-in tasks: {', '.join(sorted(registry))}, or a path to a task .yaml")
-    if data_dir is None:
-        raise LmlabError(f"task '{name}' reads its files from --data-dir; none given")
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise LmlabError(f"--data-dir {data_dir}: not a folder")
-    out = registry[name](data_dir)
-    return out if isinstance(out, list) else [out]
-
-
-def find(data_dir: Path, task: str, *candidates: str) -> Path:
-    """The first candidate path (relative to data_dir) that exists, else an error listing them all."""
-    for c in candidates:
-        if (data_dir / c).exists():
-            return data_dir / c
-    raise LmlabError(f"task '{task}': expected {' or '.join(str(data_dir / c) for c in candidates)}")

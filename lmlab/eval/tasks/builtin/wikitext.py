@@ -7,8 +7,8 @@ import re
 from pathlib import Path
 
 from lmlab.eval.data import Docs
-from lmlab.eval.task import Task
-from lmlab.eval.tasks import find
+from lmlab.eval.tasks.files import find
+from lmlab.eval.tasks.task import Task
 
 _HEADING = re.compile(r"^ ?= [^=].* = ?$")
 

@@ -8,10 +8,10 @@
 """
 from pathlib import Path
 
-from lmlab.eval import metrics
 from lmlab.eval.data import read_json, read_jsonl
-from lmlab.eval.task import Task
-from lmlab.eval.tasks import find
+from lmlab.eval.tasks import filters
+from lmlab.eval.tasks.files import find
+from lmlab.eval.tasks.task import Task
 
 
 def _number(text: str) -> str:
@@ -20,15 +20,15 @@ def _number(text: str) -> str:
 
 
 def gsm8k(data_dir: Path) -> Task:
-    folder = find(data_dir, "gsm8k", "gsm8k", ".")
-    test = read_jsonl(find(folder, "gsm8k", "test.jsonl"))
+    questions = find(data_dir, "gsm8k", "gsm8k/test.jsonl", "test.jsonl")
+    folder = questions.parent
+    test = read_jsonl(questions)
     train = read_jsonl(folder / "train.jsonl") if (folder / "train.jsonl").is_file() else None
     return Task("gsm8k", test, "generate_until", fewshot_docs=train, num_fewshot=5 if train else 0,
                 source=str(folder), doc_to_text=lambda d: f"Question: {d['question']}\nAnswer:",
                 doc_to_target=lambda d: d["answer"], doc_to_answer=lambda d: _number(d["answer"]),
                 generation_kwargs={"until": ["Question:", "</s>", "<|im_end|>"], "max_gen_toks": 256},
-                filters={"strict-match": lambda s: _number(metrics.extract_regex(s, r"#### (\-?[0-9\.\,]+)")),
-                         "flexible-extract": lambda s: metrics.extract_number(s) or "[invalid]"})
+                filters={"strict-match": filters.chain([filters.regex(), _number]), "flexible-extract": filters.number})
 
 
 PRIMER = ("Q: What is human life expectancy in the United States?\n"

@@ -3,8 +3,8 @@
 from pathlib import Path
 
 from lmlab.eval.data import read_jsonl
-from lmlab.eval.task import Task
-from lmlab.eval.tasks import find
+from lmlab.eval.tasks.files import find
+from lmlab.eval.tasks.task import Task
 
 
 def _gold(doc) -> int:

@@ -3,8 +3,8 @@ last word. Metrics: perplexity of the last word and accuracy of greedily predict
 from pathlib import Path
 
 from lmlab.eval.data import read_jsonl
-from lmlab.eval.task import Task
-from lmlab.eval.tasks import find
+from lmlab.eval.tasks.files import find
+from lmlab.eval.tasks.task import Task
 
 
 def build(data_dir: Path) -> Task:

@@ -3,13 +3,14 @@ from pathlib import Path
 
 from lmlab.errors import LmlabError
 from lmlab.eval.data import read_jsonl, read_lines
-from lmlab.eval.task import Task
-from lmlab.eval.tasks import find
+from lmlab.eval.tasks.files import find
+from lmlab.eval.tasks.task import Task
 
 
 def build(data_dir: Path) -> Task:
-    folder = find(data_dir, "piqa", "piqa", ".")
-    docs = read_jsonl(find(folder, "piqa", "valid.jsonl"))
+    questions = find(data_dir, "piqa", "piqa/valid.jsonl", "valid.jsonl")
+    folder = questions.parent
+    docs = read_jsonl(questions)
     labels_path = find(folder, "piqa", "valid-labels.lst")
     labels = read_lines(labels_path)
     if len(labels) != len(docs):

@@ -5,8 +5,8 @@ is the scored continuation."""
 from pathlib import Path
 
 from lmlab.eval.data import read_jsonl
-from lmlab.eval.task import Task
-from lmlab.eval.tasks import find
+from lmlab.eval.tasks.files import find
+from lmlab.eval.tasks.task import Task
 
 
 def build(data_dir: Path) -> Task:

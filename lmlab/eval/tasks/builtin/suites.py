@@ -11,8 +11,8 @@ from pathlib import Path
 
 from lmlab.errors import LmlabError
 from lmlab.eval.data import Docs, read_csv
-from lmlab.eval.task import Task
-from lmlab.eval.tasks import find
+from lmlab.eval.tasks.files import find
+from lmlab.eval.tasks.task import Task
 
 LETTERS = ["A", "B", "C", "D"]
 

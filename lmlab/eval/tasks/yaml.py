@@ -1,0 +1,125 @@
+"""Tasks from YAML files in lm-evaluation-harness's format (its core keys, over local files only).
+
+Every key is checked: an unknown key, a Python hook (`!function`, process_docs, ...), a missing
+required key or a file that cannot be found is an LmlabError naming the file (and line or key).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lmlab.errors import LmlabError
+from lmlab.eval.data import Docs, read_any
+from lmlab.eval.tasks import files, filters
+from lmlab.eval.tasks.task import Task
+from lmlab.eval.tasks.templates import template
+from lmlab.utils.suggest import did_you_mean
+
+YAML_KEYS = {
+    "task", "dataset_path", "dataset_name", "data_files", "dataset_kwargs", "test_split", "validation_split",
+    "training_split", "fewshot_split", "output_type", "doc_to_text", "doc_to_choice", "doc_to_target",
+    "target_delimiter", "fewshot_delimiter", "num_fewshot", "generation_kwargs", "metric_list",
+    "description", "fewshot_config", "filter_list", "tag", "group", "metadata", "should_decontaminate",
+    "doc_to_decontamination_query", "repeats",
+}
+UNSUPPORTED_KEYS = {"process_docs", "process_results", "class", "include", "doc_to_image", "doc_to_audio",
+                    "custom_dataset", "unsafe_code"}
+METRIC_OPTIONS = ("ignore_case", "ignore_punctuation")
+
+
+def _read(path: Path) -> dict[str, Any]:
+    import yaml
+
+    if not path.is_file():
+        raise LmlabError(f"{path}: task file not found")
+    text = path.read_text(encoding="utf-8")
+    for n, line in enumerate(text.splitlines(), 1):
+        if "!function" in line and not line.lstrip().startswith("#"):
+            raise LmlabError(f"{path}:{n}: '!function' (a Python hook) is not supported; "
+                             f"express the task with templates")
+    try:
+        cfg = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise LmlabError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if not isinstance(cfg, dict):
+        raise LmlabError(f"{path}: a task file is a mapping of keys (task, dataset_path, doc_to_text, ...)")
+    return cfg
+
+
+def _check_keys(cfg: dict[str, Any], path: Path) -> None:
+    for key in cfg:
+        if key in UNSUPPORTED_KEYS:
+            raise LmlabError(f"{path}: key '{key}' (Python hooks and includes) is not supported; "
+                             f"express the task with templates")
+        if key not in YAML_KEYS:
+            raise LmlabError(f"{path}: unknown key '{key}'" + did_you_mean(key, YAML_KEYS))
+    for key in ("task", "output_type", "doc_to_target"):
+        if key not in cfg:
+            raise LmlabError(f"{path}: missing required key '{key}'")
+
+
+def _load_split(cfg: dict[str, Any], split: str, path: Path, data_dir: Path | None) -> Docs:
+    kwargs = cfg.get("dataset_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise LmlabError(f"{path}: dataset_kwargs must be a mapping")
+    dataset, spec = cfg.get("dataset_path"), cfg.get("data_files", kwargs.get("data_files"))
+    if dataset in ("json", "csv"):
+        if spec is None:
+            raise LmlabError(f"{path}: dataset_path '{dataset}' needs data_files")
+        by_split = spec if isinstance(spec, dict) else {"train": spec}
+        if split not in by_split:
+            raise LmlabError(f"{path}: split '{split}' is not in data_files (has {', '.join(by_split)})")
+        paths = files.data_files(by_split[split], path, data_dir)
+    elif isinstance(dataset, str):
+        dataset, paths = None, files.split_files(dataset, split, path, data_dir)
+    else:
+        raise LmlabError(f"{path}: missing dataset_path (json, csv or a local folder)")
+    docs = Docs([], [])
+    for p in paths:
+        docs = docs + read_any(p, None if dataset == "json" and p.suffix == ".jsonl" else dataset)
+    return docs
+
+
+def _metrics(spec: Any, path: Path) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    names, options = [], {}
+    for m in spec or []:
+        name = m.get("metric") if isinstance(m, dict) else m
+        if not isinstance(name, str):
+            raise LmlabError(f"{path}: metric_list entries are names or {{metric: NAME, ...}}, got {m!r}")
+        names.append(name)
+        if isinstance(m, dict):
+            options[name] = {k: v for k, v in m.items() if k in METRIC_OPTIONS}
+    return names, options
+
+
+def load_yaml(path: str | Path, data_dir: str | Path | None = None) -> Task:
+    path = Path(path)
+    cfg = _read(path)
+    _check_keys(cfg, path)
+    data_dir = Path(data_dir) if data_dir else None
+    split = cfg.get("test_split") or cfg.get("validation_split")
+    if not split:
+        raise LmlabError(f"{path}: needs test_split or validation_split")
+    docs = _load_split(cfg, split, path, data_dir)
+    if not len(docs):
+        raise LmlabError(f"{path}: split '{split}' has no documents")
+    few_split = cfg.get("fewshot_split") or cfg.get("training_split") or cfg.get("validation_split")
+    few = docs if few_split in (None, split) else _load_split(cfg, few_split, path, data_dir)
+    fields = set(docs.docs[0])
+    source = str(path)
+    metric_names, options = _metrics(cfg.get("metric_list"), path)
+    few_cfg = cfg.get("fewshot_config") or {}
+    return Task(
+        name=str(cfg["task"]), docs=docs, output_type=cfg["output_type"], source=source,
+        doc_to_text=template(cfg.get("doc_to_text", ""), source, "doc_to_text", fields=fields),
+        doc_to_target=template(cfg["doc_to_target"], source, "doc_to_target", fields=fields),
+        doc_to_choice=(template(cfg["doc_to_choice"], source, "doc_to_choice", fields=fields)
+                       if "doc_to_choice" in cfg else None),
+        fewshot_docs=few, num_fewshot=int(cfg.get("num_fewshot") or 0),
+        fewshot_sampler=few_cfg.get("sampler", "random"),
+        target_delimiter=cfg.get("target_delimiter", " "), fewshot_delimiter=cfg.get("fewshot_delimiter", "\n\n"),
+        description=cfg.get("description", ""), generation_kwargs=dict(cfg.get("generation_kwargs") or {}),
+        metrics=metric_names, metric_options=options, filters=filters.from_yaml(cfg.get("filter_list") or [], source),
+    )
