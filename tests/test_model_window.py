@@ -169,3 +169,26 @@ def test_compiled_decoding_step_applies_the_window():
             logits = step(nxt, cache)
             assert (logits[:, -1] - model(seq)[:, -1]).abs().max() <= 1e-4
     assert not step.failed
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("moe_experts", -1, r"moe_experts: -1 is not an integer >= 0"),
+    ("moe_top_k", 0, r"moe_top_k: 0 is not an integer >= 1"),
+    ("moe_d_ff", "big", r"moe_d_ff: 'big' is not an integer >= 1"),
+    ("moe_layers", [0, "x"], r"moe_layers: \[0, 'x'\] is not a list of layer indices"),
+    ("moe_aux_coef", -0.1, r"moe_aux_coef: -0.1 is out of range \(allowed: a finite number >= 0\)"),
+    ("moe_renormalize", 1, r"moe_renormalize: 1 is not a boolean"),
+    ("attn_window", 2.5, r"attn_window: 2.5 is not an integer >= 1"),
+    ("attn_global_tokens", -2, r"attn_global_tokens: -2 is not an integer >= 0"),
+])
+def test_moe_and_window_fields_are_checked_naming_the_source(field, value, message):
+    with pytest.raises(LmlabError, match=r"^model.json: " + message):
+        ModelConfig.from_dict({"moe_experts": 4, field: value}, source="model.json")
+
+
+def test_moe_config_derives_and_normalises():
+    cfg = ModelConfig(d_model=64, n_head=4, n_layer=3, moe_experts=4, moe_layers=[2, 0, 2], moe_aux_coef=1)
+    assert cfg.moe_d_ff == cfg.d_ff == 256 and cfg.moe_layers == [0, 2] and cfg.moe_aux_coef == 1.0
+    assert [cfg.is_moe_layer(i) for i in range(3)] == [True, False, True]
+    with pytest.raises(LmlabError, match=r"mlp: 'geglu' has no mixture-of-experts version"):
+        ModelConfig(moe_experts=4, mlp="geglu")
