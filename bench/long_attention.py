@@ -66,7 +66,7 @@ def child(args) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from lmlab.sparse_attention import SlidingWindow, attend
+    from lmlab.model.sparse_attention import SlidingWindow, attend
 
     torch.set_num_threads(args.threads)
     T, case = args.child_length, args.child

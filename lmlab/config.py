@@ -51,6 +51,20 @@ class ModelConfig:
     tie_embeddings: bool = True
     tied_logit_scale: bool = False  # T5: scale hidden by d_model**-0.5 before a tied LM head
     dropout: float = 0.0
+    # mixture of experts (lmlab.model.moe); moe_experts = 0: every feed-forward block is dense
+    moe_experts: int = 0
+    moe_top_k: int = 2  # experts per token
+    moe_d_ff: int | None = None  # hidden size of each routed expert; None = d_ff
+    moe_shared_d_ff: int = 0  # always-on shared expert with a sigmoid gate (Qwen2-MoE); 0 = none
+    moe_renormalize: bool = True  # top-k weights rescaled to sum to 1 (Mixtral) or kept (Qwen2-MoE)
+    moe_layers: list[int] | None = None  # layers (of each stack) that are MoE; None = all of them
+    moe_aux_coef: float = 0.01  # weight of the Switch/Mixtral load-balancing loss
+    moe_z_coef: float = 0.0  # weight of the router z-loss
+    moe_global_balance: bool = False  # balance loss over the global batch (counts all-reduced, Qwen)
+    # sparse attention (lmlab.model.sparse_attention); None = full attention
+    attn_window: int | None = None  # decoder: causal sliding window (Mistral); encoder: local band width
+    attn_global_tokens: int = 0  # encoder local+global: the first n positions see and are seen by all
+    window_layers: list[int] | None = None  # layers (of each stack) with the window; None = all of them
     # encoder extras
     type_vocab_size: int = 0  # BERT segment embeddings (0 = none)
     mlm_head: bool = False  # BERT MLM transform (dense + act + norm) before the vocabulary projection
@@ -67,7 +81,7 @@ class ModelConfig:
         source = _SOURCE.get()
         for f in dataclasses.fields(self):
             check_field(f.name, getattr(self, f.name), source)
-        for name in ("rope_theta", "norm_eps", "attn_scale", "dropout"):  # 10000 in a JSON file is a float here
+        for name in ("rope_theta", "norm_eps", "attn_scale", "dropout", "moe_aux_coef", "moe_z_coef"):  # 1 → 1.0
             if getattr(self, name) is not None:
                 setattr(self, name, float(getattr(self, name)))
         if self.n_kv_head is None:
@@ -86,6 +100,47 @@ class ModelConfig:
             self.n_decoder_layer = self.n_layer
         if self.pos == "rope" and self.head_dim % 2:
             raise LmlabError(f"{source}: head_dim: rotary positions need an even head_dim, got {self.head_dim}")
+        self._check_moe(source)
+        self._check_window(source)
+
+    def _check_layers(self, name: str, source: str) -> None:
+        n = max(self.n_layer, self.n_decoder_layer or 0)
+        layers = getattr(self, name)
+        if layers is not None and not all(0 <= i < n for i in layers):
+            raise LmlabError(f"{source}: {name}: {layers!r} names a layer that does not exist (allowed: 0..{n - 1})")
+        if layers is not None:
+            setattr(self, name, sorted(set(layers)))
+
+    def _check_moe(self, source: str) -> None:
+        if not self.moe_experts:
+            return
+        if self.moe_top_k > self.moe_experts:
+            raise LmlabError(f"{source}: moe_top_k: {self.moe_top_k} is larger than moe_experts={self.moe_experts}")
+        if self.moe_d_ff is None:
+            self.moe_d_ff = self.d_ff
+        if self.mlp not in ("swiglu", "gelu", "relu"):
+            raise LmlabError(f"{source}: mlp: {self.mlp!r} has no mixture-of-experts version "
+                             "(allowed with moe_experts: swiglu, gelu, relu)")
+        self._check_layers("moe_layers", source)
+
+    def _check_window(self, source: str) -> None:
+        if self.attn_window is None:
+            return
+        if self.attn_window > self.max_seq_len:
+            raise LmlabError(f"{source}: attn_window: {self.attn_window} is larger than the context "
+                             f"max_seq_len={self.max_seq_len}")
+        if self.attn_global_tokens and self.arch != "encoder":
+            raise LmlabError(f"{source}: attn_global_tokens: {self.attn_global_tokens} needs arch='encoder' "
+                             f"(local+global attention is bidirectional), got arch={self.arch!r}")
+        if self.pos == "relative":
+            raise LmlabError(f"{source}: attn_window: not supported with pos='relative' (the bias is dense)")
+        self._check_layers("window_layers", source)
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.moe_experts > 0 and (self.moe_layers is None or i in self.moe_layers)
+
+    def is_window_layer(self, i: int) -> bool:
+        return self.attn_window is not None and (self.window_layers is None or i in self.window_layers)
 
     def check_special_ids(self, source: str) -> None:
         """Readers whose file fixes the vocabulary (GGUF) insist that every special id lies inside it."""
@@ -146,6 +201,9 @@ MAX_SEQ_LEN = 1 << 20  # position tables are built whole: 2^20 positions is abou
 _SIZES = {"vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "d_ff", "head_dim", "n_decoder_layer",
           "max_seq_len", "rel_buckets", "rel_max_distance"}
 _IDS = {"pad_id", "bos_id", "eos_id", "decoder_start_id"}
+# mixture-of-experts and window sizes → their lowest allowed value
+_COUNTS = {"moe_experts": 0, "moe_top_k": 1, "moe_d_ff": 1, "moe_shared_d_ff": 0, "attn_window": 1,
+           "attn_global_tokens": 0}
 
 
 @contextlib.contextmanager
@@ -170,7 +228,8 @@ def check_field(name: str, value: Any, source: str) -> None:
 
     choices = _choices(name)
     optional = name in {"n_kv_head", "d_ff", "head_dim", "n_decoder_layer", "attn_scale",
-                        "bos_id", "eos_id", "decoder_start_id"}
+                        "bos_id", "eos_id", "decoder_start_id", "moe_d_ff", "moe_layers", "attn_window",
+                        "window_layers"}
     if value is None and optional:
         return
     if choices is not None:
@@ -183,7 +242,7 @@ def check_field(name: str, value: Any, source: str) -> None:
             raise bad(f"{value!r} is not an integer", f"allowed: an integer {low}..{high}")
         if not low <= value <= high:
             raise bad(f"{value} is out of range", f"allowed: {low}..{high}")
-    elif name in ("rope_theta", "norm_eps", "attn_scale", "dropout"):
+    elif name in ("rope_theta", "norm_eps", "attn_scale", "dropout", "moe_aux_coef", "moe_z_coef"):
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise bad(f"{value!r} is not a number", "allowed: a finite number")
         try:
@@ -193,8 +252,15 @@ def check_field(name: str, value: Any, source: str) -> None:
         low_ok = number > 0 if name in ("rope_theta", "attn_scale") else number >= 0
         high_ok = number < 1 if name == "dropout" else True
         if not math.isfinite(number) or not low_ok or not high_ok:
-            allowed = {"dropout": "0 <= dropout < 1", "norm_eps": "a finite number >= 0"}.get(name, "a finite number > 0")
+            allowed = {"dropout": "0 <= dropout < 1", "rope_theta": "a finite number > 0",
+                       "attn_scale": "a finite number > 0"}.get(name, "a finite number >= 0")
             raise bad(f"{value!r} is out of range", f"allowed: {allowed}")
+    elif name in _COUNTS:
+        if not isinstance(value, int) or isinstance(value, bool) or not _COUNTS[name] <= value <= MAX_DIM:
+            raise bad(f"{value!r} is not an integer >= {_COUNTS[name]}", f"allowed: {_COUNTS[name]}..{MAX_DIM}")
+    elif name in ("moe_layers", "window_layers"):
+        if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+            raise bad(f"{value!r} is not a list of layer indices", "allowed: a list of integers, or null")
     elif name in ("family", "name"):
         if not isinstance(value, str):
             raise bad(f"{value!r} is not a string", "allowed: a string")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.errors import LmlabError
-from lmlab.moe import MoE, MoEConfig, load_balance_report, moe_state_from_hf, moe_state_to_hf
+from lmlab.model.moe import MoE, MoEConfig, load_balance_report, moe_state_from_hf, moe_state_to_hf
 
 ACT = {"swiglu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
@@ -310,7 +310,7 @@ def test_hf_map_errors():
 # --------------------------------------------------------------------------- global-batch balance (2 processes)
 GLOBAL_SCRIPT = r'''
 import json, sys, torch, torch.distributed as dist
-from lmlab.moe import MoE, MoEConfig
+from lmlab.model.moe import MoE, MoEConfig
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 torch.manual_seed(0)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from lmlab.errors import LmlabError
-from lmlab.sparse_attention import LocalGlobal, RollingKV, SlidingWindow, attend, flex_available
+from lmlab.model.sparse_attention import LocalGlobal, RollingKV, SlidingWindow, attend, flex_available
 
 WINDOWS = (1, 3, 16, 128, 2000)  # 2000 >= every T: plain causal / bidirectional
 LENGTHS = (1, 7, 64, 300, 1000)
@@ -193,7 +193,7 @@ def test_blocked_dropout_only_in_training():
 
 def test_blocked_memory_never_builds_a_full_score_matrix(monkeypatch):
     """Every SDPA call sees at most chunk + window - 1 keys (no T x S tensor)."""
-    import lmlab.sparse_attention as sa
+    import lmlab.model.sparse_attention as sa
 
     seen = []
     real = F.scaled_dot_product_attention

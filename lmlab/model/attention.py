@@ -1,5 +1,6 @@
 """Multi-head, grouped-query or multi-query attention; self- or cross-attention. Masks come from
-lmlab.model.masks; keys/values of earlier tokens come from the cache protocol (lmlab.model.kv_cache)."""
+lmlab.model.masks (a masks.Sparse route: the block-sparse kernel of lmlab.model.sparse_attention, linear
+memory); keys/values of earlier tokens come from the cache protocol (lmlab.model.kv_cache)."""
 from __future__ import annotations
 
 import torch
@@ -7,7 +8,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmlab.config import ModelConfig
+from lmlab.model.masks import Sparse
 from lmlab.model.positions import apply_rotary
+from lmlab.model.sparse_attention import attend
 
 
 class Attention(nn.Module):
@@ -50,6 +53,10 @@ class Attention(nn.Module):
             q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), qkv[:, :, H + KV:].transpose(1, 2)
             if cache is not None:
                 k, v = cache.update(layer, start, k, v)
+        if isinstance(mask, Sparse):
+            y = attend(q, k, v, mask.pattern, key_valid=mask.key_valid, scale=self.scale, dropout=self.dropout,
+                       training=self.training)
+            return self.out(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
             dropout_p=self.dropout if self.training else 0.0, scale=self.scale,

@@ -1,5 +1,5 @@
-"""Norms and feed-forward blocks. The feed-forward block comes from a small registry keyed by cfg.mlp, so
-another kind (a mixture of experts, say) is one more entry: `FEED_FORWARD["moe"] = MoE`."""
+"""Norms and feed-forward blocks. The feed-forward block comes from a small registry keyed by cfg.mlp;
+the layers cfg.moe_layers names (all, when moe_experts > 0 and moe_layers is None) take the "moe" entry."""
 from __future__ import annotations
 
 from typing import Callable
@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
+from lmlab.model.moe import MoE, MoEConfig
 
 
 class RMSNorm(nn.Module):
@@ -58,13 +59,31 @@ class MLP(nn.Module):
         return self.proj(self.dropout(h) if self.training else h)
 
 
-# cfg.mlp kind → feed-forward module class (constructor takes the ModelConfig)
+def moe_config(cfg: ModelConfig) -> MoEConfig:
+    """The MoE block's own config from the model config's moe_* fields."""
+    return MoEConfig(n_experts=cfg.moe_experts, top_k=cfg.moe_top_k, d_model=cfg.d_model,
+                     d_ff=cfg.moe_d_ff or cfg.d_ff, renormalize=cfg.moe_renormalize,
+                     shared_expert_d_ff=cfg.moe_shared_d_ff, activation=cfg.mlp, aux_loss_coef=cfg.moe_aux_coef,
+                     z_loss_coef=cfg.moe_z_coef, global_balance=cfg.moe_global_balance)
+
+
+# feed-forward kind (cfg.mlp, or "moe" for the layers cfg.moe_layers names) → module (takes the ModelConfig)
 FEED_FORWARD: dict[str, Callable[[ModelConfig], nn.Module]] = {kind: MLP for kind in ACTIVATIONS}
+FEED_FORWARD["moe"] = lambda cfg: MoE(moe_config(cfg))
 
 
-def make_feed_forward(cfg: ModelConfig) -> nn.Module:
+def make_feed_forward(cfg: ModelConfig, layer: int = 0) -> nn.Module:
+    """Layer `layer`'s feed-forward block: a mixture of experts where the config says so, else cfg.mlp's."""
+    kind = "moe" if cfg.is_moe_layer(layer) else cfg.mlp
     try:
-        return FEED_FORWARD[cfg.mlp](cfg)
+        return FEED_FORWARD[kind](cfg)
     except KeyError:
         raise LmlabError(f"model config: mlp={cfg.mlp!r} is not a known feed-forward kind "
                          f"(known: {', '.join(FEED_FORWARD)})") from None
+
+
+def residual_outputs(ff: nn.Module) -> list[torch.Tensor]:
+    """The weights that write a feed-forward block's output into the residual stream (GPT-2's scaled init)."""
+    if isinstance(ff, MoE):
+        return [ff.w_out] + ([ff.shared.w_out.weight] if ff.shared is not None else [])
+    return [ff.proj.weight]

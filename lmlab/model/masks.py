@@ -6,13 +6,45 @@
   cross            a decoder's view of the encoder's (padded) output
   packed           eval's packed rows: groups side by side, each continuation sees its context and itself
   add_bias         a float bias (T5's relative positions) with a boolean mask folded in
+  pattern          the sparse pattern of a windowed layer (sliding window / local+global)
+  windowed         a windowed layer's mask: a Sparse route (no T×S tensor) or the explicit mask
 
 A stack asks for its masks per layer (Stack.layer_masks), so layers that differ (a sliding window on
 some layers) get their own mask from here without touching attention.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from lmlab.model.sparse_attention import LocalGlobal, SlidingWindow
+
+
+@dataclass(frozen=True)
+class Sparse:
+    """The route of a windowed layer over a whole fresh sequence: attention runs the block-sparse kernel
+    (lmlab.model.sparse_attention.attend) with this pattern and the keys' validity (B×S or None)."""
+
+    pattern: SlidingWindow | LocalGlobal
+    key_valid: torch.Tensor | None
+
+
+def pattern(window: int, causal: bool, global_tokens: int = 0) -> SlidingWindow | LocalGlobal:
+    """A decoder's causal sliding window, or an encoder's local band plus global tokens."""
+    return SlidingWindow(window) if causal else LocalGlobal(window, global_tokens)
+
+
+def windowed(full: torch.Tensor | None, pat: SlidingWindow | LocalGlobal, B: int, T: int, start, device, *,
+             key_valid: torch.Tensor | None, sparse: bool) -> torch.Tensor | Sparse:
+    """A windowed layer's mask. sparse (a fresh sequence, no caller's pattern, no bias): the Sparse route.
+    Else the layer's full mask `full` (from self_attention(need=True) or the caller's attn_mask, over S
+    slots) and-ed with the pattern over slots; `start` may be a tensor (the compiled decoding step)."""
+    if sparse:
+        return Sparse(pat, None if key_valid is None else key_valid[:, :T])
+    S = full.shape[-1]
+    q_slot = torch.arange(T, device=device)[:, None] + start
+    return full & pat.rule(S, device)(q_slot, torch.arange(S, device=device)[None, :])
 
 
 def self_attention(B: int, T: int, start: int, device: torch.device | str, *, causal: bool,

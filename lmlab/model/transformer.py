@@ -13,7 +13,8 @@ variant is a field of ModelConfig. Everything outside the model calls its public
 """
 from __future__ import annotations
 
-from typing import Literal
+from contextlib import contextmanager
+from typing import Iterator, Literal
 
 import torch
 import torch.nn as nn
@@ -26,20 +27,32 @@ from lmlab.model.attention import Attention
 from lmlab.model.kv_cache import KVCache
 from lmlab.model.layers import ACTIVATIONS, make_feed_forward, make_norm
 from lmlab.model.loss import linear_cross_entropy
+from lmlab.model.moe import MoE, RouterStats
+from lmlab.model.rolling_cache import RollingCache
 from lmlab.model.positions import RelativeBias, Rotary, sinusoidal_table
 
 TABLE_POSITIONS = ("learned", "sinusoidal", "rope")  # position kinds with a table of max_seq_len rows
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, cross: bool = False):
+    def __init__(self, cfg: ModelConfig, cross: bool = False, layer: int = 0):
         super().__init__()
         self.prenorm = cfg.prenorm
         self.norm1, self.attn = make_norm(cfg), Attention(cfg)
         self.cross = Attention(cfg, cross=True) if cross else None
         self.norm_cross = make_norm(cfg) if cross else None
-        self.norm2, self.mlp = make_norm(cfg), make_feed_forward(cfg)
+        self.norm2, self.mlp = make_norm(cfg), make_feed_forward(cfg, layer)
         self.drop = nn.Dropout(cfg.dropout)
+
+    def _feed_forward(self, h: torch.Tensor, valid: torch.Tensor | None, stats: RouterStats | None,
+                      name: str) -> torch.Tensor:
+        """The MLP, or the MoE block routing only the real tokens (valid) and reporting to stats."""
+        if not isinstance(self.mlp, MoE):
+            return self.mlp(h)
+        out = self.mlp(h, valid)
+        if stats is not None:
+            stats.add(name, out)
+        return out.y
 
     def _residual(self, x: torch.Tensor, norm: nn.Module, fn, *args, **kw) -> torch.Tensor:
         if self.prenorm:
@@ -49,21 +62,24 @@ class Block(nn.Module):
         return norm(x + (self.drop(y) if self.training else y))
 
     def forward(self, x, mask, *, is_causal=False, rope=None, cache=None, layer=0, start=0,
-                cross_mask=None, memory_kv=None):
+                cross_mask=None, memory_kv=None, valid=None, stats=None, name=""):
+        """valid (B×T bool or None): the real tokens among x's, for the MoE router; stats: its report."""
         x = self._residual(x, self.norm1, self.attn, mask, is_causal=is_causal, rope=rope, cache=cache,
                            layer=layer, start=start)
         if self.cross is not None:
             x = self._residual(x, self.norm_cross, self.cross, cross_mask, memory_kv=memory_kv)
-        return self._residual(x, self.norm2, self.mlp)
+        return self._residual(x, self.norm2, self._feed_forward, valid, stats, name)
 
 
 class Stack(nn.Module):
     """A run of blocks with its own position handling and final norm (pre-norm stacks only)."""
 
-    def __init__(self, cfg: ModelConfig, n_layer: int, causal: bool, cross: bool = False):
+    def __init__(self, cfg: ModelConfig, n_layer: int, causal: bool, cross: bool = False, name: str = "decoder"):
         super().__init__()
-        self.causal = causal
-        self.blocks = nn.ModuleList(Block(cfg, cross=cross) for _ in range(n_layer))
+        self.causal, self.name = causal, name
+        self.blocks = nn.ModuleList(Block(cfg, cross=cross, layer=i) for i in range(n_layer))
+        pat = masks.pattern(cfg.attn_window, causal, cfg.attn_global_tokens) if cfg.attn_window else None
+        self.patterns = [pat if cfg.is_window_layer(i) else None for i in range(n_layer)]
         self.norm = make_norm(cfg) if cfg.prenorm else None
         self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta) if cfg.pos == "rope" else None
         self.rel_bias = RelativeBias(cfg, bidirectional=not causal) if cfg.pos == "relative" else None
@@ -73,27 +89,43 @@ class Stack(nn.Module):
         """Every layer's cross-attention keys/values of the encoder's output."""
         return [block.cross.project_kv(memory) for block in self.blocks]
 
-    def layer_masks(self, B: int, T: int, start, device, *, key_valid, attn_mask, dtype) -> list:
-        """One self-attention mask per layer (all layers alike today: one shared mask)."""
-        mask = masks.self_attention(B, T, start, device, causal=self.causal, key_valid=key_valid,
-                                    attn_mask=attn_mask, need=self.rel_bias is not None)
+    def layer_masks(self, B: int, T: int, start, device, *, key_valid, attn_mask, dtype, cache=None) -> list:
+        """One self-attention mask per layer: one shared by the full-attention layers, and one for the
+        windowed layers (cfg.window_layers): their pattern's Sparse route over a fresh sequence, else the
+        full mask and-ed with the pattern (cut to the keys a RollingCache kept). See masks.windowed."""
+        bias = None
         if self.rel_bias is not None:
             slots = torch.arange(start + T, device=device)
-            mask = masks.add_bias(self.rel_bias(slots[start:], slots).to(dtype), mask)
-        return [mask] * len(self.blocks)
+            bias = self.rel_bias(slots[start:], slots).to(dtype)
+        mask = masks.self_attention(B, T, start, device, causal=self.causal, key_valid=key_valid,
+                                    attn_mask=attn_mask, need=bias is not None)
+        shared = mask if bias is None else masks.add_bias(bias, mask)
+        pattern = next((p for p in self.patterns if p is not None), None)
+        if pattern is None:
+            return [shared] * len(self.blocks)
+        fresh = attn_mask is None and bias is None and isinstance(start, int) and start == 0
+        if not fresh and mask is None:  # plain causal so far: the window needs the explicit mask
+            mask = masks.self_attention(B, T, start, device, causal=self.causal, key_valid=key_valid, need=True)
+        windowed = masks.windowed(mask, pattern, B, T, start, device, key_valid=key_valid, sparse=fresh)
+        if isinstance(cache, RollingCache) and not fresh:
+            return [windowed[..., cache.first_key(i, start):] if p is not None else shared
+                    for i, p in enumerate(self.patterns)]
+        return [shared if p is None else windowed for p in self.patterns]
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, *, key_valid=None, attn_mask=None,
-                cache=None, start=0, memory_kv=None, memory_valid=None) -> torch.Tensor:
+                cache=None, start=0, memory_kv=None, memory_valid=None, stats=None) -> torch.Tensor:
         B, T, _ = x.shape
         layer_masks = self.layer_masks(B, T, start, x.device, key_valid=key_valid, attn_mask=attn_mask,
-                                       dtype=x.dtype)
+                                       dtype=x.dtype, cache=cache)
         rope = self.rotary(positions) if self.rotary is not None else None
         cross_mask = masks.cross(memory_valid)
         memory_kv = memory_kv or [None] * len(self.blocks)
         x = self.drop(x) if self.training else x
+        valid = None if key_valid is None or not isinstance(start, int) else key_valid[:, start:start + T]
         for i, block in enumerate(self.blocks):
             x = block(x, layer_masks[i], is_causal=self.causal and T > 1, rope=rope, cache=cache, layer=i,
-                      start=start, cross_mask=cross_mask, memory_kv=memory_kv[i])
+                      start=start, cross_mask=cross_mask, memory_kv=memory_kv[i], valid=valid, stats=stats,
+                      name=f"{self.name}.{i}")
         if self.norm is not None:
             x = self.norm(x)
         return self.drop(x) if self.training else x
@@ -111,7 +143,7 @@ class Transformer(nn.Module):
         self.emb_norm = make_norm(cfg) if cfg.embed_norm else None
         self.encoder = self.decoder = None
         if cfg.arch in ("encoder", "encoder-decoder"):
-            self.encoder = Stack(cfg, cfg.n_layer, causal=False)
+            self.encoder = Stack(cfg, cfg.n_layer, causal=False, name="encoder")
         if cfg.arch in ("decoder", "encoder-decoder"):
             n = cfg.n_decoder_layer if cfg.arch == "encoder-decoder" else cfg.n_layer
             self.decoder = Stack(cfg, n, causal=True, cross=cfg.arch == "encoder-decoder")
@@ -124,6 +156,22 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.apply(self._init)
+        self._stats: RouterStats | None = None  # open while moe_stats() is
+
+    @contextmanager
+    def moe_stats(self) -> Iterator[RouterStats]:
+        """Collect what the MoE layers report during the block (every forward, every stack): the weighted
+        auxiliary loss to add to the training loss and tokens per expert of each layer.
+
+            with model.moe_stats() as stats:
+                loss = model(ids, labels=labels)
+            (loss + stats.loss).backward()
+        """
+        outer, self._stats = self._stats, RouterStats()
+        try:
+            yield self._stats
+        finally:
+            self._stats = outer
 
     def _init(self, m: nn.Module) -> None:
         if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -146,6 +194,11 @@ class Transformer(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def num_active_params(self) -> int:
+        """Parameters one token uses: all but the experts its router does not pick (for MFU)."""
+        moes = [m for m in self.modules() if isinstance(m, MoE)]
+        return self.num_params() - sum(m.num_params() - m.num_active_params() for m in moes)
 
     # -- pieces
     def _embed(self, ids: torch.Tensor, positions: torch.Tensor, token_type_ids=None) -> torch.Tensor:
@@ -209,14 +262,24 @@ class Transformer(nn.Module):
         positions = self._positions(attention_mask, B, T, ids.device)
         x = self._embed(ids, positions, token_type_ids)
         valid = attention_mask.bool() if attention_mask is not None else None
-        return self.encoder(x, positions, key_valid=valid)
+        return self.encoder(x, positions, key_valid=valid, stats=self._stats)
 
-    def make_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
-        """An empty KV cache for `batch` rows of up to `max_len` tokens (default: the context window)."""
+    def make_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None,
+                   rolling: bool = False) -> KVCache | RollingCache:
+        """An empty KV cache for `batch` rows of up to `max_len` tokens (default: the context window).
+        rolling: sliding-window layers keep only their window (RollingCache; no rollback). Without it,
+        windowed layers keep every key and their mask applies the window (any cache operation works)."""
         if self.decoder is None:
             raise LmlabError(f"an encoder-only model ({self.cfg.name or self.cfg.arch}) has no decoder to keep a "
                              "KV cache for; caches serve decoder and encoder-decoder models")
         cfg, p = self.cfg, self.tok_emb.weight
+        if rolling:
+            if cfg.arch != "decoder" or cfg.attn_window is None:
+                raise LmlabError(f"a rolling KV cache needs a decoder-only model with attn_window set "
+                                 f"(this is arch={cfg.arch!r}, attn_window={cfg.attn_window})")
+            windows = [pat.window if pat is not None else None for pat in self.decoder.patterns]
+            return RollingCache(windows, batch, cfg.n_kv_head, max_len or cfg.max_seq_len, cfg.head_dim,
+                                dtype or p.dtype, p.device)
         return KVCache(len(self.decoder.blocks), batch, cfg.n_kv_head, max_len or cfg.max_seq_len,
                        cfg.head_dim, dtype or p.dtype, p.device)
 
@@ -264,7 +327,7 @@ class Transformer(nn.Module):
                 positions = self._positions(attention_mask, B, T, input_ids.device)
         x = self._embed(input_ids, positions, token_type_ids)
         return self.decoder(x, positions, key_valid=key_valid, attn_mask=attn_mask, cache=cache, start=start,
-                            memory_kv=memory_kv, memory_valid=memory_valid)
+                            memory_kv=memory_kv, memory_valid=memory_valid, stats=self._stats)
 
     def forward(self, input_ids: torch.Tensor, *, labels: torch.Tensor | None = None, return_hidden: bool = False,
                 last_logits_only: bool = False, **kw):

@@ -39,7 +39,8 @@ class ModelSection:
         if self.init_from:
             _check_spec(self.init_from)
         else:
-            self.config(vocab_size=self.overrides.get("vocab_size", 1), seq_len=1)  # consistency (d_model % n_head)
+            # consistency (d_model % n_head, ...); the context long enough for a window (train checks seq_len)
+            self.config(vocab_size=self.overrides.get("vocab_size", 1), seq_len=self.overrides.get("attn_window") or 1)
 
     @classmethod
     def from_dict(cls, d: Any, source: str = "config") -> "ModelSection":

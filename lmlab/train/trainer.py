@@ -21,10 +21,11 @@ from typing import Any
 import torch
 
 from lmlab.errors import LmlabError, first_line
+from lmlab.model.layers import residual_outputs
 from lmlab.train import checkpoint
 from lmlab.train.config import TrainConfig, dump_config
 from lmlab.train.distributed import wrap
-from lmlab.train.metrics import MetricsLog, plot_losses
+from lmlab.train.metrics import ExpertLoad, MetricsLog, plot_expert_load, plot_losses
 from lmlab.train.model_section import start_model
 from lmlab.utils.atomic import check_writable, write_json, write_text
 from lmlab.utils.device import bf16_supported, cpu_peak_flops, parse_dtype
@@ -113,7 +114,8 @@ def scale_residual_init(model: torch.nn.Module) -> None:
                 for attn in (block.attn, block.cross):
                     if attn is not None:
                         attn.out.weight.normal_(0.0, std)
-                block.mlp.proj.weight.normal_(0.0, std)
+                for weight in residual_outputs(block.mlp):
+                    weight.normal_(0.0, std)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:
@@ -261,7 +263,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         model_cfg = raw.cfg
         for obj in mixture.objectives:
             obj.check_model(raw)
-        n_params = raw.num_params()
+        n_params, n_active = raw.num_params(), raw.num_active_params()  # active: what one token uses (MoE)
         # a BERT trained without NSP leaves its pooler unused; DDP must be told
         unused = model_cfg.pooler and not any(o.cfg.name == "nsp" for o in mixture.objectives)
         model = wrap(raw, d, cfg.distributed, device, find_unused=unused)
@@ -289,12 +291,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 print(f"resuming from {ckpt_path} at iteration {start_iter}", file=sys.stderr)
 
         log = MetricsLog(out, enabled=d.main, tensorboard=cfg.tensorboard, truncate_after=start_iter)
-        fpt = flops_per_token(model_cfg, n_params, cfg.seq_len)
+        fpt = flops_per_token(model_cfg, n_active, cfg.seq_len)
+        experts = ExpertLoad()
         peak = peak_flops(cfg, device, dtype)
         progress = Progress(cfg.max_iters, "pretrain", initial=start_iter, enabled=d.main and cfg.progress)
         ckpt_every = cfg.checkpoint_interval or cfg.eval_interval
         if d.main:
-            print(f"model: {model_cfg.arch} {n_params / 1e6:.2f}M parameters, vocab {model_cfg.vocab_size}; "
+            active = f" ({n_active / 1e6:.2f}M active per token)" if n_active != n_params else ""
+            print(f"model: {model_cfg.arch} {n_params / 1e6:.2f}M parameters{active}, vocab {model_cfg.vocab_size}; "
                   f"device {device} ({dtype}), {d.world} process(es), global batch {global_batch}×"
                   f"{cfg.grad_accum} of {cfg.seq_len} tokens", file=sys.stderr)
 
@@ -335,9 +339,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 batches = [(i, slice_batch(b, d, device)) for i, b in batches]
                 sync = micro == cfg.grad_accum - 1 or not d.enabled or cfg.distributed == "fsdp"
                 with (nullcontext() if sync else model.no_sync()):
-                    with autocast:
+                    with autocast, raw.moe_stats() as moe:  # MoE layers' auxiliary loss and expert load
                         loss, metrics = mixture.loss(model, batches)
-                    (loss / cfg.grad_accum).backward()
+                    ((loss + moe.loss) / cfg.grad_accum).backward()
+                experts.add(moe, torch.as_tensor(moe.loss).detach().float())
                 loss_sum += loss.detach().float() / cfg.grad_accum
                 tokens_since += mixture.tokens(batches) * d.world
             if cfg.optim.grad_clip > 0:
@@ -355,8 +360,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 tok_s = tokens_since / max(now - t_last, 1e-9)
                 mfu = tok_s * fpt / (peak * d.world)
                 loss_avg = all_mean(loss_sum.item())
+                reduce = torch.distributed.all_reduce if d.enabled else None
                 log.write({"iter": it, "split": "train", "loss": loss_avg, "lr": lr, "grad_norm": float(grad_norm),
-                           "tokens_per_s": tok_s, "mfu": mfu, **metrics})
+                           "tokens_per_s": tok_s, "mfu": mfu, **metrics, **experts.row(reduce)})
                 progress.set(loss=f"{loss_avg:.4f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.1%}")
                 progress.goto(it)
                 t_last, tokens_since = now, 0
@@ -365,12 +371,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         history = log.read()
         evals = [r for r in history if r.get("split") == "eval"]
         trains = [r for r in history if r.get("split") == "train"]
-        summary = {"iters": cfg.max_iters, "params": n_params, "out_dir": str(out),
+        summary = {"iters": cfg.max_iters, "params": n_params, "active_params": n_active, "out_dir": str(out),
                    "val_loss_start": evals[0]["val_loss"] if evals else None,
                    "val_loss": last_eval.get("val_loss"), "train_loss": last_eval.get("train_loss"),
                    "tokens_per_s": (sum(r["tokens_per_s"] for r in trains[1:]) / max(1, len(trains) - 1)
                                     if len(trains) > 1 else (trains[0]["tokens_per_s"] if trains else None)),
                    **{k: v for k, v in last_eval.items() if k.startswith("val_") and k != "val_loss"}}
+        if experts.run:
+            summary["moe_tokens_per_layer"] = {k: v.tolist() for k, v in experts.run.items()}
+            summary["moe_load"] = experts.line()
         if cfg.save_model:
             sd, _ = state_dicts(model if cfg.distributed == "fsdp" else raw, optimizer, d, cfg)
             if d.main:
@@ -385,6 +394,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 png = plot_losses(history, out / "loss.png")
                 if png:
                     summary["plot"] = str(png)
+                if experts.run:
+                    png = plot_expert_load(summary["moe_tokens_per_layer"], out / "expert_load.png",
+                                           f"{model_cfg.name or 'MoE'}: tokens per expert over the run")
+                    if png:
+                        summary["expert_load_plot"] = str(png)
             write_json(out / "summary.json", summary)
         log.close()
         return summary

@@ -2,6 +2,8 @@
 
     base.py      what a family is made of (name-map entries, typed config.json access, Family)
     llama.py gpt2.py bert.py t5.py   one module per family: its name map and its own steps
+    mixtral.py qwen2_moe.py          MoE families (experts.py: one MoE block's map); llama.py holds
+                                     mistral too (window.py: sliding windows in HF configs)
     families.py  the registry (model_type → Family) and the choice of family for export
     reader.py    folder → (ModelConfig, lmlab state dict, tokenizer)
     writer.py    model → folder transformers loads

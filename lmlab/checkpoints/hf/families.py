@@ -7,15 +7,17 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from lmlab.checkpoints.hf import bert, gpt2, llama, t5
+from lmlab.checkpoints.hf import bert, gpt2, llama, mixtral, qwen2_moe, t5
 from lmlab.checkpoints.hf.base import Conf, Family
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (llama.LLAMA, llama.QWEN2, gpt2.GPT2, bert.BERT, t5.T5)}
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (llama.LLAMA, llama.QWEN2, llama.MISTRAL, mixtral.MIXTRAL,
+                                                          qwen2_moe.QWEN2_MOE, gpt2.GPT2, bert.BERT, t5.T5)}
 
 # fields an HF config cannot carry or that are bookkeeping; everything else must survive the round trip
-_NOT_COMPARED = {"name", "family", "dropout", "pad_id", "bos_id", "eos_id", "decoder_start_id"}
+_NOT_COMPARED = {"name", "family", "dropout", "pad_id", "bos_id", "eos_id", "decoder_start_id",
+                 "moe_z_coef", "moe_global_balance"}  # training-only MoE settings
 
 
 def family_of(conf: dict[str, Any], source: str) -> Family:

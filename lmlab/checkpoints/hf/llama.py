@@ -1,8 +1,11 @@
-"""Llama (SmolLM, TinyLlama, ...) and Qwen2: RoPE, RMSNorm, SwiGLU; q/k/v and gate/up fused in lmlab."""
+"""Llama (SmolLM, TinyLlama, ...), Mistral and Qwen2: RoPE, RMSNorm, SwiGLU; q/k/v and gate/up fused in
+lmlab. Mistral is Llama without biases plus a sliding window on every layer; Qwen2's window is per layer
+(lmlab.checkpoints.hf.window). The attention/norm part of the map is shared with the MoE families."""
 from __future__ import annotations
 
 from typing import Any
 
+from lmlab.checkpoints.hf import window
 from lmlab.checkpoints.hf.base import Conf, Entry, Family, fused, linear, norm, one, special_ids, special_to_hf
 from lmlab.config import ModelConfig
 from lmlab.errors import LmlabError
@@ -21,12 +24,16 @@ def rope_theta(c: Conf) -> float:
     return float(theta)
 
 
-def config_from_hf(c: Conf, names: set[str], qwen2: bool = False) -> ModelConfig:
+def config_from_hf(c: Conf, names: set[str], qwen2: bool = False, family: str = "", **extra) -> ModelConfig:
+    """A Llama-like config.json → ModelConfig (extra: fields the caller's family adds, e.g. its MoE)."""
     c.require("hidden_act", ("silu",), "silu")
+    n_layer = c.get("num_hidden_layers")
     if qwen2:
-        if c.d.get("use_sliding_window"):
-            raise LmlabError(f"{c.source}: use_sliding_window=true is not supported by lmlab")
         attn_bias, out_bias = True, False
+        extra = {**window.qwen2(c, n_layer), **extra}
+    elif family in ("mistral", "mixtral"):
+        attn_bias = out_bias = False
+        extra = {**window.every_layer(c), **extra}
     else:
         attn_bias, mlp_bias = bool(c.d.get("attention_bias", False)), bool(c.d.get("mlp_bias", False))
         if attn_bias != mlp_bias:
@@ -36,18 +43,27 @@ def config_from_hf(c: Conf, names: set[str], qwen2: bool = False) -> ModelConfig
     n_head = c.get("num_attention_heads")
     d_model = c.get("hidden_size")
     return ModelConfig(
-        arch="decoder", family="qwen2" if qwen2 else "llama", vocab_size=c.get("vocab_size"),
-        n_layer=c.get("num_hidden_layers"), n_head=n_head, n_kv_head=c.get("num_key_value_heads", int, n_head),
+        arch="decoder", family=family or ("qwen2" if qwen2 else "llama"), vocab_size=c.get("vocab_size"),
+        n_layer=n_layer, n_head=n_head, n_kv_head=c.get("num_key_value_heads", int, n_head),
         d_model=d_model, d_ff=c.get("intermediate_size"), head_dim=c.get("head_dim", int, None),
         max_seq_len=c.get("max_position_embeddings", int, 2048), pos="rope", rope_theta=rope_theta(c),
         norm="rmsnorm", norm_eps=c.get("rms_norm_eps", float, 1e-6), mlp="swiglu", attn_bias=attn_bias,
-        out_bias=out_bias, tie_embeddings=bool(c.d.get("tie_word_embeddings", False)), **special_ids(c))
+        out_bias=out_bias, tie_embeddings=bool(c.d.get("tie_word_embeddings", False)), **special_ids(c), **extra)
 
 
-def config_to_hf(cfg: ModelConfig, qwen2: bool = False) -> dict[str, Any]:
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
+                 "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
+
+
+def config_to_hf(cfg: ModelConfig, qwen2: bool = False, family: str = "") -> dict[str, Any]:
+    family = family or ("qwen2" if qwen2 else "llama")
+    if cfg.moe_experts and family not in ("mixtral", "qwen2_moe"):
+        raise LmlabError(f"moe_experts={cfg.moe_experts}: {family} has no mixture of experts")
+    if cfg.attn_window is not None and family == "llama":
+        raise LmlabError(f"attn_window={cfg.attn_window}: llama has no sliding window (mistral or qwen2 do)")
     d = {
-        "architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
-        "model_type": "qwen2" if qwen2 else "llama",
+        "architectures": [ARCHITECTURES[family]],
+        "model_type": family,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
         "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
         "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim, "hidden_act": "silu",
@@ -57,14 +73,25 @@ def config_to_hf(cfg: ModelConfig, qwen2: bool = False) -> dict[str, Any]:
         "tie_word_embeddings": cfg.tie_embeddings,
     }
     if qwen2:
-        d.update(use_sliding_window=False, sliding_window=None)
+        d.update(window.qwen2_to_hf(cfg))
+    elif family in ("mistral", "mixtral"):
+        if cfg.attn_bias or cfg.out_bias:
+            raise LmlabError(f"{family} has no biases (attn_bias={cfg.attn_bias}, out_bias={cfg.out_bias})")
+        d.update(window.every_layer_to_hf(cfg, family))
     else:
         d.update(attention_bias=cfg.attn_bias, mlp_bias=cfg.out_bias)
     return {**d, **special_to_hf(cfg)}
 
 
-def names(cfg: ModelConfig, p: str = "model.") -> list[Entry]:
-    q, kv, ff = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.d_ff
+def dense_mlp(cfg: ModelConfig, o: str, h: str, layer: int = 0) -> list[Entry]:
+    ff = cfg.d_ff
+    out = fused(o + "mlp.gate_up", [h + "mlp.gate_proj", h + "mlp.up_proj"], [ff, ff], cfg.out_bias)
+    return out + linear(o + "mlp.proj", h + "mlp.down_proj", cfg.out_bias)
+
+
+def names(cfg: ModelConfig, p: str = "model.", mlp=dense_mlp) -> list[Entry]:
+    """The whole map; mlp(cfg, lmlab layer prefix, HF layer prefix, layer) gives each layer's feed-forward."""
+    q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
     out = [one("tok_emb.weight", p + "embed_tokens.weight"), one("decoder.norm.weight", p + "norm.weight")]
     if not cfg.tie_embeddings:
         out.append(one("lm_head.weight", "lm_head.weight"))
@@ -73,12 +100,14 @@ def names(cfg: ModelConfig, p: str = "model.") -> list[Entry]:
         out += fused(o + "attn.qkv", [h + f"self_attn.{x}_proj" for x in "qkv"], [q, kv, kv], cfg.attn_bias)
         out += linear(o + "attn.out", h + "self_attn.o_proj", cfg.out_bias)
         out += norm(o + "norm1", h + "input_layernorm", cfg) + norm(o + "norm2", h + "post_attention_layernorm", cfg)
-        out += fused(o + "mlp.gate_up", [h + "mlp.gate_proj", h + "mlp.up_proj"], [ff, ff], cfg.out_bias)
-        out += linear(o + "mlp.proj", h + "mlp.down_proj", cfg.out_bias)
+        out += mlp(cfg, o, h, i)
     return out
 
 
 LLAMA = Family("llama", config_from_hf, config_to_hf, names, arch="decoder", prefix="model.",
                ignore=r"rotary_emb\.inv_freq$")
+MISTRAL = Family("mistral", lambda c, n: config_from_hf(c, n, family="mistral"),
+                 lambda cfg: config_to_hf(cfg, family="mistral"), names, arch="decoder", prefix="model.",
+                 ignore=r"rotary_emb\.inv_freq$")
 QWEN2 = Family("qwen2", lambda c, n: config_from_hf(c, n, qwen2=True), lambda cfg: config_to_hf(cfg, qwen2=True),
                names, arch="decoder", prefix="model.", ignore=r"rotary_emb\.inv_freq$")

@@ -19,7 +19,8 @@ SUFFIXES = (".weight", ".bias")
 
 @dataclass(frozen=True)
 class NamePiece:
-    """HF tensor/module `theirs` is rows [start, stop) of lmlab tensor/module `ours` (out features)."""
+    """HF tensor/module `theirs` is rows [start, stop) of lmlab tensor/module `ours` (out features; of a
+    3-D stacked-experts tensor, rows of its first two dimensions flattened)."""
 
     ours: str
     theirs: str

@@ -49,6 +49,9 @@ def read_tensors(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]
 
 
 def piece_shapes(e: Entry, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Each HF piece's shape; a 3-D lmlab tensor (stacked experts) is matched as its first two dims flat."""
+    if len(shape) == 3:
+        shape = (shape[0] * shape[1], shape[2])
     rows = e.split or (shape[0],)
     out = [(r, *shape[1:]) for r in rows]
     return [s[::-1] for s in out] if e.transpose else out
@@ -105,5 +108,5 @@ def gather(raw: dict[str, torch.Tensor], where: dict[str, Path], entries: list[E
                 raise LmlabError(f"{where[name]}: tensor {name!r} has shape {tuple(t.shape)}, "
                                  f"config.json implies {want}")
             pieces.append(t.t() if e.transpose else t)
-        sd[e.ours] = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).contiguous()
+        sd[e.ours] = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).reshape(shapes[e.ours]).contiguous()
     return sd

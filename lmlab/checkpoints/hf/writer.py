@@ -24,6 +24,7 @@ def hf_state_dict(model: torch.nn.Module, family: str) -> dict[str, torch.Tensor
     out = {}
     for e in export_entries(model.cfg, family):
         t = sd[e.ours].detach()
+        t = t.flatten(0, 1) if t.dim() == 3 else t  # stacked experts: rows of every expert in turn
         pieces = t.split(list(e.split)) if e.split else [t]
         for name, piece in zip(e.theirs, pieces):
             out[name] = (piece.t() if e.transpose else piece).to("cpu", copy=True).contiguous()

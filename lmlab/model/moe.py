@@ -83,6 +83,34 @@ class MoEOutput:
     router_logits: torch.Tensor  # (..., E) for every position, padding included
 
 
+class RouterStats:
+    """What a model's MoE layers reported while it was open (Transformer.moe_stats()): the weighted
+    auxiliary loss to add to the training loss, and tokens per expert of each layer, summed over calls."""
+
+    def __init__(self) -> None:
+        self.loss: torch.Tensor | float = 0.0      # sum of every layer's MoEOutput.loss (with its graph)
+        self.counts: dict[str, torch.Tensor] = {}  # layer name → (E,) assignments, summed over calls
+        self.balance: list[torch.Tensor] = []      # each call's unweighted balance loss (detached)
+        self.z: list[torch.Tensor] = []            # each call's unweighted z-loss (detached)
+
+    def add(self, layer: str, out: MoEOutput) -> None:
+        self.loss = self.loss + out.loss
+        self.counts[layer] = self.counts.get(layer, 0) + out.counts.detach()
+        self.balance.append(out.balance_loss.detach())
+        self.z.append(out.z_loss.detach())
+
+    def total_counts(self) -> torch.Tensor | None:
+        """(E,) assignments summed over layers (None when no MoE layer ran)."""
+        return sum(self.counts.values()) if self.counts else None
+
+    def figures(self) -> dict[str, float]:
+        """Mean unweighted balance and z losses over the calls (empty when no MoE layer ran)."""
+        if not self.balance:
+            return {}
+        return {"moe_balance_loss": torch.stack(self.balance).float().mean().item(),
+                "moe_z_loss": torch.stack(self.z).float().mean().item()}
+
+
 def _mlp(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, activation: str) -> torch.Tensor:
     """One expert: x @ w_in.T, activation (gated: act(gate) * up), then @ w_out.T."""
     h = x @ w_in.T
