@@ -26,10 +26,13 @@ def fields(template: str, what: str = "template") -> list[str]:
 
 
 def channel_of(template: str) -> str:
-    """The template with its `{label}` line moved first (what channel scoring conditions on)."""
+    """The template with its `{label}` line moved first (what channel scoring conditions on); when that
+    line shows an input field too, `{label}` alone goes first, on its own line."""
     lines = template.split("\n")
     at = next(i for i, line in enumerate(lines) if LABEL in line)
-    return "\n".join([lines[at], *lines[:at], *lines[at + 1:]])
+    if fields(lines[at]) == ["label"]:
+        return "\n".join([lines[at], *lines[:at], *lines[at + 1:]])
+    return LABEL + "\n" + template[:-len(LABEL)].rstrip()
 
 
 @dataclass
