@@ -223,11 +223,11 @@ class Engine:
         finally:
             self.shared_prefix = old
 
-    def _prefix_groups(self, requests: Sequence[Loglikelihood], head: list[int],
-                       prefix: list[int]) -> tuple[list[_Group], list[int]]:
-        """Groups keyed by the context after `head` (the cached tokens), and the requests left to the plain
-        path. `prefix` = head + its last token, which every group feeds again so it has a predicting slot."""
-        groups: dict[tuple[int, ...], _Group] = {}
+    def _prefix_groups(self, requests: Sequence[Loglikelihood]) -> tuple[list[int], list[_Group], list[int]]:
+        """The cached head (the prefix's tokens, less any its boundary with the rest re-tokenizes and less one
+        more, which every group feeds again so it has a slot predicting its first continuation token), the
+        groups keyed by the context after the head, and the requests left to the plain path."""
+        encoded: dict[int, tuple[list[int], list[int]]] = {}
         rest: list[int] = []
         for i, r in enumerate(requests):
             if not r.context.startswith(self.shared_prefix):
@@ -236,14 +236,25 @@ class Engine:
             ctx, cont = self.encode_pair(r.context, r.continuation)
             if not cont:
                 raise LmlabError(f"continuation {r.continuation!r} encodes to no tokens")
-            if ctx[:len(prefix)] != prefix or len(ctx) + len(cont) - 1 > self.max_length:
+            if len(ctx) + len(cont) - 1 > self.max_length:
+                rest.append(i)
+                continue
+            encoded[i] = (ctx, cont)
+        if not encoded:
+            return [], [], rest
+        prefix, first = self.encode(self.shared_prefix), next(iter(encoded.values()))[0]
+        common = next((n for n, (a, b) in enumerate(zip(prefix, first)) if a != b), min(len(prefix), len(first)))
+        head = first[:max(common - 1, 0)]
+        groups: dict[tuple[int, ...], _Group] = {}
+        for i, (ctx, cont) in encoded.items():
+            if not head or ctx[:len(head)] != head:
                 rest.append(i)
                 continue
             key = tuple(ctx[len(head):])
             if key not in groups:
                 groups[key] = _Group(list(key), [])
             groups[key].items.append((i, cont))
-        return sorted(groups.values(), key=lambda g: (-g.packed, g.context)), rest
+        return head, sorted(groups.values(), key=lambda g: (-g.packed, g.context)), sorted(rest)
 
     def _prefix_rows(self, groups: list[_Group], room: int) -> list[list[_Group]]:
         """Consecutive groups in one row each: at most batch_size groups and `room` tokens per row."""
@@ -259,9 +270,7 @@ class Engine:
         return rows
 
     def _score_on_prefix(self, requests: Sequence[Loglikelihood], bar: Progress) -> tuple[dict, list[int]]:
-        prefix = self.encode(self.shared_prefix)
-        head = prefix[:-1]
-        groups, rest = self._prefix_groups(requests, head, prefix) if len(prefix) > 1 else ([], list(range(len(requests))))
+        head, groups, rest = self._prefix_groups(requests)
         if not groups:
             return {}, rest
         P = len(head)

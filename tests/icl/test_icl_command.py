@@ -86,3 +86,22 @@ def test_dense_retrieval_cells_and_summary(setup, tiny):
     assert [(r["retriever"], r["shots"], r["seeds"]) for r in rows] == [
         ("topk", 0, 1), ("topk", 2, 3), ("mmr", 0, 1), ("mmr", 2, 3), ("balanced", 0, 1), ("balanced", 2, 3)]
     assert "acc_calibrated" not in rows[0] and "acc_batch_calibrated" in rows[0]
+
+
+def test_shared_prefix_across_a_bpe_boundary(setup):
+    """Byte-level BPE tokenizes a trailing "\\n\\n" alone differently from "\\n\\nReview": the cached head
+    stops before the boundary, every request still takes the shared path, and scores equal the plain ones."""
+    from lmlab.eval.requests import Loglikelihood
+    from lmlab.inference.load import load
+
+    model, tok = load(str(setup / "tiny.gguf"))
+    prefix = "Review: a fine film\nSentiment: positive\n\nReview: dull\nSentiment: negative\n\n"
+    reqs = [Loglikelihood(prefix + f"Review: movie {i}\nSentiment:", w) for i in range(3)
+            for w in (" negative", " positive")]
+    engine = Engine(model, tok, batch_size=2, progress=False)
+    plain = engine.loglikelihood(reqs)
+    with engine.sharing(prefix):
+        head, groups, rest = engine._prefix_groups(reqs)
+        shared = engine.loglikelihood(reqs)
+    assert rest == [] and len(groups) == 3 and 0 < len(head) < len(tok.encode(prefix))
+    assert [round(a.logprob, 4) for a in shared] == pytest.approx([round(a.logprob, 4) for a in plain], abs=2e-4)
