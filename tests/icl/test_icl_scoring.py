@@ -136,7 +136,7 @@ def test_shared_prefix_gives_the_plain_log_likelihoods(tiny, batch_size):
     with engine.sharing(prefix):
         shared = engine.loglikelihood(reqs)
     assert engine.shared_prefix is None
-    with engine.sharing(prefix):  # every request but the two that do not start with the prefix's tokens
+    with engine.sharing(prefix), torch.inference_mode():  # all but the two not starting with the prefix's tokens
         from lmlab.utils.progress import Progress
 
         done, rest = engine._score_on_prefix(reqs, Progress(1, "", enabled=False))
