@@ -18,6 +18,8 @@ PILLARS = [
     "lmlab.eval.command",
     "lmlab.data.command",
     "lmlab.train.command",
+    "lmlab.finetune.command",
+    "lmlab.icl.command",
 ]
 
 

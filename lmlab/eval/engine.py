@@ -12,6 +12,8 @@ The one place where text is scored (evaluation and in-context learning both come
   mask; the packing mask keeps groups apart).
 - Logits are computed only at the positions that are scored (the vocabulary projection is the
   largest matrix of a small model), in float32, and under torch.inference_mode.
+- A shared prefix (`with engine.sharing(prefix):`, e.g. in-context demonstrations fixed for a run) runs
+  once into a KV cache; every request starting with it scores only the rest on top of that cache.
 - Under torchrun each process takes every world-th batch; results are gathered to every rank.
 
 Tokenisation follows lm-evaluation-harness so scores are comparable: trailing spaces of a context
@@ -20,6 +22,7 @@ context's tokens, and an empty context is replaced by the model's prefix token (
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -77,6 +80,7 @@ class Engine:
         d = current()
         self.rank, self.world = d.rank, d.world
         self.progress = progress and self.rank == 0
+        self.shared_prefix: str | None = None  # see sharing()
 
     # ------------------------------------------------------------------ tokenisation
     @property
@@ -154,18 +158,16 @@ class Engine:
                 room.append(cap - g.packed)
         return rows
 
-    def _score_groups(self, groups: list[_Group]) -> dict[int, LoglikelihoodResult]:
-        """One forward pass for a batch of groups. Each group is laid out as its context followed by its
-        continuations (all but their last token); a mask lets each continuation see the context and its own
-        earlier tokens only, with positions continuing from the context, so every continuation is scored
-        exactly as if it followed the context alone while the context runs once. Several short groups share
-        a row (their masks keep them apart), so rows carry almost no padding."""
-        rows = self._rows(groups)
+    @staticmethod
+    def _layout(rows: list[list[_Group]]):
+        """Packed rows: each group is its context followed by its continuations (all but their last token).
+        Returns ids, positions, segment and sub-sequence ids (rows × T), and for every scored token the
+        flat index (row * T + slot) of the hidden state predicting it, the token, and its request index."""
         T = max(sum(g.packed for g in row) for row in rows)
         ids, pos, seg, sub = ([[0] * T for _ in rows] for _ in range(4))
-        pred: list[int] = []  # flat index (row * T + slot) of the hidden state predicting each target
+        pred: list[int] = []
         targets: list[int] = []
-        owner: list[int] = []  # request index of each target
+        owner: list[int] = []
         for b, row in enumerate(rows):
             at = 0
             for gi, g in enumerate(row):
@@ -182,10 +184,11 @@ class Engine:
                     targets.extend(c)
                     owner.extend([ri] * len(c))
                     at += m
+        return ids, pos, seg, sub, pred, targets, owner
+
+    def _results(self, h: torch.Tensor, pred: list[int], targets: list[int],
+                 owner: list[int]) -> dict[int, LoglikelihoodResult]:
         dev = self.device
-        mask = masks.packed(torch.tensor(seg, device=dev), torch.tensor(sub, device=dev))
-        h = self.model.hidden_states(torch.tensor(ids, device=dev), positions=torch.tensor(pos, device=dev),
-                                     attn_mask=mask)
         logp, greedy = self._score(h, torch.tensor(pred, device=dev), torch.tensor(targets, device=dev))
         ids_of = sorted(set(owner))
         slot = {ri: j for j, ri in enumerate(ids_of)}
@@ -196,15 +199,112 @@ class Engine:
         return {ri: LoglikelihoodResult(float(total[j]), bool(misses[j] == 0), int(n_tok[j]))
                 for j, ri in enumerate(ids_of)}
 
+    def _score_groups(self, groups: list[_Group]) -> dict[int, LoglikelihoodResult]:
+        """One forward pass for a batch of groups. Each group is laid out as its context followed by its
+        continuations (all but their last token); a mask lets each continuation see the context and its own
+        earlier tokens only, with positions continuing from the context, so every continuation is scored
+        exactly as if it followed the context alone while the context runs once. Several short groups share
+        a row (their masks keep them apart), so rows carry almost no padding."""
+        ids, pos, seg, sub, pred, targets, owner = self._layout(self._rows(groups))
+        dev = self.device
+        mask = masks.packed(torch.tensor(seg, device=dev), torch.tensor(sub, device=dev))
+        h = self.model.hidden_states(torch.tensor(ids, device=dev), positions=torch.tensor(pos, device=dev),
+                                     attn_mask=mask)
+        return self._results(h, pred, targets, owner)
+
+    # ------------------------------------------------------------------ shared prefix
+    @contextmanager
+    def sharing(self, prefix: str):
+        """Within this block, loglikelihood requests whose context starts with `prefix` (in-context
+        demonstrations fixed for a whole run, say) run the prefix once into a KV cache and score the rest
+        of every context and its continuations on top of it. Requests that do not start with the prefix,
+        or whose tokens would differ from the prefix's at the boundary, take the plain path."""
+        old, self.shared_prefix = self.shared_prefix, prefix
+        try:
+            yield self
+        finally:
+            self.shared_prefix = old
+
+    def _prefix_groups(self, requests: Sequence[Loglikelihood]) -> tuple[list[int], list[_Group], list[int]]:
+        """The cached head (the prefix's tokens, less any its boundary with the rest re-tokenizes and less one
+        more, which every group feeds again so it has a slot predicting its first continuation token), the
+        groups keyed by the context after the head, and the requests left to the plain path."""
+        encoded: dict[int, tuple[list[int], list[int]]] = {}
+        rest: list[int] = []
+        for i, r in enumerate(requests):
+            if not r.context.startswith(self.shared_prefix):
+                rest.append(i)
+                continue
+            ctx, cont = self.encode_pair(r.context, r.continuation)
+            if not cont:
+                raise LmlabError(f"continuation {r.continuation!r} encodes to no tokens")
+            if len(ctx) + len(cont) - 1 > self.max_length:
+                rest.append(i)
+                continue
+            encoded[i] = (ctx, cont)
+        if not encoded:
+            return [], [], rest
+        prefix, first = self.encode(self.shared_prefix), next(iter(encoded.values()))[0]
+        common = next((n for n, (a, b) in enumerate(zip(prefix, first)) if a != b), min(len(prefix), len(first)))
+        head = first[:max(common - 1, 0)]
+        groups: dict[tuple[int, ...], _Group] = {}
+        for i, (ctx, cont) in encoded.items():
+            if not head or ctx[:len(head)] != head:
+                rest.append(i)
+                continue
+            key = tuple(ctx[len(head):])
+            if key not in groups:
+                groups[key] = _Group(list(key), [])
+            groups[key].items.append((i, cont))
+        return head, sorted(groups.values(), key=lambda g: (-g.packed, g.context)), sorted(rest)
+
+    def _prefix_rows(self, groups: list[_Group], room: int) -> list[list[_Group]]:
+        """Consecutive groups in one row each: at most batch_size groups and `room` tokens per row."""
+        rows: list[list[_Group]] = []
+        used = 0
+        for g in groups:
+            if rows and len(rows[-1]) < self.batch_size and used + g.packed <= room:
+                rows[-1].append(g)
+                used += g.packed
+            else:
+                rows.append([g])
+                used = g.packed
+        return rows
+
+    def _score_on_prefix(self, requests: Sequence[Loglikelihood], bar: Progress) -> tuple[dict, list[int]]:
+        head, groups, rest = self._prefix_groups(requests)
+        if not groups:
+            return {}, rest
+        P = len(head)
+        rows = self._prefix_rows(groups, max(max(g.packed for g in groups), self.max_length - P))
+        cache = self.model.make_cache(1, P + max(sum(g.packed for g in row) for row in rows))
+        self.model.hidden_states(torch.tensor([head], device=self.device), cache=cache)
+        out: dict[int, LoglikelihoodResult] = {}
+        for row in rows[self.rank::self.world]:
+            ids, pos, seg, sub, pred, targets, owner = self._layout([row])
+            T = len(ids[0])
+            seen = torch.ones(1, T, P, dtype=torch.bool, device=self.device)
+            own = masks.packed(torch.tensor(seg, device=self.device), torch.tensor(sub, device=self.device))
+            h = self.model.hidden_states(torch.tensor(ids, device=self.device),
+                                         positions=torch.tensor(pos, device=self.device) + P,
+                                         attn_mask=torch.cat([seen, own], dim=2), cache=cache)
+            cache.truncate(P)
+            out.update(self._results(h, pred, targets, owner))
+            bar.update(sum(len(g.items) for g in row) * self.world)
+        return out, rest
+
     @torch.inference_mode()
     def loglikelihood(self, requests: Sequence[Loglikelihood], desc: str = "loglikelihood") -> list[LoglikelihoodResult]:
-        groups = self._groups(requests)
-        batches = [groups[i:i + self.batch_size] for i in range(0, len(groups), self.batch_size)]
-        mine = batches[self.rank::self.world]
-        bar = Progress(sum(len(g.items) for b in mine for g in b) * self.world, desc, enabled=self.progress)
+        bar = Progress(len(requests), desc, enabled=self.progress)
         out: dict[int, LoglikelihoodResult] = {}
-        for batch in mine:
-            out.update(self._score_groups(batch))
+        todo = list(range(len(requests)))
+        if self.shared_prefix:
+            out, todo = self._score_on_prefix(requests, bar)
+        plain = [requests[i] for i in todo]
+        groups = self._groups(plain) if plain else []
+        batches = [groups[i:i + self.batch_size] for i in range(0, len(groups), self.batch_size)]
+        for batch in batches[self.rank::self.world]:
+            out.update({todo[k]: v for k, v in self._score_groups(batch).items()})
             bar.update(sum(len(g.items) for g in batch) * self.world)
         bar.close()
         out = gather_dict(out)

@@ -1,6 +1,7 @@
 """Tasks from YAML files in lm-evaluation-harness's format (its core keys, over local files only).
 
-Every key is checked: an unknown key, a Python hook (`!function`, process_docs, ...), a missing
+`dataset_path: text` with `data_files` and `line_pattern` reads plain text lines split by a regular
+expression's named groups. Every key is checked: an unknown key, a Python hook (`!function`, process_docs, ...), a missing
 required key or a file that cannot be found is an LmlabError naming the file (and line or key).
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ YAML_KEYS = {
     "training_split", "fewshot_split", "output_type", "doc_to_text", "doc_to_choice", "doc_to_target",
     "target_delimiter", "fewshot_delimiter", "num_fewshot", "generation_kwargs", "metric_list",
     "description", "fewshot_config", "filter_list", "tag", "group", "metadata", "should_decontaminate",
-    "doc_to_decontamination_query", "repeats",
+    "doc_to_decontamination_query", "repeats", "line_pattern",
 }
 UNSUPPORTED_KEYS = {"process_docs", "process_results", "class", "include", "doc_to_image", "doc_to_audio",
                     "custom_dataset", "unsafe_code"}
@@ -65,7 +66,10 @@ def _load_split(cfg: dict[str, Any], split: str, path: Path, data_dir: Path | No
     if not isinstance(kwargs, dict):
         raise LmlabError(f"{path}: dataset_kwargs must be a mapping")
     dataset, spec = cfg.get("dataset_path"), cfg.get("data_files", kwargs.get("data_files"))
-    if dataset in ("json", "csv"):
+    if dataset == "text" and "line_pattern" not in cfg:
+        raise LmlabError(f"{path}: dataset_path 'text' needs line_pattern (a regular expression whose named "
+                         f"groups are the fields, e.g. '(?P<label>[^\\t]+)\\t(?P<text>.*)')")
+    if dataset in ("json", "csv", "text"):
         if spec is None:
             raise LmlabError(f"{path}: dataset_path '{dataset}' needs data_files")
         by_split = spec if isinstance(spec, dict) else {"train": spec}
@@ -75,11 +79,39 @@ def _load_split(cfg: dict[str, Any], split: str, path: Path, data_dir: Path | No
     elif isinstance(dataset, str):
         dataset, paths = None, files.split_files(dataset, split, path, data_dir)
     else:
-        raise LmlabError(f"{path}: missing dataset_path (json, csv or a local folder)")
+        raise LmlabError(f"{path}: missing dataset_path (json, csv, text or a local folder)")
     docs = Docs([], [])
     for p in paths:
-        docs = docs + read_any(p, None if dataset == "json" and p.suffix == ".jsonl" else dataset)
+        if dataset == "text":
+            docs = docs + read_pattern_lines(p, cfg["line_pattern"], path)
+        else:
+            docs = docs + read_any(p, None if dataset == "json" and p.suffix == ".jsonl" else dataset)
     return docs
+
+
+def read_pattern_lines(data: Path, pattern: Any, path: Path) -> Docs:
+    """`dataset_path: text`: every non-blank line of `data` must match `line_pattern` whole; its named
+    groups are the document's fields (a user's "label<TAB>text" file works without code)."""
+    import re
+
+    try:
+        rx = re.compile(str(pattern))
+    except re.error as e:
+        raise LmlabError(f"{path}: line_pattern {pattern!r} is not a valid regular expression ({e})") from None
+    if not rx.groupindex:
+        raise LmlabError(f"{path}: line_pattern {pattern!r} has no named groups (?P<field>...)")
+    docs, origins = [], []
+    with open(data, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            m = rx.fullmatch(line)
+            if m is None:
+                raise LmlabError(f"{data}:{n}: line does not match line_pattern {rx.pattern!r}: {line[:60]!r}")
+            docs.append({k: (v or "") for k, v in m.groupdict().items()})
+            origins.append(f"{data}:{n}")
+    return Docs(docs, origins)
 
 
 def _metrics(spec: Any, path: Path) -> tuple[list[str], dict[str, dict[str, Any]]]:
