@@ -32,3 +32,15 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """A test that runs a model with `threads=1` in-process (RunConfig) sets torch's global thread count;
+    restore it so later tests do not run on one core."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
