@@ -57,7 +57,7 @@ def test_smollm2_template_supervises_only_the_answer():
         path = hub.resolve("smollm2-135m")
     except LmlabError as e:
         pytest.skip(f"smollm2-135m not available: {e}")
-    tok = Tokenizer.from_gguf_metadata(metadata(open_gguf(path)))
+    tok = Tokenizer.from_gguf_metadata(metadata(open_gguf(path), str(path)))
     conv = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"},
             {"role": "user", "content": "Say yes."}, {"role": "assistant", "content": "Yes."}]
     [ex] = encode_all(tok, [conv])
