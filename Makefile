@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(VENV)/bin/lmlab demo
 
 test: $(DEV_STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 test-fast: $(DEV_STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
