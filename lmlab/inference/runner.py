@@ -20,6 +20,7 @@ class Runner:
     def __init__(self, model: torch.nn.Module, decode_step=None):
         self.model = model
         self.decode_step = decode_step  # lmlab.inference.compile.DecodeStep, or None (eager)
+        self.routes: dict = {}  # weight shape -> kernel timings (lmlab.inference.load.choose_routes)
 
     @property
     def cfg(self):
