@@ -43,7 +43,7 @@ class Augmenter:
     def __post_init__(self) -> None:
         where = f"the index {self.name}" if self.name else "the index"
         for opt, value in (("--retrieve-k", self.k), ("--retrieve-query-tokens", self.query_tokens),
-                           ("--retrieve-stride", self.stride)):
+                           ("the retrieval stride", self.stride)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise LmlabError(f"{opt} must be a positive integer, got {value!r}")
         if self.k > len(self.retriever):
