@@ -123,7 +123,7 @@ def evaluate(model, tokenizer, tasks: str | Sequence[str | Task], *, data_dir: s
                      "num_fewshot": num_fewshot, "limit": limit, "seed": seed, "max_length": engine.max_length,
                      "processes": engine.world}
     if augment is not None:
-        out["config"]["retrieval"] = augment.describe()
+        out["config"]["retrieval"] = augment.describe(rolling_stride)
     out["total_evaluation_time_seconds"] = round(time.perf_counter() - started, 3)
     if log_samples:
         out["samples"] = samples

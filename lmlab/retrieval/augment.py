@@ -81,11 +81,11 @@ class Augmenter:
             item.doc = {**item.doc, "retrieved": passage}  # shows in --log-samples
         return items
 
-    def describe(self) -> dict:
-        """What a results file records about the retrieval."""
+    def describe(self, rolling_stride: int | None = None) -> dict:
+        """What a results file records about the retrieval (`rolling_stride`: the run's, when given)."""
         r = self.retriever
         return {"index": self.name, "kind": r.kind, "passages": len(r), "k": self.k, "separator": self.separator,
-                "query_tokens": self.query_tokens, "stride": self.stride,
+                "query_tokens": self.query_tokens, "stride": rolling_stride or self.stride,
                 "max_passage_tokens": self.max_passage_tokens,
                 "encoder": getattr(getattr(r, "encoder", None), "name", None)}
 

@@ -118,6 +118,7 @@ def test_evaluate_with_retrieval_records_it_and_changes_scores(tiny, retriever):
     with_r = evaluate(model, tok, [toy_task(), rolling], augment=aug, log_samples=True, **kw)
     without = evaluate(model, tok, [toy_task(), rolling], **kw)
     assert with_r["config"]["retrieval"]["kind"] == retriever.kind and "retrieval" not in without["config"]
+    assert with_r["config"]["retrieval"]["stride"] == 8
     assert with_r["samples"]["toy"][0]["doc"]["retrieved"] == "the cat sat on the mat all day"
     a, b = with_r["results"]["roll"]["word_perplexity"], without["results"]["roll"]["word_perplexity"]
     assert a != pytest.approx(b, rel=1e-4)
