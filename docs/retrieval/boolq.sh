@@ -4,7 +4,7 @@
 set -e
 N=${N:-100}
 B=../shared/data/eval/superglue/BoolQ
-OUT=${OUT:-runs/retrieval}
+OUT=${OUT:-runs}
 mkdir -p $OUT
 t() { s=$(date +%s); "$@"; echo "[$(($(date +%s) - s)) s] $*" >> $OUT/times.log; }
 [ -f $OUT/boolq-bm25/retriever.json ] || t lmlab index $B/val.jsonl $B/train.jsonl --text-field passage -o $OUT/boolq-bm25
