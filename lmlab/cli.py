@@ -20,6 +20,7 @@ PILLARS = [
     "lmlab.train.command",
     "lmlab.finetune.command",
     "lmlab.icl.command",
+    "lmlab.retrieval.command",
 ]
 
 

@@ -83,13 +83,19 @@ def _speculation(m, tok, model: str, speculate: dict | None, run):
 def generate(model: str, prompts: list[str], *, max_new_tokens: int = 128, temperature: float = 0.8,
              top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, stop: list[str] | None = None,
              seed: int | None = None, run=None, stats: bool = False, stream: bool = True,
-             speculate: dict | None = None) -> list[str]:
+             speculate: dict | None = None, retrieve: dict | None = None) -> list[str]:
     """`run`: a lmlab.inference.load.RunConfig (dtype, quantize, threads, compile, device); default float32.
-    `speculate`: load_speculation's options (draft=, speculate=, prompt_lookup=, adapt=)."""
+    `speculate`: load_speculation's options (draft=, speculate=, prompt_lookup=, adapt=).
+    `retrieve`: lmlab.retrieval.augment.load's options (index=, k=, embed=): each prompt follows the
+    passages it retrieves."""
     from lmlab.inference.sampling import GenerationConfig
 
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            repetition_penalty=repetition_penalty, stop=list(stop or []), seed=seed)
+    if retrieve:
+        from lmlab.retrieval.command import augmenter
+
+        prompts = augmenter(retrieve).prompts(prompts)
     m, tok = _load(model, run)
     spec = _speculation(m, tok, model, speculate, run)
     return _generate(m, tok, prompts, cfg, stream=stream, stats=stats, speculation=spec)
@@ -246,10 +252,14 @@ def register(sub) -> None:
                    help="print tokens/s and finish reasons (and speculation's acceptance and speed-up) to stderr")
     add_run_args(p)
     add_speculation_args(p)
+    from lmlab.retrieval.command import add_retrieve_args, retrieve_options
+
+    add_retrieve_args(p)
     p.set_defaults(func=lambda a: generate(
         a.model, [sys.stdin.read().rstrip("\n") if x == "-" else x for x in a.prompt], max_new_tokens=a.max_new_tokens,
         temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty,
-        stop=a.stop, seed=a.seed, run=run_config(a), stats=a.stats, speculate=speculation_options(a)) and 0)
+        stop=a.stop, seed=a.seed, run=run_config(a), stats=a.stats, speculate=speculation_options(a),
+        retrieve=retrieve_options(a)) and 0)
 
     p = sub.add_parser("chat", help="talk to a model through its chat template")
     _model_arg(p)

@@ -24,11 +24,15 @@ class EvalArgs:
     log_samples: bool = False
     run: RunConfig = field(default_factory=RunConfig)  # dtype, quantize, threads, compile, device
     speculation: dict = field(default_factory=dict)  # --draft/--speculate/--prompt-lookup/--no-adapt
+    retrieve: dict = field(default_factory=dict)  # --retrieve INDEX and its options (lmlab.retrieval.command)
 
     @classmethod
     def from_namespace(cls, a: argparse.Namespace) -> "EvalArgs":
-        own = {f.name: getattr(a, f.name) for f in dataclasses.fields(cls) if f.name not in ("run", "speculation")}
-        return cls(**own, run=run_config(a), speculation=speculation_options(a))
+        from lmlab.retrieval.command import retrieve_options
+
+        own = {f.name: getattr(a, f.name) for f in dataclasses.fields(cls)
+               if f.name not in ("run", "speculation", "retrieve")}
+        return cls(**own, run=run_config(a), speculation=speculation_options(a), retrieve=retrieve_options(a))
 
 
 def register(subparsers) -> None:
@@ -49,6 +53,9 @@ def register(subparsers) -> None:
     p.add_argument("--log-samples", action="store_true", help="also write per-item records next to --output")
     add_run_args(p)
     add_speculation_args(p)
+    from lmlab.retrieval.command import add_retrieve_args
+
+    add_retrieve_args(p)
     p.set_defaults(func=lambda a: run(EvalArgs.from_namespace(a)))
 
 
@@ -75,6 +82,9 @@ def _run(args: EvalArgs, d) -> int:
         from lmlab.utils.atomic import check_writable
 
         check_writable(args.output)
+    from lmlab.retrieval.command import augmenter
+
+    augment = augmenter(args.retrieve)  # before the model: a bad index fails fast
     run = args.run
     if run.device is None and d.enabled and torch.cuda.is_available():
         run = dataclasses.replace(run, device=f"cuda:{d.local_rank}")  # torchrun on GPUs: one per process
@@ -84,7 +94,8 @@ def _run(args: EvalArgs, d) -> int:
     spec = load_speculation(model, tok, run=run, target_name=args.model, **args.speculation)
     results = evaluate(model, tok, args.tasks, data_dir=args.data_dir, num_fewshot=args.num_fewshot,
                        limit=args.limit, batch_size=args.batch_size, seed=args.seed, max_length=args.max_length,
-                       rolling_stride=args.rolling_stride, log_samples=args.log_samples, speculation=spec)
+                       rolling_stride=args.rolling_stride, log_samples=args.log_samples, speculation=spec,
+                       augment=augment)
     results["config"]["model"] = args.model
     results["config"]["run"] = dataclasses.asdict(run)
     if not d.main:

@@ -329,28 +329,41 @@ class Engine:
             done = end
         return out
 
-    @torch.inference_mode()
     def loglikelihood_rolling(self, requests: Sequence[LoglikelihoodRolling], *, window: int | None = None,
                               stride: int | None = None, desc: str = "rolling") -> list[RollingResult]:
         window = window or self.max_length
         stride = stride or window
-        items = []  # (request index, input ids, n scored)
+        items = []  # (request index, (input ids, target ids))
         counts = []
         for i, r in enumerate(requests):
             tokens = self.encode(r.text)
             counts.append(len(tokens))
-            items.extend((i, ids, tgt) for ids, tgt in self.windows(tokens, window, stride))
-        order = sorted(range(len(items)), key=lambda k: -len(items[k][1]))
+            items.extend((i, w) for w in self.windows(tokens, window, stride))
+        scores = self.score_windows([w for _, w in items], desc=desc)
+        totals = [0.0] * len(requests)
+        for (i, _), lp in zip(items, scores):
+            totals[i] += lp
+        return [RollingResult(totals[i], counts[i]) for i in range(len(requests))]
+
+    @torch.inference_mode()
+    def score_windows(self, windows: Sequence[tuple[list[int], list[int]]], desc: str = "rolling") -> list[float]:
+        """Summed log-probability of each window's targets, predicted by its last len(targets) input
+        positions (windows as `windows` makes them; retrieval augmentation builds its own)."""
+        for inp, tgt in windows:
+            if not 1 <= len(tgt) <= len(inp) or len(inp) > self.max_length:
+                raise LmlabError(f"a window of {len(inp)} inputs cannot predict {len(tgt)} targets "
+                                 f"in a {self.max_length}-token context")
+        order = sorted(range(len(windows)), key=lambda k: -len(windows[k][0]))
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         mine = batches[self.rank::self.world]
-        bar = Progress(len(items), desc, enabled=self.progress)
+        bar = Progress(len(windows), desc, enabled=self.progress)
         local: dict[int, float] = {}
         for batch in mine:
-            h = self.model.hidden_states(self._pad([items[k][1] for k in batch]))
+            h = self.model.hidden_states(self._pad([windows[k][0] for k in batch]))
             T = h.shape[1]
             index, targets, owners = [], [], []
             for r, k in enumerate(batch):
-                _, inp, tgt = items[k]
+                inp, tgt = windows[k]
                 L, n = len(inp), len(tgt)
                 index.extend(range(r * T + L - n, r * T + L))
                 targets.extend(tgt)
@@ -364,10 +377,7 @@ class Engine:
             bar.update(len(batch) * self.world)
         bar.close()
         scores = gather_dict(local)
-        totals = [0.0] * len(requests)
-        for k, (i, _, _) in enumerate(items):
-            totals[i] += scores[k]
-        return [RollingResult(totals[i], counts[i]) for i in range(len(requests))]
+        return [scores[k] for k in range(len(windows))]
 
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()

@@ -18,10 +18,16 @@ from lmlab.eval.tasks.yaml import load_yaml
 # request type → how the engine answers a list of them (in this order, the same on every process)
 ENGINE_CALLS = {
     Loglikelihood: lambda engine, reqs, opts, desc: engine.loglikelihood(reqs, desc=desc),
-    LoglikelihoodRolling: lambda engine, reqs, opts, desc: engine.loglikelihood_rolling(
-        reqs, window=opts.get("rolling_window"), stride=opts.get("rolling_stride"), desc=desc),
+    LoglikelihoodRolling: lambda engine, reqs, opts, desc: _rolling(engine, reqs, opts, desc),
     GenerateUntil: lambda engine, reqs, opts, desc: engine.generate_until(reqs, desc=desc),
 }
+
+
+def _rolling(engine: Engine, requests: list, opts: dict, desc: str) -> list:
+    """Rolling log-likelihoods: plain windows, or In-Context RALM when a retrieval Augmenter is given."""
+    kw = {"window": opts.get("rolling_window"), "stride": opts.get("rolling_stride"), "desc": desc}
+    augment = opts.get("augment")
+    return augment.rolling(engine, requests, **kw) if augment else engine.loglikelihood_rolling(requests, **kw)
 
 
 def resolve_tasks(tasks: str | Sequence[str | Task], data_dir: str | Path | None = None) -> list[Task]:
@@ -44,7 +50,7 @@ def resolve_tasks(tasks: str | Sequence[str | Task], data_dir: str | Path | None
 def answer(engine: Engine, built: Sequence[tuple[Task, list[Item]]], **opts) -> None:
     """Fill `item.answers[group]` for every request group of every item: one engine call per request
     type across all tasks and groups (small tasks such as MMLU subjects share batches). `opts`:
-    rolling_window, rolling_stride."""
+    rolling_window, rolling_stride, augment (retrieval augmentation of rolling requests)."""
     for _, items in built:
         for it in items:
             it.answers = {group: [None] * len(reqs) for group, reqs in it.requests.items()}
@@ -78,15 +84,19 @@ def _aggregate(scored: list[dict[str, Any]]) -> dict[str, float]:
 def evaluate(model, tokenizer, tasks: str | Sequence[str | Task], *, data_dir: str | Path | None = None,
              num_fewshot: int | None = None, limit: int | None = None, batch_size: int = 32, seed: int = 1234,
              max_length: int | None = None, rolling_window: int | None = None, rolling_stride: int | None = None,
-             log_samples: bool = False, progress: bool = True, speculation=None) -> dict[str, Any]:
+             log_samples: bool = False, progress: bool = True, speculation=None, augment=None) -> dict[str, Any]:
     """Run `tasks` on an lmlab model; returns results shaped like lm-evaluation-harness output.
-    `speculation` (lmlab.inference.drafting.Speculation): generation requests decode speculatively."""
+    `speculation` (lmlab.inference.drafting.Speculation): generation requests decode speculatively.
+    `augment` (lmlab.retrieval.augment.Augmenter): retrieved passages go before each item's text, and
+    rolling perplexity is scored In-Context-RALM style."""
     started = time.perf_counter()
     task_list = resolve_tasks(tasks, data_dir)
     engine = Engine(model, tokenizer, batch_size=batch_size, max_length=max_length, progress=progress,
                     speculation=speculation)
     built = [(t, t.items(limit=limit, num_fewshot=num_fewshot, seed=seed)) for t in task_list]
-    answer(engine, built, rolling_window=rolling_window, rolling_stride=rolling_stride)
+    if augment is not None:
+        built = [(t, augment.items(t, items)) for t, items in built]
+    answer(engine, built, rolling_window=rolling_window, rolling_stride=rolling_stride, augment=augment)
     results: dict[str, Any] = {}
     groups: dict[str, list[tuple[str, list[dict]]]] = {}
     samples: dict[str, list[dict]] = {}
@@ -112,6 +122,8 @@ def evaluate(model, tokenizer, tasks: str | Sequence[str | Task], *, data_dir: s
     out["config"] = {"model": getattr(model.cfg, "name", "") or "lmlab", "batch_size": batch_size,
                      "num_fewshot": num_fewshot, "limit": limit, "seed": seed, "max_length": engine.max_length,
                      "processes": engine.world}
+    if augment is not None:
+        out["config"]["retrieval"] = augment.describe(rolling_stride)
     out["total_evaluation_time_seconds"] = round(time.perf_counter() - started, 3)
     if log_samples:
         out["samples"] = samples

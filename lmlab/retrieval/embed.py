@@ -42,6 +42,7 @@ class SentenceEncoder:
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.spec = spec  # what SentenceEncoder.load takes to get this model again (None: not loadable by spec)
         self.batch_size, self.progress = batch_size, progress
+        self.progress_from = PROGRESS_FROM  # texts: fewer embed without a progress display
         self.max_length = min(max_length or model.cfg.max_seq_len, model.cfg.max_seq_len)
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
         self.tok = _plain_copy(tokenizer.tok, self.max_length)
@@ -69,7 +70,7 @@ class SentenceEncoder:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         ids = [e.ids for e in self.tok.encode_batch(texts)] if texts else []
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # longest first: memory trouble shows at once
-        bar = Progress(len(texts), "embedding", unit="text", enabled=self.progress and len(texts) >= PROGRESS_FROM)
+        bar = Progress(len(texts), "embedding", unit="text", enabled=self.progress and len(texts) >= self.progress_from)
         for start in range(0, len(order), self.batch_size):
             rows = order[start:start + self.batch_size]
             out[rows] = self._embed([ids[i] for i in rows]).numpy()

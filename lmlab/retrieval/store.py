@@ -1,5 +1,6 @@
 """A saved index is a folder: retriever.json (kind, parameters, the embedding model of a dense index, and
-the sha256 of every other file), texts.jsonl (the indexed texts, one JSON string a line) and the
+the sha256 of every other file), texts.jsonl (the indexed texts, one {"text": ...} object a line, read with lmlab.eval.data's
+reader) and the
 retriever's own files. Loading checks every checksum first, so a corrupt or truncated file is named
 before any library reads it; nothing is read with pickle."""
 from __future__ import annotations
@@ -13,7 +14,7 @@ from lmlab.errors import LmlabError
 MANIFEST = "retriever.json"
 TEXTS = "texts.jsonl"
 FORMAT = "lmlab-retriever"
-VERSION = 1
+VERSION = 2  # 2: texts.jsonl holds {"text": ...} objects (1: bare JSON strings)
 
 
 def _sha256(path: Path) -> str:
@@ -25,23 +26,21 @@ def _sha256(path: Path) -> str:
 def write_texts(folder: Path, texts: list[str]) -> None:
     with open(folder / TEXTS, "w", encoding="utf-8") as f:
         for t in texts:
-            f.write(json.dumps(t, ensure_ascii=False) + "\n")
+            f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
 
 
 def read_texts(folder: Path, count: int) -> list[str]:
-    path = folder / TEXTS
+    from lmlab.eval.data import read_jsonl
+
+    docs = read_jsonl(folder / TEXTS)
     texts = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            try:
-                text = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LmlabError(f"{path}:{n}: not a JSON string ({e.msg})") from None
-            if not isinstance(text, str):
-                raise LmlabError(f"{path}:{n}: expected a JSON string, got {type(text).__name__}")
-            texts.append(text)
+    for doc, origin in zip(docs.docs, docs.origins):
+        text = doc.get("text")
+        if not isinstance(text, str):
+            raise LmlabError(f"{origin}: 'text' should be a string, got {type(text).__name__}")
+        texts.append(text)
     if len(texts) != count:
-        raise LmlabError(f"{path}: holds {len(texts)} texts, {MANIFEST} says {count}")
+        raise LmlabError(f"{folder / TEXTS}: holds {len(texts)} texts, {MANIFEST} says {count}")
     return texts
 
 

@@ -40,8 +40,8 @@ def _pairs(item):
 
 
 def test_registry_lists_every_builtin_and_suggests_on_a_typo(tmp_path):
-    assert names() == sorted(["piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "boolq", "copa", "rte",
-                              "cb", "mmlu", "ceval", "cmmlu", "lambada_openai", "wikitext", "gsm8k",
+    assert names() == sorted(["piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "boolq", "boolq_closed",
+                              "copa", "rte", "cb", "mmlu", "ceval", "cmmlu", "lambada_openai", "wikitext", "gsm8k",
                               "truthfulqa_mc1", "truthfulqa_mc2"])
     with pytest.raises(LmlabError, match=r"unknown task 'hellaswg' \(did you mean 'hellaswag'\?\)"):
         build("hellaswg", tmp_path)
@@ -172,6 +172,9 @@ def test_boolq_and_copa(tmp_path):
     task, items = _one("boolq", tmp_path)
     ctx = "Water boils at 100 C.\nQuestion: does water boil at 100 c?\nAnswer:"
     assert _pairs(items[0]) == [(ctx, " no"), (ctx, " yes")] and items[0].gold == 1
+    task, items = _one("boolq_closed", tmp_path)  # without the passage; retrieval queries by the question
+    assert _pairs(items[0]) == [(ctx.split("\n", 1)[1], " no"), (ctx.split("\n", 1)[1], " yes")]
+    assert items[0].gold == 1 and task.doc_to_query(items[0].doc) == "does water boil at 100 c"
     _superglue(tmp_path, "COPA", [{"premise": "The man broke his toe.", "choice1": "He dropped a hammer on his foot.",
                                    "choice2": "He got a hole in his sock.", "question": "cause", "label": 0, "idx": 0}])
     task, items = _one("copa", tmp_path)

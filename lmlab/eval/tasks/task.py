@@ -52,6 +52,8 @@ class Task:
     # from the few-shot target (gsm8k: the number after '####', while examples show the reasoning)
     count_text: Callable[[dict], str] | None = None  # rolling: the text whose words/bytes are counted,
     # when it is not the scored text (wikitext counts the original text, before detokenization)
+    doc_to_query: Callable[[dict], str] | None = None  # retrieval augmentation: the text to retrieve by,
+    # when it is not the item's own text (BoolQ: the question)
     group: str | None = None  # suite this task belongs to (mmlu, ceval, ...)
     source: str = ""  # file that defines the task, for error messages
     request_groups: dict[str, RequestGroup] = field(default_factory=dict)

@@ -20,7 +20,8 @@ def _registry() -> dict[str, Callable]:
     return {
         "piqa": piqa.build, "hellaswag": hellaswag.build, "winogrande": winogrande.build,
         "arc_easy": arc.build_easy, "arc_challenge": arc.build_challenge,
-        "boolq": superglue.boolq, "copa": superglue.copa, "rte": superglue.rte, "cb": superglue.cb,
+        "boolq": superglue.boolq, "boolq_closed": superglue.boolq_closed, "copa": superglue.copa,
+        "rte": superglue.rte, "cb": superglue.cb,
         "mmlu": suites.mmlu, "ceval": suites.ceval, "cmmlu": suites.cmmlu,
         "lambada_openai": lambada.build, "wikitext": wikitext.build,
         "gsm8k": generative.gsm8k, "truthfulqa_mc1": generative.truthfulqa_mc1,

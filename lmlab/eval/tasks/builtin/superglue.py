@@ -1,4 +1,4 @@
-"""SuperGLUE BoolQ, COPA, RTE, CB: <data-dir>/superglue/{BoolQ,COPA,RTE,CB}/val.jsonl (original fields);
+"""SuperGLUE BoolQ (and BoolQ closed-book, without its passage), COPA, RTE, CB: <data-dir>/superglue/{BoolQ,COPA,RTE,CB}/val.jsonl (original fields);
 few-shot examples from train.jsonl in the same folder when present."""
 from pathlib import Path
 
@@ -29,6 +29,16 @@ def boolq(data_dir: Path) -> Task:
     return Task("boolq", docs, "multiple_choice", fewshot_docs=few, source=str(folder),
                 doc_to_text=lambda d: f"{d['passage']}\nQuestion: {d['question']}?\nAnswer:",
                 doc_to_choice=lambda d: ["no", "yes"],
+                doc_to_target=_label({False: 0, True: 1, 0: 0, 1: 1}))
+
+
+def boolq_closed(data_dir: Path) -> Task:
+    """BoolQ without its passage (closed book): `boolq`'s prompt less the passage line, so the same
+    question after a retrieved passage (`--retrieve`) reads exactly as `boolq` with the gold one."""
+    folder, docs, few = _splits(data_dir, "BoolQ")
+    return Task("boolq_closed", docs, "multiple_choice", fewshot_docs=few, source=str(folder),
+                doc_to_text=lambda d: f"Question: {d['question']}?\nAnswer:",
+                doc_to_choice=lambda d: ["no", "yes"], doc_to_query=lambda d: d["question"],
                 doc_to_target=_label({False: 0, True: 1, 0: 0, 1: 1}))
 
 
