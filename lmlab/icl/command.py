@@ -33,6 +33,8 @@ class ICLArgs:
     scoring: str = "direct"
     calibrate: bool = False
     limit: int | None = None
+    sample: int | None = None
+    sample_seed: int = 0
     batch_size: int = 32
     instruction: str | None = None
     template: str | None = None
@@ -69,6 +71,8 @@ def register(subparsers) -> None:
     p.add_argument("--scoring", default="direct", choices=["direct", "channel", "generate"])
     p.add_argument("--calibrate", action="store_true", help="also report contextual calibration (direct scoring)")
     p.add_argument("--limit", type=int, help="score only the first N test items")
+    p.add_argument("--sample", type=int, help="score a seeded random N of the test items (the same in every cell)")
+    p.add_argument("--sample-seed", type=int, default=0, help="seed of --sample (default 0)")
     p.add_argument("--batch-size", type=int, default=32, help="contexts per forward pass (default 32)")
     p.add_argument("--instruction", help="text before the demonstrations (\\n for newlines)")
     p.add_argument("--template", help="demonstration template over the task's fields, ending with {label}")
@@ -93,6 +97,7 @@ def grid_config(args: ICLArgs):
     return GridConfig(shots=_ints(args.shots, "--shots"), seeds=args.seeds,
                       retrievers=[r.strip() for r in args.retriever.split(",") if r.strip()], order=args.order,
                       scoring=args.scoring, calibrate=args.calibrate, limit=args.limit,
+                      sample=args.sample, sample_seed=args.sample_seed,
                       share_prefix=not args.no_shared_prefix, log_demos=args.log_demos, mmr_lambda=args.mmr_lambda)
 
 
@@ -137,6 +142,7 @@ def run(args: ICLArgs) -> int:
     cells = grid.run()
     rows = summarize(cells, cfg.retrievers, cfg.shots)
     results = _results(args, task, cfg, cells, rows, time.perf_counter() - started)
+    results["test_items"] = grid.test_origins  # which items were scored ("file:line")
     if args.output:
         from lmlab.utils.atomic import write_json, write_jsonl
 

@@ -34,7 +34,9 @@ class GridConfig:
     order: str | None = None  # None: similarity for retrieval, random for random/balanced
     scoring: str = "direct"
     calibrate: bool = False
-    limit: int | None = None
+    limit: int | None = None  # the first N test items
+    sample: int | None = None  # or a seeded random N of them (the same items in every cell), in file order
+    sample_seed: int = 0
     share_prefix: bool = True
     log_demos: bool = False
     mmr_lambda: float = 0.5
@@ -48,6 +50,10 @@ class GridConfig:
             raise LmlabError(f"--seeds must be at least 1 (got {self.seeds})")
         if self.limit is not None and self.limit < 1:
             raise LmlabError(f"--limit must be at least 1 (got {self.limit})")
+        if self.sample is not None and self.sample < 1:
+            raise LmlabError(f"--sample must be at least 1 (got {self.sample})")
+        if self.limit is not None and self.sample is not None:
+            raise LmlabError("--limit (the first N items) and --sample (a seeded random N): give one, not both")
         for r in self.retrievers:
             if r not in METHODS:
                 from lmlab.utils.suggest import unknown
@@ -65,8 +71,9 @@ class Grid:
         cfg.check(len(task.pool))
         self.engine, self.task, self.cfg, self.encoder = engine, task, cfg, encoder
         self.progress = progress
-        n = len(task.test) if cfg.limit is None else min(cfg.limit, len(task.test))
-        self.test_docs, self.test_origins = task.test.docs[:n], task.test.origins[:n]
+        chosen = scored_items(len(task.test), cfg)
+        self.test_docs = [task.test.docs[i] for i in chosen]
+        self.test_origins = [task.test.origins[i] for i in chosen]
         self.pool_texts = [task.input_text(d) for d in task.pool.docs]
         self.test_texts = [task.input_text(d) for d in self.test_docs]
         test_set = set(self.test_texts)
@@ -192,6 +199,13 @@ class Grid:
             bar.update(1)
         bar.close()
         return cells
+
+
+def scored_items(size: int, cfg: GridConfig) -> list[int]:
+    """The test items a grid scores: all, the first `limit`, or a seeded random `sample` in file order."""
+    if cfg.sample is not None and cfg.sample < size:
+        return sorted(np.random.default_rng(cfg.sample_seed).choice(size, cfg.sample, replace=False).tolist())
+    return list(range(size if cfg.limit is None else min(cfg.limit, size)))
 
 
 def _distribution(preds: np.ndarray, labels: Sequence[str]) -> dict[str, int]:
