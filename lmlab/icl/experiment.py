@@ -121,10 +121,19 @@ class Grid:
         return out
 
     def answer(self, items: list[Item], shared: bool) -> None:
-        if shared and self.cfg.share_prefix and items and items[0].prefix:
+        """Fixed demonstrations: every item's prompt starts with the same prefix, run once into a KV cache.
+        Per-item demonstrations with several contexts per item (the content-free inputs of calibration, or
+        channel scoring's one context per label): each item's own prefix is run once for its contexts."""
+        if not (self.cfg.share_prefix and items and items[0].prefix):
+            answer(self.engine, [(self.task, items)])
+        elif shared:
             with self.engine.sharing(items[0].prefix):
                 answer(self.engine, [(self.task, items)])
-        else:
+        elif self.cfg.calibrate or self.cfg.scoring == "channel":
+            for it in items:
+                with self.engine.sharing(it.prefix):
+                    answer(self.engine, [(self.task, [it])])
+        else:  # one context per item: nothing to share, batch the items
             answer(self.engine, [(self.task, items)])
 
     def cell(self, method: str, shots: int, seed: int) -> dict[str, Any]:
