@@ -139,17 +139,24 @@ def run(args: ICLArgs) -> int:
         raise LmlabError(f"{args.model}: no tokenizer found with this model")
     engine = Engine(model, tok, batch_size=args.batch_size, progress=False)
     grid = Grid(engine, task, cfg, encoder=encoder)
-    cells = grid.run()
-    rows = summarize(cells, cfg.retrievers, cfg.shots)
-    results = _results(args, task, cfg, cells, rows, time.perf_counter() - started)
-    results["test_items"] = grid.test_origins  # which items were scored ("file:line")
-    if args.output:
-        from lmlab.utils.atomic import write_json, write_jsonl
 
-        out = Path(args.output)
-        if args.log_demos:
-            write_jsonl(out.with_name(f"{out.stem}_demos.jsonl"), grid.demo_log)
-        write_json(out, results, indent=2)
+    def save(cells: list[dict[str, Any]], planned: int) -> dict[str, Any]:
+        """The results so far, written atomically after every cell, so a stopped run keeps what it did."""
+        rows = summarize(cells, cfg.retrievers, cfg.shots)
+        results = _results(args, task, cfg, cells, rows, time.perf_counter() - started)
+        results.update(cells_planned=planned, complete=len(cells) == planned,
+                       test_items=grid.test_origins)  # which items were scored ("file:line")
+        if args.output:
+            from lmlab.utils.atomic import write_json, write_jsonl
+
+            out = Path(args.output)
+            if args.log_demos:
+                write_jsonl(out.with_name(f"{out.stem}_demos.jsonl"), grid.demo_log)
+            write_json(out, results, indent=2)
+        return results
+
+    cells = grid.run(on_cell=save)
+    rows = save(cells, len(cells))["summary"]
     if args.plot:
         from lmlab.icl.plot import plot_curve
 

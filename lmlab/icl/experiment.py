@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -198,7 +198,8 @@ class Grid:
             cells += [(method, k, s) for k in self.cfg.shots if k > 0 for s in self.seeds_for(method)]
         return cells
 
-    def run(self) -> list[dict[str, Any]]:
+    def run(self, on_cell: Callable[[list[dict[str, Any]], int], None] | None = None) -> list[dict[str, Any]]:
+        """Every cell of the plan; `on_cell(cells so far, cells planned)` after each (to save partial results)."""
         plan = self.plan()
         bar = Progress(len(plan), f"icl {self.task.name}", unit="cell", enabled=self.progress)
         cells = []
@@ -206,6 +207,8 @@ class Grid:
             cells.append(self.cell(method, shots, seed))
             bar.set(acc=f"{cells[-1]['acc']:.3f}")
             bar.update(1)
+            if on_cell is not None:
+                on_cell(cells, len(plan))
         bar.close()
         return cells
 
