@@ -193,9 +193,11 @@ class Grid:
 
     # ------------------------------------------------------------------ the grid
     def plan(self) -> list[tuple[str, int, int]]:
+        """The cells in order of shot count (then retriever, then seed), so a run stopped part-way has
+        every retriever's cheaper cells."""
         cells = [("none", 0, 0)] if 0 in self.cfg.shots else []
-        for method in self.cfg.retrievers:
-            cells += [(method, k, s) for k in self.cfg.shots if k > 0 for s in self.seeds_for(method)]
+        for k in sorted(set(self.cfg.shots) - {0}):
+            cells += [(method, k, s) for method in self.cfg.retrievers for s in self.seeds_for(method)]
         return cells
 
     def run(self, on_cell: Callable[[list[dict[str, Any]], int], None] | None = None) -> list[dict[str, Any]]:
