@@ -33,6 +33,8 @@ class ICLArgs:
     scoring: str = "direct"
     calibrate: bool = False
     limit: int | None = None
+    sample: int | None = None
+    sample_seed: int = 0
     batch_size: int = 32
     instruction: str | None = None
     template: str | None = None
@@ -69,6 +71,8 @@ def register(subparsers) -> None:
     p.add_argument("--scoring", default="direct", choices=["direct", "channel", "generate"])
     p.add_argument("--calibrate", action="store_true", help="also report contextual calibration (direct scoring)")
     p.add_argument("--limit", type=int, help="score only the first N test items")
+    p.add_argument("--sample", type=int, help="score a seeded random N of the test items (the same in every cell)")
+    p.add_argument("--sample-seed", type=int, default=0, help="seed of --sample (default 0)")
     p.add_argument("--batch-size", type=int, default=32, help="contexts per forward pass (default 32)")
     p.add_argument("--instruction", help="text before the demonstrations (\\n for newlines)")
     p.add_argument("--template", help="demonstration template over the task's fields, ending with {label}")
@@ -93,6 +97,7 @@ def grid_config(args: ICLArgs):
     return GridConfig(shots=_ints(args.shots, "--shots"), seeds=args.seeds,
                       retrievers=[r.strip() for r in args.retriever.split(",") if r.strip()], order=args.order,
                       scoring=args.scoring, calibrate=args.calibrate, limit=args.limit,
+                      sample=args.sample, sample_seed=args.sample_seed,
                       share_prefix=not args.no_shared_prefix, log_demos=args.log_demos, mmr_lambda=args.mmr_lambda)
 
 
@@ -134,16 +139,24 @@ def run(args: ICLArgs) -> int:
         raise LmlabError(f"{args.model}: no tokenizer found with this model")
     engine = Engine(model, tok, batch_size=args.batch_size, progress=False)
     grid = Grid(engine, task, cfg, encoder=encoder)
-    cells = grid.run()
-    rows = summarize(cells, cfg.retrievers, cfg.shots)
-    results = _results(args, task, cfg, cells, rows, time.perf_counter() - started)
-    if args.output:
-        from lmlab.utils.atomic import write_json, write_jsonl
 
-        out = Path(args.output)
-        if args.log_demos:
-            write_jsonl(out.with_name(f"{out.stem}_demos.jsonl"), grid.demo_log)
-        write_json(out, results, indent=2)
+    def save(cells: list[dict[str, Any]], planned: int) -> dict[str, Any]:
+        """The results so far, written atomically after every cell, so a stopped run keeps what it did."""
+        rows = summarize(cells, cfg.retrievers, cfg.shots)
+        results = _results(args, task, cfg, cells, rows, time.perf_counter() - started)
+        results.update(cells_planned=planned, complete=len(cells) == planned,
+                       test_items=grid.test_origins)  # which items were scored ("file:line")
+        if args.output:
+            from lmlab.utils.atomic import write_json, write_jsonl
+
+            out = Path(args.output)
+            if args.log_demos:
+                write_jsonl(out.with_name(f"{out.stem}_demos.jsonl"), grid.demo_log)
+            write_json(out, results, indent=2)
+        return results
+
+    cells = grid.run(on_cell=save)
+    rows = save(cells, len(cells))["summary"]
     if args.plot:
         from lmlab.icl.plot import plot_curve
 

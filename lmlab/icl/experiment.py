@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -34,7 +34,9 @@ class GridConfig:
     order: str | None = None  # None: similarity for retrieval, random for random/balanced
     scoring: str = "direct"
     calibrate: bool = False
-    limit: int | None = None
+    limit: int | None = None  # the first N test items
+    sample: int | None = None  # or a seeded random N of them (the same items in every cell), in file order
+    sample_seed: int = 0
     share_prefix: bool = True
     log_demos: bool = False
     mmr_lambda: float = 0.5
@@ -48,6 +50,10 @@ class GridConfig:
             raise LmlabError(f"--seeds must be at least 1 (got {self.seeds})")
         if self.limit is not None and self.limit < 1:
             raise LmlabError(f"--limit must be at least 1 (got {self.limit})")
+        if self.sample is not None and self.sample < 1:
+            raise LmlabError(f"--sample must be at least 1 (got {self.sample})")
+        if self.limit is not None and self.sample is not None:
+            raise LmlabError("--limit (the first N items) and --sample (a seeded random N): give one, not both")
         for r in self.retrievers:
             if r not in METHODS:
                 from lmlab.utils.suggest import unknown
@@ -65,8 +71,9 @@ class Grid:
         cfg.check(len(task.pool))
         self.engine, self.task, self.cfg, self.encoder = engine, task, cfg, encoder
         self.progress = progress
-        n = len(task.test) if cfg.limit is None else min(cfg.limit, len(task.test))
-        self.test_docs, self.test_origins = task.test.docs[:n], task.test.origins[:n]
+        chosen = scored_items(len(task.test), cfg)
+        self.test_docs = [task.test.docs[i] for i in chosen]
+        self.test_origins = [task.test.origins[i] for i in chosen]
         self.pool_texts = [task.input_text(d) for d in task.pool.docs]
         self.test_texts = [task.input_text(d) for d in self.test_docs]
         test_set = set(self.test_texts)
@@ -114,10 +121,19 @@ class Grid:
         return out
 
     def answer(self, items: list[Item], shared: bool) -> None:
-        if shared and self.cfg.share_prefix and items and items[0].prefix:
+        """Fixed demonstrations: every item's prompt starts with the same prefix, run once into a KV cache.
+        Per-item demonstrations with several contexts per item (the content-free inputs of calibration, or
+        channel scoring's one context per label): each item's own prefix is run once for its contexts."""
+        if not (self.cfg.share_prefix and items and items[0].prefix):
+            answer(self.engine, [(self.task, items)])
+        elif shared:
             with self.engine.sharing(items[0].prefix):
                 answer(self.engine, [(self.task, items)])
-        else:
+        elif self.cfg.calibrate or self.cfg.scoring == "channel":
+            for it in items:
+                with self.engine.sharing(it.prefix):
+                    answer(self.engine, [(self.task, [it])])
+        else:  # one context per item: nothing to share, batch the items
             answer(self.engine, [(self.task, items)])
 
     def cell(self, method: str, shots: int, seed: int) -> dict[str, Any]:
@@ -177,12 +193,15 @@ class Grid:
 
     # ------------------------------------------------------------------ the grid
     def plan(self) -> list[tuple[str, int, int]]:
+        """The cells in order of shot count (then retriever, then seed), so a run stopped part-way has
+        every retriever's cheaper cells."""
         cells = [("none", 0, 0)] if 0 in self.cfg.shots else []
-        for method in self.cfg.retrievers:
-            cells += [(method, k, s) for k in self.cfg.shots if k > 0 for s in self.seeds_for(method)]
+        for k in sorted(set(self.cfg.shots) - {0}):
+            cells += [(method, k, s) for method in self.cfg.retrievers for s in self.seeds_for(method)]
         return cells
 
-    def run(self) -> list[dict[str, Any]]:
+    def run(self, on_cell: Callable[[list[dict[str, Any]], int], None] | None = None) -> list[dict[str, Any]]:
+        """Every cell of the plan; `on_cell(cells so far, cells planned)` after each (to save partial results)."""
         plan = self.plan()
         bar = Progress(len(plan), f"icl {self.task.name}", unit="cell", enabled=self.progress)
         cells = []
@@ -190,8 +209,17 @@ class Grid:
             cells.append(self.cell(method, shots, seed))
             bar.set(acc=f"{cells[-1]['acc']:.3f}")
             bar.update(1)
+            if on_cell is not None:
+                on_cell(cells, len(plan))
         bar.close()
         return cells
+
+
+def scored_items(size: int, cfg: GridConfig) -> list[int]:
+    """The test items a grid scores: all, the first `limit`, or a seeded random `sample` in file order."""
+    if cfg.sample is not None and cfg.sample < size:
+        return sorted(np.random.default_rng(cfg.sample_seed).choice(size, cfg.sample, replace=False).tolist())
+    return list(range(size if cfg.limit is None else min(cfg.limit, size)))
 
 
 def _distribution(preds: np.ndarray, labels: Sequence[str]) -> dict[str, int]:

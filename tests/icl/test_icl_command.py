@@ -39,9 +39,10 @@ def test_the_grid_end_to_end_with_plot_and_demonstration_log(setup, tmp_path):
     results = json.loads(out.read_text())
     # 0-shot once, random 2 shot counts × 2 seeds, bm25 (similarity order: deterministic) 2 × 1
     assert [(c["retriever"], c["shots"], c["seed"]) for c in results["cells"]] == [
-        ("none", 0, 0), ("random", 1, 0), ("random", 1, 1), ("random", 2, 0), ("random", 2, 1),
-        ("bm25", 1, 0), ("bm25", 2, 0)]
+        ("none", 0, 0), ("random", 1, 0), ("random", 1, 1), ("bm25", 1, 0), ("random", 2, 0), ("random", 2, 1),
+        ("bm25", 2, 0)]  # by shot count, so a stopped run has every retriever's cheaper cells
     assert all(c["n"] == 4 and sum(c["predictions"].values()) == 4 for c in results["cells"])
+    assert results["complete"] and results["cells_planned"] == 7 and len(results["test_items"]) == 4
     assert results["config"]["grid"]["calibrate"] and results["config"]["prompt"]["verbalizer"] == {
         "negative": "negative", "positive": "positive"}
     rows = {(r["retriever"], r["shots"]): r for r in results["summary"]}
@@ -74,7 +75,9 @@ def test_dense_retrieval_cells_and_summary(setup, tiny):
     cfg = GridConfig(shots=[0, 2], seeds=3, retrievers=["topk", "mmr", "balanced"], order="random", log_demos=True, limit=2,
                      scoring="channel")
     grid = Grid(Engine(model, tok, progress=False), task, cfg, encoder=BagOfWords(), progress=False)
-    cells = grid.run()
+    seen = []
+    cells = grid.run(on_cell=lambda done, planned: seen.append((len(done), planned, done[-1]["retriever"])))
+    assert seen == [(n + 1, 10, c["retriever"]) for n, c in enumerate(cells)]  # partial results after each cell
     assert [(c["retriever"], c["seed"]) for c in cells if c["shots"] == 2] == [
         (m, s) for m in ("topk", "mmr", "balanced") for s in range(3)]
     # a test item (copied from the pool) never sees itself

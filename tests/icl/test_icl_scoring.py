@@ -146,12 +146,30 @@ def test_shared_prefix_gives_the_plain_log_likelihoods(tiny, batch_size):
     assert [a.n_tokens for a in shared] == [a.n_tokens for a in plain]
 
 
-def test_grid_predictions_identical_with_and_without_the_shared_prefix(tiny):
+@pytest.mark.parametrize("retrievers,scoring", [(["random"], "direct"), (["bm25", "balanced"], "direct"),
+                                                (["bm25"], "channel")])
+def test_grid_predictions_identical_with_and_without_the_shared_prefix(tiny, retrievers, scoring):
+    """Fixed demonstrations share one prefix; per-item ones (bm25) share each item's prefix between its
+    query and its content-free inputs (or, for channel scoring, between its labels' contexts)."""
     model, tok = tiny
+
+    class Counting(Engine):  # counts the requests scored on a cached prefix
+        on_prefix = 0
+
+        def _score_on_prefix(self, requests, bar):
+            done, rest = super()._score_on_prefix(requests, bar)
+            self.on_prefix += len(done)
+            return done, rest
+
     out = []
     for share in (True, False):
-        grid = Grid(Engine(model, tok, progress=False), toy_task(), GridConfig(
-            shots=[0, 4], seeds=2, calibrate=True, share_prefix=share, log_demos=True), progress=False)
+        engine = Counting(model, tok, progress=False)
+        grid = Grid(engine, toy_task(), GridConfig(
+            shots=[0, 4], seeds=2, retrievers=retrievers, calibrate=scoring == "direct", scoring=scoring,
+            share_prefix=share, log_demos=True), progress=False)
         cells = grid.run()
+        per_item = 2 * (1 + len(CONTENT_FREE_INPUTS)) if scoring == "direct" else 2
+        # every request of every 4-shot cell took the cached path (0 shots: no prefix to share)
+        assert engine.on_prefix == (sum(c["n"] for c in cells if c["shots"]) * per_item if share else 0)
         out.append(([{k: v for k, v in c.items() if k != "seconds"} for c in cells], grid.demo_log))
     assert out[0] == out[1]

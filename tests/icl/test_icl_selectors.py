@@ -171,3 +171,25 @@ def test_make_selector_builds_each_method():
         assert sel.method == method and len(out) == 2
         assert 0 not in out.indices[0] and 4 not in out.indices[1]
         assert (out.scores is not None) == (method in ("bm25", "topk", "mmr"))
+
+
+SEMANTIC_POOL = ["The kitten is napping on the couch.", "Stock prices fell sharply today.",
+                 "The striker scored twice in the final.", "A chef is chopping onions.",
+                 "Heavy rain flooded the streets.", "The puppy chased a ball in the garden.",
+                 "Investors sold their shares in a panic.", "The team won the championship match."]
+
+
+@pytest.mark.slow
+def test_topk_with_minilm_finds_neighbours_that_share_no_words(minilm):
+    """Dense retrieval's point: the nearest demonstrations by meaning, where word overlap finds nothing."""
+    sel = TopKSelector(SEMANTIC_POOL, encoder=minilm)
+    out = sel.select(["A cat sleeps on the sofa.", "Markets crashed as traders dumped equities.",
+                      "Our goalkeeper saved a penalty."], 2)
+    assert out.indices[0][-1] == 0  # the cat: the napping kitten is the nearest, shown last
+    assert set(out.indices[1]) == {1, 6}  # the markets: the two finance sentences (cosine 0.57, 0.53; next 0.22)
+    assert set(out.indices[2]) == {2, 7}  # the goalkeeper: the two football sentences (0.46, 0.30; next 0.16)
+    assert all(s == sorted(s) and 0 < s[-1] <= 1 for s in out.scores)
+    # the same query twice gives the same demonstrations (deterministic), never the query's own copy
+    again = TopKSelector(SEMANTIC_POOL + ["A cat sleeps on the sofa."], encoder=minilm).select(
+        ["A cat sleeps on the sofa."], 2)
+    assert again.indices[0] == out.indices[0]

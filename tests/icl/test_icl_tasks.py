@@ -103,3 +103,29 @@ def test_a_yaml_text_task_needs_a_pattern(tmp_path):
     write(tmp_path / "pool.tsv", ["a\tx"])
     with pytest.raises(LmlabError, match="needs line_pattern"):
         load_task(str(tmp_path / "t.yaml"))
+
+
+BAD_LINES = {  # task → (file to break, a line off its layout, the error after "<file>:<line>: ")
+    "mr": ("mr/test.txt", "1", "line does not match the '<label> <sentence>' layout"),
+    "cr": ("cr/train.txt", "2 a fine phone .", "label '2' is not one of"),
+    "subj": ("subj/test.txt", "objective the plot moves .", "label 'objective' is not one of"),
+    "mpqa": ("mpqa/train.txt", "0", "line does not match the '<label> <sentence>' layout"),
+    "sst2": ("sst2/stsa.binary.dev", "1", "line does not match the '<label> <sentence>' layout"),
+    "trec": ("trec/test.txt", "num:dist How far ?", "line does not match the 'COARSE:fine question' layout"),
+    "agnews": ("agnews/test.csv", '"2","only a title"', "expected 'class index (1-4),title,description'"),
+    "rte": ("superglue/RTE/val.jsonl", '{"premise": "a", "hypothesis": "b"', "not valid JSON"),
+    "cb": ("superglue/CB/train.jsonl", '{"premise": "a", "label": "neutral", "idx": 9}', "missing field 'hypothesis'"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN))
+def test_every_builtin_task_names_the_file_and_line_off_its_layout(tmp_path, name):
+    root = data_dir(tmp_path)
+    rel, bad, message = BAD_LINES[name]
+    path = root / rel
+    lines = path.read_bytes().decode("latin-1").splitlines()
+    lines.insert(2, bad)  # the third line of the file
+    path.write_bytes("\n".join(lines).encode("latin-1"))
+    with pytest.raises(LmlabError) as err:
+        load_task(name, root)
+    assert str(err.value).startswith(f"{path}:3: ") and message in str(err.value), str(err.value)
