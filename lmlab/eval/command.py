@@ -71,6 +71,12 @@ def _run(args: EvalArgs, d) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise LmlabError(f"--limit must be at least 1 (got {args.limit})")
+    for flag, value, low in (("--num-fewshot", args.num_fewshot, 0), ("--max-length", args.max_length, 1),
+                             ("--rolling-stride", args.rolling_stride, 1)):
+        if value is not None and value < low:
+            raise LmlabError(f"{flag}: {value} is out of range (allowed: an integer >= {low})")
+    if not 0 <= args.seed < 2**64:
+        raise LmlabError(f"--seed: {args.seed} is out of range (allowed: an integer from 0 to 2**64-1)")
     if args.output:
         from lmlab.utils.atomic import check_writable
 
