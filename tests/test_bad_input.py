@@ -3,6 +3,7 @@ field and what is allowed, exit code 1, and never the CLI's catch-all (conftest 
 import io
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,3 +90,31 @@ def test_kv_cache_beyond_free_memory_is_refused_before_allocating(monkeypatch):
     with torch.device("meta"):
         smollm2 = runner_module.Runner(Transformer(preset("smollm2-135m")))
     assert 37e9 < smollm2.cache_bytes(100, 8192) < 38e9  # the issue's 37 GB
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "proc"])
+def test_eval_output_that_cannot_be_written_fails_before_the_run(folder, capsys, monkeypatch, where):
+    """Checked by writing a probe file, not by permission bits (which say yes to root, also for /proc)."""
+    from lmlab.inference import load as runtime
+
+    if where == "proc" and not (Path("/proc") / "self").is_dir():
+        pytest.skip("no /proc here")
+    (folder / "a-file").write_text("x")
+    out = folder / "a-file" / "r.json" if where == "under-a-file" else Path("/proc/lmlab-test/r.json")
+    monkeypatch.setattr(runtime, "load", lambda *a, **k: pytest.fail("the run started"))
+    code, _, err = run(capsys, monkeypatch, folder, [*EVAL, "--output", str(out)])
+    assert code == 1 and err.strip() == f"lmlab eval: error: {out}: cannot write here ({out.parents[1 if where == 'proc' else 0]} " \
+                                        f"is not a writable folder)"
+
+
+def test_eval_prints_the_table_before_writing(folder, capsys, monkeypatch):
+    """A write that fails after the run (disk full, say) still leaves the results table on stdout."""
+    from lmlab.eval import report
+
+    def full(path, *a):
+        raise LmlabError(f"{path}: no space left on device")
+
+    monkeypatch.setattr(report, "write_results", full)
+    code, out, err = run(capsys, monkeypatch, folder, [*EVAL, "--output", "out/r.json", "--threads", "1"])
+    assert code == 1 and "no space left" in err
+    assert "| toy | 4 | acc |" in out

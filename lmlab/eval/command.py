@@ -96,10 +96,10 @@ def _run(args: EvalArgs, d) -> int:
     if not d.main:
         return 0
     samples = results.pop("samples", None)
+    print(markdown_table(results), flush=True)  # first: a failed write still leaves the table on the screen
     if args.output:
         out = Path(args.output)
         for task, records in (samples or {}).items():
             write_samples(out.with_name(f"{out.stem}_samples_{task}.jsonl"), records)
         write_results(out, results)
-    print(markdown_table(results))
     return 0
