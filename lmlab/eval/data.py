@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, first_line
 
 
 @dataclass
@@ -86,7 +86,7 @@ def read_csv(path: str | Path, header: bool | list[str] = True) -> Docs:
     try:
         rows = list(csv.reader(io.StringIO(text_of(path), newline="")))
     except csv.Error as e:
-        raise LmlabError(f"{path}: not valid csv ({e})") from None
+        raise LmlabError(f"{path}: not valid csv ({first_line(e)})") from None
     names: list[str] | None = header if isinstance(header, list) else None
     start = 0
     if header is True:

@@ -175,3 +175,13 @@ def test_wikitext_detokenizes_but_counts_the_original_text(tmp_path):
     scored = task.score(items[0])
     assert scored["bits_per_byte"] == (-10.0, len(page.encode("utf-8")))  # as lm-evaluation-harness counts
     assert scored["word_perplexity"] == (-10.0, len(re.split(r"\s+", page))) and len(page) > len(text)
+
+
+def test_a_template_failing_with_an_empty_message_still_says_what():
+    from lmlab.eval.tasks.templates import render
+
+    def boom(doc):
+        raise ValueError("")
+
+    with pytest.raises(LmlabError, match=r"^t.yaml: doc_to_text failed on t.jsonl:3 \(ValueError\)$"):
+        render(boom, {}, source="t.yaml", what="doc_to_text", origin="t.jsonl:3")

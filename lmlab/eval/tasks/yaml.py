@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, first_line
 from lmlab.eval.data import Docs, read_any, text_of
 from lmlab.eval.tasks import files, filters, schema
 from lmlab.eval.tasks.task import Task
@@ -108,7 +108,8 @@ def read_pattern_lines(data: Path, pattern: Any, path: Path) -> Docs:
     try:
         rx = re.compile(str(pattern))
     except re.error as e:
-        raise LmlabError(f"{path}: line_pattern {pattern!r} is not a valid regular expression ({e})") from None
+        raise LmlabError(f"{path}: line_pattern {pattern!r} is not a valid regular expression "
+                         f"({first_line(e)})") from None
     if not rx.groupindex:
         raise LmlabError(f"{path}: line_pattern {pattern!r} has no named groups (?P<field>...)")
     docs, origins = [], []
