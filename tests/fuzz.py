@@ -34,7 +34,8 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tiny_gguf, when run as python -m tests.fuzz
 
-CASE_TIMEOUT_S = 20.0  # a worker's first case pays for importing torch
+CASE_TIMEOUT_S = 20.0  # one case; a worker imports torch and lmlab before it reports ready
+STARTUP_TIMEOUT_S = 300.0  # importing torch on a machine other jobs keep busy
 MEMORY_LIMIT = 4 << 30  # a reader that allocates more than this for a tiny file has trusted a count
 
 
@@ -309,6 +310,10 @@ def _worker(conn, memory_limit: int) -> None:
     from lmlab.errors import LmlabError
 
     torch.set_num_threads(1)
+    import lmlab.checkpoints  # noqa: F401 - imported before the first case's clock starts
+    import lmlab.eval  # noqa: F401
+
+    conn.send(("ready", ""))
     while True:
         job = conn.recv()
         if job is None:
@@ -335,6 +340,9 @@ class Pool:
         self.proc = self.ctx.Process(target=_worker, args=(child, self.memory_limit), daemon=True)
         self.proc.start()
         child.close()  # so a dead worker reads as end-of-file here
+        if not self.conn.poll(STARTUP_TIMEOUT_S) or self.conn.recv() != ("ready", ""):
+            self.proc.kill()
+            raise RuntimeError(f"fuzz worker did not start within {STARTUP_TIMEOUT_S:.0f} s")
 
     def run(self, name: str, path: Path, timeout: float) -> tuple[str, str]:
         if self.proc is None or not self.proc.is_alive():
