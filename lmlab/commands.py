@@ -179,7 +179,11 @@ def chat(model: str, *, system: str | None = None, max_new_tokens: int = 512, te
 
 def convert(model: str, out: str, to: str = "lmlab", dtype: str = "float32") -> Path:
     from lmlab.checkpoints import hf, load, native
+    from lmlab.utils.atomic import check_writable
 
+    if Path(out).exists() and not Path(out).is_dir():
+        raise LmlabError(f"{out}: is a file, expected a folder to write the {to} checkpoint into")
+    check_writable(Path(out) / "config.json")  # before loading anything
     m, tok = load(model, dtype=dtype)
     if to == "lmlab":
         path = native.save(m, tok, out)

@@ -23,6 +23,7 @@ def folder(tmp_path_factory):
     rows = [{"q": f"what is {i}", "opts": ["yes", "no"], "label": i % 2} for i in range(4)]
     (folder / "toy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / "toy.yaml").write_text(TASK)
+    (folder / "a-file").write_text("a file, not a folder: convert must leave it alone")
     return folder
 
 
@@ -54,6 +55,14 @@ CASES = {
     "eval-seed-65-bits": ([*EVAL, "--seed", str(2**64)], b"",
                           r"--seed: 18446744073709551616 is out of range \(allowed: an integer from 0 to 2\*\*64-1\)"),
     "eval-threads-0": ([*EVAL, "--threads", "0"], b"", r"--threads: must be an integer >= 1, got 0"),
+    "convert-onto-a-file": (["convert", "-m", "tiny.gguf", "-o", "a-file"], b"",
+                            r"a-file: is a file, expected a folder to write the lmlab checkpoint into"),
+    "convert-under-a-file": (["convert", "-m", "tiny.gguf", "-o", "a-file/out"], b"",
+                             r"a-file/out/config.json: cannot write here \(a-file is not a writable folder\)"),
+    "objective-weight-negative": (["pretrain", "objectives.0.weight=-1", "--print-config"], b"",
+                                  r"objectives\[0\]: weight: -1 is out of range \(allowed: a number >= 0\)"),
+    "objective-weight-string": (["pretrain", "objectives.0.weight=abc", "--print-config"], b"",
+                                r"objectives\[0\]: weight: 'abc' is out of range"),
 }
 
 
@@ -64,6 +73,7 @@ def test_bad_command_line_is_one_line(folder, capsys, monkeypatch, case):
     lines = err.strip().splitlines()
     assert code == 1 and len(lines) == 1, err
     assert lines[0].startswith(f"lmlab {argv[0]}: error: ") and re.search(message, lines[0]), lines[0]
+    assert (folder / "a-file").read_text().startswith("a file")
 
 
 def test_kv_cache_beyond_free_memory_is_refused_before_allocating(monkeypatch):
@@ -99,7 +109,6 @@ def test_eval_output_that_cannot_be_written_fails_before_the_run(folder, capsys,
 
     if where == "proc" and not (Path("/proc") / "self").is_dir():
         pytest.skip("no /proc here")
-    (folder / "a-file").write_text("x")
     out = folder / "a-file" / "r.json" if where == "under-a-file" else Path("/proc/lmlab-test/r.json")
     monkeypatch.setattr(runtime, "load", lambda *a, **k: pytest.fail("the run started"))
     code, _, err = run(capsys, monkeypatch, folder, [*EVAL, "--output", str(out)])
