@@ -55,9 +55,9 @@ class Runner:
 
     def cache_bytes(self, batch: int, max_len: int) -> int:
         """Bytes of the keys and values a KV cache of `batch` x `max_len` positions holds."""
-        cfg, emb = self.cfg, self.model.tok_emb.weight
-        layers = len(self.model.decoder.blocks) if self.model.decoder is not None else 0
-        return 2 * layers * batch * cfg.n_kv_head * max_len * cfg.head_dim * emb.dtype.itemsize
+        cfg, dtype = self.cfg, next(self.model.parameters()).dtype
+        layers = (cfg.n_decoder_layer or cfg.n_layer) if cfg.arch == "encoder-decoder" else cfg.n_layer
+        return 2 * layers * batch * cfg.n_kv_head * max_len * cfg.head_dim * dtype.itemsize
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor, cache, *, attention_mask: torch.Tensor | None = None,
