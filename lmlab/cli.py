@@ -10,7 +10,10 @@ import importlib
 import os
 import sys
 
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, first_line
+
+# The tail of the one line an unexpected exception becomes; the tests fail any run that prints it.
+FALLBACK = "rerun with --debug for the traceback"
 
 # Pillar modules that add subcommands of their own.
 PILLARS = [
@@ -27,6 +30,7 @@ PILLARS = [
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmlab", description="Language models from theory to practice.")
     parser.add_argument("--version", action="version", version=f"lmlab {__import__('lmlab').__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in PILLARS:
         importlib.import_module(name).register(sub)
@@ -35,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, as the hint says "rerun with --debug"
+    args = parser.parse_args([a for a in argv if a != "--debug"])
     if not getattr(args, "func", None):
         parser.print_help()
         sys.exit(2)
@@ -51,4 +57,14 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+    except Exception as e:  # noqa: BLE001 - a bug or an unchecked input: one line, the traceback on request
+        if debug:
+            raise
+        unexpected(args.command, e)
+        sys.exit(1)
     sys.exit(code or 0)
+
+
+def unexpected(command: str, e: BaseException) -> None:
+    """The one line an exception other than LmlabError becomes (the tests treat reaching it as a failure)."""
+    print(f"lmlab {command}: unexpected error: {type(e).__name__}: {first_line(e)} ({FALLBACK})", file=sys.stderr)

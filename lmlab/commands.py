@@ -58,6 +58,16 @@ def describe(spec: str, path: Path, model, tok) -> dict:
     return facts
 
 
+def read_stdin() -> str:
+    """The prompt `-p -` reads: all of stdin, which must be UTF-8 text (the trailing newline dropped)."""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8").rstrip("\n")
+    except UnicodeDecodeError as e:
+        raise LmlabError(f"stdin: -p -: not UTF-8 text (invalid byte 0x{data[e.start]:02x} at byte offset "
+                         f"{e.start})") from None
+
+
 def _write(piece: str) -> None:
     sys.stdout.write(piece)
     sys.stdout.flush()
@@ -152,8 +162,11 @@ def chat(model: str, *, system: str | None = None, max_new_tokens: int = 512, te
     while True:
         try:
             line = input("> " if interactive else "")
+            line.encode("utf-8")  # a C locale reads undecodable bytes as surrogates
         except EOFError:
             break
+        except UnicodeError:
+            raise LmlabError("stdin: chat input is not UTF-8 text") from None
         if not line.strip():
             if interactive:
                 break
@@ -172,7 +185,11 @@ def chat(model: str, *, system: str | None = None, max_new_tokens: int = 512, te
 
 def convert(model: str, out: str, to: str = "lmlab", dtype: str = "float32") -> Path:
     from lmlab.checkpoints import hf, load, native
+    from lmlab.utils.atomic import check_writable
 
+    if Path(out).exists() and not Path(out).is_dir():
+        raise LmlabError(f"{out}: is a file, expected a folder to write the {to} checkpoint into")
+    check_writable(Path(out) / "config.json")  # before loading anything
     m, tok = load(model, dtype=dtype)
     if to == "lmlab":
         path = native.save(m, tok, out)
@@ -256,7 +273,7 @@ def register(sub) -> None:
 
     add_retrieve_args(p)
     p.set_defaults(func=lambda a: generate(
-        a.model, [sys.stdin.read().rstrip("\n") if x == "-" else x for x in a.prompt], max_new_tokens=a.max_new_tokens,
+        a.model, [read_stdin() if x == "-" else x for x in a.prompt], max_new_tokens=a.max_new_tokens,
         temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty,
         stop=a.stop, seed=a.seed, run=run_config(a), stats=a.stats, speculate=speculation_options(a),
         retrieve=retrieve_options(a)) and 0)

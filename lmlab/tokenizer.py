@@ -204,7 +204,7 @@ class Tokenizer:
                 bos_token=self.token(self.bos_id) if self.bos_id is not None else "",
                 eos_token=self.token(self.eos_id) if self.eos_id is not None else "")
         except TemplateError as e:
-            raise LmlabError(f"chat template: {e}") from None
+            raise LmlabError(f"chat template: {first_line(e)}") from None
 
     def save(self, folder: str | Path) -> None:
         """Write tokenizer.json and tokenizer_config.json (HF layout)."""

@@ -44,3 +44,15 @@ def _keep_torch_threads():
     yield
     if torch.get_num_threads() != before:
         torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _cli_fallback_fails(monkeypatch):
+    """A command run in this process that reaches the CLI's catch-all (an exception other than LmlabError)
+    fails the test, whatever the test itself checks (subprocess runs: tests/test_cli.py's lmlab())."""
+    from lmlab import cli
+
+    def fail(command, e):
+        pytest.fail(f"`lmlab {command}` reached the CLI fallback: {type(e).__name__}: {e}")
+
+    monkeypatch.setattr(cli, "unexpected", fail)

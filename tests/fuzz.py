@@ -1,16 +1,17 @@
 """Bounded mutation fuzz of lmlab's readers: every outcome is a successful load or an LmlabError.
 
 Seed inputs (written once per run): a tiny GGUF (tests/tiny_gguf.py), a tiny lmlab checkpoint folder
-(lmlab.json + model.safetensors) and a tiny HF folder (config.json + model.safetensors). Each case
-mutates one of them (header bytes, or the JSON text) with a seeded RNG and loads it in a worker
-process; any other exception type, a crash or a case running past its timeout is a failure that
+(lmlab.json + model.safetensors), a tiny HF folder (config.json + model.safetensors) and two task YAML
+files (multiple choice; generation with few-shot, filters and generation_kwargs) over a small jsonl. Each
+case mutates one of them (header bytes, the JSON text, or the YAML's values, keys and characters) with a
+seeded RNG and loads it in a worker process (a task is evaluated on a tiny random model); any other exception type, a crash or a case running past its timeout is a failure that
 names the target and seed, so `python -m tests.fuzz --case TARGET:SEED` reproduces it.
 
     python -m tests.fuzz --minutes 10        # the long run; prints counts per outcome
     tests/test_fuzz.py                       # the bounded run in the suite (<= 60 s)
 
-A new target (e.g. task YAML, once lmlab.eval settles) is one entry in TARGETS: a function that
-writes the seed file(s) into a folder and returns what to mutate, and a function that loads it.
+A new target is one entry in TARGETS: a function that writes the seed file(s) into a folder and returns
+what to mutate, and a function that loads it.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tiny_gguf, when run as python -m tests.fuzz
 
-CASE_TIMEOUT_S = 20.0  # a worker's first case pays for importing torch
+CASE_TIMEOUT_S = 20.0  # one case; a worker imports torch and lmlab before it reports ready
+STARTUP_TIMEOUT_S = 300.0  # importing torch on a machine other jobs keep busy
 MEMORY_LIMIT = 4 << 30  # a reader that allocates more than this for a tiny file has trusted a count
 
 
@@ -43,7 +45,7 @@ class Target:
     make: Callable[[Path], Path]  # write the seed input under a folder; return the file to mutate
     region: Callable[[bytes], int]  # how many leading bytes of that file to mutate
     load: Callable[[Path], object]  # load the (mutated) input; LmlabError is a fine outcome
-    text: bool = False  # mutate as JSON text rather than bytes
+    text: str = ""  # "json" or "yaml": mutate as text of that kind rather than bytes
 
 
 # --- seed inputs ----------------------------------------------------------------------------------
@@ -89,6 +91,80 @@ def make_config_json(folder: Path) -> Path:
     return make_hf(folder).parent / "config.json"
 
 
+TASK_ROWS = [{"q": f"what is {i}?", "opts": ["yes", "no", "maybe"], "label": i % 3, "answer": f"#### {i}"}
+             for i in range(4)]
+TASK_MC = """task: toy_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: toy.jsonl
+test_split: test
+output_type: multiple_choice
+description: "Answer the question.\\n\\n"
+doc_to_text: "Q: {{q}}\\nA:"
+doc_to_choice: "{{opts}}"
+doc_to_target: label
+target_delimiter: " "
+num_fewshot: 1
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+TASK_GEN = """task: toy_gen
+dataset_path: json
+data_files: {test: toy.jsonl, train: toy.jsonl}
+test_split: test
+fewshot_split: train
+output_type: generate_until
+doc_to_text: "Question: {{q}}\\nAnswer:"
+doc_to_target: answer
+fewshot_delimiter: "\\n\\n"
+num_fewshot: 2
+fewshot_config:
+  sampler: first_n
+generation_kwargs:
+  until: ["\\n\\n", "Question:"]
+  max_gen_toks: 4
+  temperature: 0
+metric_list:
+  - metric: exact_match
+    ignore_case: true
+filter_list:
+  - name: strict
+    filter:
+      - function: regex
+        regex_pattern: '#### (\\d+)'
+      - function: take_first
+"""
+
+
+def make_task(folder: Path, name: str, text: str) -> Path:
+    (folder / "toy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TASK_ROWS))
+    (folder / name).write_text(text)
+    return folder / name
+
+
+_EVAL_MODEL = []
+
+
+def evaluate_task(path: Path):
+    """Evaluate the task on a tiny random model with a character tokenizer (built once per worker)."""
+    import string
+
+    from lmlab.config import preset
+    from lmlab.eval import evaluate
+    from lmlab.model import Transformer
+    from lmlab.tokenizer import Tokenizer
+
+    if not _EVAL_MODEL:
+        tok = Tokenizer.char_level(string.printable)
+        cfg = preset("tiny-llama", vocab_size=tok.vocab_size, n_layer=1, d_model=32, n_head=2, n_kv_head=1, d_ff=64,
+                     max_seq_len=256)
+        _EVAL_MODEL.append((Transformer(cfg).eval(), tok))
+    model, tok = _EVAL_MODEL[0]
+    return evaluate(model, tok, [str(path)], limit=3, batch_size=4, progress=False, log_samples=True)
+
+
 def gguf_header_size(data: bytes) -> int:
     """Bytes before the first tensor's data: KV and tensor-info region (found by the tensor names' end)."""
     end = data.rfind(b"blk.0.ffn_down.weight")
@@ -110,12 +186,15 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("gguf", make_gguf, gguf_header_size, read_spec),
     Target("safetensors", make_native, safetensors_header_size, read_spec),
     Target("hf-safetensors", make_hf, safetensors_header_size, read_spec),
-    Target("lmlab.json", make_lmlab_json, len, read_spec, text=True),
-    Target("config.json", make_config_json, len, read_spec, text=True),
+    Target("lmlab.json", make_lmlab_json, len, read_spec, text="json"),
+    Target("config.json", make_config_json, len, read_spec, text="json"),
+    Target("task-mc.yaml", lambda d: make_task(d, "task-mc.yaml", TASK_MC), len, evaluate_task, text="yaml"),
+    Target("task-gen.yaml", lambda d: make_task(d, "task-gen.yaml", TASK_GEN), len, evaluate_task, text="yaml"),
 )}
 
 _SEED_NAMES = {"gguf": "tiny.gguf", "safetensors": "model.safetensors", "hf-safetensors": "model.safetensors",
-               "lmlab.json": "lmlab.json", "config.json": "config.json"}
+               "lmlab.json": "lmlab.json", "config.json": "config.json", "task-mc.yaml": "task-mc.yaml",
+               "task-gen.yaml": "task-gen.yaml"}
 
 # targets that check the harness itself (never part of a fuzz run)
 SELFTEST: dict[str, Callable[[Path], object]] = {"hang": lambda path: time.sleep(3600), "crash": lambda path: os._exit(3)}
@@ -170,8 +249,49 @@ def mutate_text(data: bytes, rng: random.Random) -> bytes:
     return out
 
 
+YAML_VALUES = ["0", "-1", "2147483648", "1e309", ".nan", "-0.5", "~", "", "true", "x", '"x"', "[]", "{}",
+               "[1, 2]", "{a: 1}", "[[1]]", "!function utils.f", "'{{ q }}'", "'{{ nope }}'", "'{{ q'", "'{{ opts }}'",
+               "'{{ label }}'", "[a, b]", "[\"\"]", "'(unclosed'", "'#### (\\d+)'", "-", "'\\u00ff'", "&a x", "*a"]
+YAML_KEYS = ["num_fewshot", "output_type", "doc_to_text", "doc_to_target", "doc_to_choice", "description",
+             "target_delimiter", "fewshot_delimiter", "generation_kwargs", "until", "max_gen_toks", "temperature",
+             "metric_list", "metric", "filter_list", "filter", "function", "regex_pattern", "group_select",
+             "fewshot_config", "sampler", "test_split", "fewshot_split", "data_files", "dataset_kwargs", "task",
+             "repeats", "ignore_case", "line_pattern", "dataset_path"]
+
+
+def mutate_yaml(data: bytes, rng: random.Random) -> bytes:
+    """Replace a value or a key, drop or duplicate a line, or edit characters of a YAML file."""
+    lines = data.decode("utf-8").split("\n")
+    for _ in range(rng.randint(1, 3)):
+        n = rng.randrange(len(lines))
+        line = lines[n]
+        key, colon, value = line.partition(":")
+        kind = rng.randrange(6)
+        if kind <= 1 and colon:  # a value of another type, shape or range
+            lines[n] = f"{key}: {rng.choice(YAML_VALUES)}"
+        elif kind == 2 and colon:  # another key (at the same indentation)
+            indent = key[:len(key) - len(key.lstrip())]
+            lines[n] = f"{indent}{key.lstrip()[:2] if key.lstrip().startswith('- ') else ''}{rng.choice(YAML_KEYS)}:{value}"
+        elif kind == 3:
+            del lines[n]
+        elif kind == 4:
+            lines.insert(n, line)
+        elif line:
+            at = rng.randrange(len(line))
+            lines[n] = line[:at] + rng.choice(["", '"', "'", "{", "[", "]", ",", ":", "\\", "  ", "-", "#", "{{", "}}"]) + \
+                line[at + rng.randint(0, 2):]
+        if not lines:
+            lines = [""]
+    out = "\n".join(lines).encode("utf-8")
+    if rng.random() < 0.05:
+        out = out.replace(b"Q", b"Q\xe9", 1)  # not UTF-8
+    return out
+
+
 def mutated(target: Target, seed_data: bytes, seed: int) -> bytes:
     rng = random.Random(f"{target.name}:{seed}")
+    if target.text == "yaml":
+        return mutate_yaml(seed_data, rng)
     if target.text:
         return mutate_text(seed_data, rng)
     return mutate_bytes(seed_data, target.region(seed_data), rng)
@@ -190,6 +310,10 @@ def _worker(conn, memory_limit: int) -> None:
     from lmlab.errors import LmlabError
 
     torch.set_num_threads(1)
+    import lmlab.checkpoints  # noqa: F401 - imported before the first case's clock starts
+    import lmlab.eval  # noqa: F401
+
+    conn.send(("ready", ""))
     while True:
         job = conn.recv()
         if job is None:
@@ -216,6 +340,9 @@ class Pool:
         self.proc = self.ctx.Process(target=_worker, args=(child, self.memory_limit), daemon=True)
         self.proc.start()
         child.close()  # so a dead worker reads as end-of-file here
+        if not self.conn.poll(STARTUP_TIMEOUT_S) or self.conn.recv() != ("ready", ""):
+            self.proc.kill()
+            raise RuntimeError(f"fuzz worker did not start within {STARTUP_TIMEOUT_S:.0f} s")
 
     def run(self, name: str, path: Path, timeout: float) -> tuple[str, str]:
         if self.proc is None or not self.proc.is_alive():

@@ -8,15 +8,21 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmlab import cli
 from lmlab.checkpoints import load, native
 from tiny_gguf import write_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+UNEXPECTED = cli.unexpected  # conftest replaces it by a failure in every test; the fallback's own test restores it
+
+
 def lmlab(*args, stdin=None, env=None):
-    return subprocess.run([sys.executable, "-m", "lmlab", *args], capture_output=True, text=True, input=stdin,
+    proc = subprocess.run([sys.executable, "-m", "lmlab", *args], capture_output=True, text=True, input=stdin,
                           cwd=ROOT, env=env, timeout=600)
+    assert cli.FALLBACK not in proc.stderr, f"reached the CLI fallback: {proc.stderr}"
+    return proc
 
 
 def one_line_error(proc, *needles):
@@ -148,3 +154,23 @@ def test_run_options_reach_generate_and_chat(tiny):
     assert chat.stdout == greedy(runner.model, tok, tok.encode(prompt, add_special_tokens=False), 3) + "\n"
     bad = lmlab("generate", "-m", str(tiny), "-p", "x", "--quantize", "int3")
     assert bad.returncode != 0 and "int3" in bad.stderr
+
+
+def test_unexpected_exception_is_one_line_with_the_debug_hint(monkeypatch, capsys):
+    """The catch-all: one line naming the exception and the --debug hint (an empty message still says
+    something); --debug anywhere on the line shows the traceback instead."""
+    from lmlab import commands
+
+    monkeypatch.setattr(cli, "unexpected", UNEXPECTED)  # this test is about the fallback itself
+    monkeypatch.setattr(commands, "info", lambda model: {}[model])
+    with pytest.raises(SystemExit) as ended:
+        cli.main(["info", "-m", "x"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert ended.value.code == 1
+    assert err == [f"lmlab info: unexpected error: KeyError: 'x' ({cli.FALLBACK})"]
+    monkeypatch.setattr(commands, "info", lambda model: exec("raise ValueError('')"))
+    with pytest.raises(SystemExit):
+        cli.main(["info", "-m", "x"])
+    assert capsys.readouterr().err.strip() == f"lmlab info: unexpected error: ValueError: ValueError ({cli.FALLBACK})"
+    with pytest.raises(ValueError):
+        cli.main(["info", "-m", "x", "--debug"])

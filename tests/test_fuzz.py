@@ -4,7 +4,12 @@ import fuzz
 # cases the fuzz once found (target, seed): each must stay a load or an LmlabError
 FOUND = [("lmlab.json", 7005999),  # rope_theta an integer beyond float range: OverflowError in the rotary table
          ("gguf", 495),  # merges naming tokens outside the vocabulary: a bare Exception from tokenizers
-         ("lmlab.json", 11003216)]  # a key holding a newline made a two-line message
+         ("lmlab.json", 11003216),  # a key holding a newline made a two-line message
+         ("task-mc.yaml", 2712),  # data_files a number: TypeError in the file lookup
+         ("task-gen.yaml", 2905),  # a filter's regex_pattern a mapping: TypeError inside re
+         ("task-gen.yaml", 2819),  # fewshot_config.sampler a list: TypeError in the sampler registry
+         ("task-mc.yaml", 332),  # an unknown output_type holding a newline made a two-line message
+         ("task-mc.yaml", 14187)]  # a target rendering to NaN: ValueError from int() (the 10-minute run)
 
 
 def test_readers_survive_mutations(tmp_path):

@@ -229,10 +229,13 @@ def test_too_long_prompt_and_clamping():
     result = generate_tokens(model, prompts_of([250, 10], 512), cfg, stop_ids=[], pad_id=0)
     assert [len(t) for t in result.tokens] == [6, 20]
     assert result.finish_reasons == ["length", "length"]
-    prompts = prompts_of([256, 10], 512)  # a row with no room left
+    prompts = prompts_of([255, 10], 512)  # a row with room for one token
     full = generate_tokens(model, prompts, cfg, stop_ids=[], pad_id=0)
-    assert [len(t) for t in full.tokens] == [0, 20]
+    assert [len(t) for t in full.tokens] == [1, 20]
     assert full.tokens[1] == generate_ids(model, prompts[1:], cfg, stop_ids=[], pad_id=0)[0]
+    with pytest.raises(LmlabError, match=r"prompt has 256 tokens, which fills the model's context window of 256: "
+                                         r"no room for a new token \(at most 255 prompt tokens\)"):
+        generate_tokens(model, prompts_of([256, 10], 512), cfg, stop_ids=[], pad_id=0)  # never an empty exit 0
 
 
 # --------------------------------------------------------------------------- text: stops, eos, streaming

@@ -395,6 +395,26 @@ def test_ckpt_without_training_state_is_named(tmp_path, data_dir):
         train(load_config(None, [*TINY, f"data.path={data_dir}", f"out_dir={tmp_path / 'run'}", "max_iters=2"]))
 
 
+@pytest.mark.parametrize("damage,message", [
+    (lambda st: st["model"].popitem(), r"ckpt\.pt: model state lacks tensor '[\w.]+'; move it aside or set resume=false"),
+    (lambda st: st["model"].update(extra=torch.zeros(1)), r"ckpt\.pt: model state has unknown tensor 'extra'"),
+    (lambda st: st["model"].update({k: torch.zeros(3) for k in list(st["model"])[:2]}),
+     r"ckpt\.pt: model state has a different shape for tensor '[\w.]+' \(and 1 more\)"),
+    (lambda st: st.update(model=[1, 2]), r"ckpt\.pt: damaged training checkpoint \(model is not a mapping of tensors\)"),
+    (lambda st: st["optim"].update(param_groups=[]), r"ckpt\.pt: cannot restore the training state \("),
+], ids=["missing", "unknown", "shape", "not-a-mapping", "optimizer"])
+def test_ckpt_whose_state_does_not_fit_the_model_is_one_line(tmp_path, tiny_run, damage, message):
+    from lmlab.train import train
+
+    path = tmp_path / "run" / "ckpt.pt"
+    state = torch.load(path, weights_only=True)
+    damage(state)
+    torch.save(state, path)
+    with pytest.raises(LmlabError, match=message) as info:
+        train(load_config(None, [*tiny_run, "max_iters=4"]))
+    assert "\n" not in str(info.value)
+
+
 def test_unwritable_out_dir_fails_before_any_work(tmp_path, monkeypatch):
     from lmlab.train import train, trainer
 

@@ -78,6 +78,12 @@ def _run(args: EvalArgs, d) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise LmlabError(f"--limit must be at least 1 (got {args.limit})")
+    for flag, value, low in (("--num-fewshot", args.num_fewshot, 0), ("--max-length", args.max_length, 1),
+                             ("--rolling-stride", args.rolling_stride, 1)):
+        if value is not None and value < low:
+            raise LmlabError(f"{flag}: {value} is out of range (allowed: an integer >= {low})")
+    if not 0 <= args.seed < 2**64:
+        raise LmlabError(f"--seed: {args.seed} is out of range (allowed: an integer from 0 to 2**64-1)")
     if args.output:
         from lmlab.utils.atomic import check_writable
 
@@ -101,10 +107,10 @@ def _run(args: EvalArgs, d) -> int:
     if not d.main:
         return 0
     samples = results.pop("samples", None)
+    print(markdown_table(results), flush=True)  # first: a failed write still leaves the table on the screen
     if args.output:
         out = Path(args.output)
         for task, records in (samples or {}).items():
             write_samples(out.with_name(f"{out.stem}_samples_{task}.jsonl"), records)
         write_results(out, results)
-    print(markdown_table(results))
     return 0

@@ -5,12 +5,13 @@ Every document carries its origin ("file:line") so an error about it can name th
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, first_line
 
 
 @dataclass
@@ -31,28 +32,39 @@ def _need(path: Path) -> Path:
     return path
 
 
-def read_jsonl(path: str | Path) -> Docs:
+def text_of(path: str | Path) -> str:
+    """A file's text, which must be UTF-8: otherwise an LmlabError naming the line and the byte."""
     path = _need(Path(path))
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise LmlabError(f"{path}:{line}: not UTF-8 text (invalid byte "
+                         f"0x{data[e.start]:02x} at byte offset {e.start})") from None
+
+
+def read_jsonl(path: str | Path) -> Docs:
+    path = Path(path)
     docs, origins = [], []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LmlabError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(doc, dict):
-                raise LmlabError(f"{path}:{n}: expected a JSON object, got {type(doc).__name__}")
-            docs.append(doc)
-            origins.append(f"{path}:{n}")
+    for n, line in enumerate(text_of(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            doc = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LmlabError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(doc, dict):
+            raise LmlabError(f"{path}:{n}: expected a JSON object, got {type(doc).__name__}")
+        docs.append(doc)
+        origins.append(f"{path}:{n}")
     return Docs(docs, origins)
 
 
 def read_json(path: str | Path) -> Docs:
     """A JSON list of objects (or an object holding one list, as HF `field` datasets do), else jsonl."""
-    path = _need(Path(path))
-    text = path.read_text(encoding="utf-8")
+    path = Path(path)
+    text = text_of(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
@@ -69,13 +81,12 @@ def read_json(path: str | Path) -> Docs:
 
 def read_csv(path: str | Path, header: bool | list[str] = True) -> Docs:
     """Rows as dicts; `header=False` names columns by position ('0', '1', ...); a list names them."""
-    path = _need(Path(path))
+    path = Path(path)
     docs, origins = [], []
-    with open(path, encoding="utf-8", newline="") as f:
-        try:
-            rows = list(csv.reader(f))
-        except (csv.Error, UnicodeDecodeError) as e:
-            raise LmlabError(f"{path}: not valid csv ({e})") from None
+    try:
+        rows = list(csv.reader(io.StringIO(text_of(path), newline="")))
+    except csv.Error as e:
+        raise LmlabError(f"{path}: not valid csv ({first_line(e)})") from None
     names: list[str] | None = header if isinstance(header, list) else None
     start = 0
     if header is True:
@@ -94,8 +105,7 @@ def read_csv(path: str | Path, header: bool | list[str] = True) -> Docs:
 
 
 def read_lines(path: str | Path) -> list[str]:
-    path = _need(Path(path))
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line.strip() for line in text_of(path).splitlines() if line.strip()]
 
 
 def read_any(path: str | Path, kind: str | None = None) -> Docs:

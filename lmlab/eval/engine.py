@@ -332,7 +332,7 @@ class Engine:
     def loglikelihood_rolling(self, requests: Sequence[LoglikelihoodRolling], *, window: int | None = None,
                               stride: int | None = None, desc: str = "rolling") -> list[RollingResult]:
         window = window or self.max_length
-        stride = stride or window
+        stride = window if stride is None else stride
         items = []  # (request index, (input ids, target ids))
         counts = []
         for i, r in enumerate(requests):

@@ -72,6 +72,9 @@ def token_budgets(model_cfg, prompts: list[list[int]], max_new_tokens: int) -> l
             raise LmlabError(f"prompt has {len(p)} tokens; the model's context window is {context}")
         if model_cfg.arch == "encoder-decoder":  # the prompt goes to the encoder; the decoder has its own window
             budgets.append(min(max_new_tokens, context - 1))
+        elif len(p) == context:
+            raise LmlabError(f"prompt has {len(p)} tokens, which fills the model's context window of {context}: "
+                             f"no room for a new token (at most {context - 1} prompt tokens)")
         else:
             budgets.append(min(max_new_tokens, context - len(p)))
     return budgets

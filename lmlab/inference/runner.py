@@ -13,7 +13,14 @@ from __future__ import annotations
 
 import torch
 
+from lmlab.errors import LmlabError
+from lmlab.utils.device import free_memory
+
 PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds activation memory, keeps matmuls at full speed
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 class Runner:
@@ -35,7 +42,23 @@ class Runner:
         return self.decode_step is not None and not self.decode_step.failed
 
     def new_cache(self, batch: int, max_len: int):
+        """A KV cache for `batch` rows of `max_len` positions, refused up front (LmlabError saying what is
+        needed and what fits) when the device has not that much memory free."""
+        per_position = self.cache_bytes(1, 1)
+        free = free_memory(self.device)
+        if free is not None and batch * max_len * per_position > free:
+            rows, positions = free // (max_len * per_position), free // (batch * per_position)
+            raise LmlabError(f"the KV cache for {batch} prompt(s) x {max_len} positions needs "
+                             f"{_size(batch * max_len * per_position)} but {_size(free)} is free "
+                             f"on {self.device} (that fits {rows} prompt(s) of this length, or {positions} positions "
+                             f"for {batch}: pass fewer prompts or a lower --max-new-tokens)")
         return self.model.make_cache(batch, max_len)
+
+    def cache_bytes(self, batch: int, max_len: int) -> int:
+        """Bytes of the keys and values a KV cache of `batch` x `max_len` positions holds."""
+        cfg, dtype = self.cfg, next(self.model.parameters()).dtype
+        layers = (cfg.n_decoder_layer or cfg.n_layer) if cfg.arch == "encoder-decoder" else cfg.n_layer
+        return 2 * layers * batch * cfg.n_kv_head * max_len * cfg.head_dim * dtype.itemsize
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor, cache, *, attention_mask: torch.Tensor | None = None,

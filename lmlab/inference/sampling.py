@@ -48,8 +48,8 @@ class GenerationConfig:
         for s in self.stop:
             if not isinstance(s, str) or not s:
                 raise bad("stop", s, "stop strings must be non-empty strings")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", self.seed, "must be an integer")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**64):
+            raise bad("seed", self.seed, "must be an integer from 0 to 2**64-1")
 
     @property
     def greedy(self) -> bool:

@@ -31,6 +31,9 @@ def objective_config(d: dict[str, Any], source: str = "objectives") -> Objective
     for key in d:
         if key not in known:
             raise LmlabError(f"{source}: unknown key '{key}' for objective '{name}'{did_you_mean(key, known)}")
+    weight = d.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+        raise LmlabError(f"{source}: weight: {weight!r} is out of range (allowed: a number >= 0)")
     return cls(**d)
 
 

@@ -53,6 +53,20 @@ def load(path: Path) -> dict[str, Any]:
     return state
 
 
+def check_model_state(path: Path, saved: Any, own: dict[str, Any]) -> None:
+    """The checkpoint's model tensors are this model's: every name there, none extra, each of its shape."""
+    if not isinstance(saved, dict):
+        raise LmlabError(f"{path}: damaged training checkpoint (model is not a mapping of tensors); "
+                         "move it aside or set resume=false")
+    for what, names in (("lacks", [k for k in own if k not in saved]), ("has unknown", [k for k in saved if k not in own]),
+                        ("has a different shape for", [k for k in own if k in saved and getattr(saved[k], "shape", None)
+                                                       != own[k].shape])):
+        if names:
+            more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+            raise LmlabError(f"{path}: model state {what} tensor {str(names[0])!r}{more}; "
+                             "move it aside or set resume=false")
+
+
 def check_shape(path: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
     """Resuming with a different model shape is an error that names the first differing field."""
     for key in sorted(set(saved) | set(current)):

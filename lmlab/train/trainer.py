@@ -284,7 +284,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.resume and ckpt_path.is_file():
             state = checkpoint.load(ckpt_path)
             checkpoint.check_shape(ckpt_path, state["model_cfg"], model_cfg.to_dict())
-            load_state_dicts(model if cfg.distributed == "fsdp" else raw, optimizer, state, d, cfg)
+            checkpoint.check_model_state(ckpt_path, state["model"], raw.state_dict())
+            try:
+                load_state_dicts(model if cfg.distributed == "fsdp" else raw, optimizer, state, d, cfg)
+            except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+                raise LmlabError(f"{ckpt_path}: cannot restore the training state ({first_line(e)}); "
+                                 "move it aside or set resume=false") from None
             start_iter = state["iter"]
             checkpoint.set_rng_state(state["rng"][min(d.rank, len(state["rng"]) - 1)], data_gen)
             if d.main:

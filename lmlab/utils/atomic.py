@@ -129,7 +129,13 @@ def check_writable(path: str | Path) -> None:
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise LmlabError(f"{path}: cannot write here ({parent} is not a writable folder)")
     if path.is_dir():
         raise LmlabError(f"{path}: is a folder, expected a file path")
+    try:  # by trying: permission bits do not tell for root, read-only mounts or /proc
+        if not parent.is_dir():
+            raise NotADirectoryError(parent)
+        fd, probe = tempfile.mkstemp(prefix=".lmlab-write-check.", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError:
+        raise LmlabError(f"{path}: cannot write here ({parent} is not a writable folder)") from None

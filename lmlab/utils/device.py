@@ -169,3 +169,24 @@ def synchronize(device: torch.device | str) -> None:
     """Wait for the device (CUDA runs asynchronously; CPU needs nothing)."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device | str) -> int | None:
+    """Bytes that can still be allocated on `device` (None when unknown): free GPU memory, or on a CPU the
+    smaller of the system's available memory and what the cgroup limit leaves."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    free = []
+    try:
+        with open("/proc/meminfo") as f:
+            free += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            limit = f.read().strip()
+            if limit.isdigit():
+                free.append(int(limit) - int(g.read()))
+    except (OSError, ValueError):
+        pass
+    return min(free) if free else None

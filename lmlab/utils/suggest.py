@@ -16,4 +16,4 @@ def unknown(what: str, name: object, known: Iterable[str]) -> str:
     known = sorted(known)
     hint = difflib.get_close_matches(str(name), known, n=1)
     mean = f"did you mean '{hint[0]}'? " if hint else ""
-    return f"unknown {what} '{name}' ({mean}known: {', '.join(known)})"
+    return f"unknown {what} {str(name)!r} ({mean}known: {', '.join(known)})"  # repr: one line, whatever the name

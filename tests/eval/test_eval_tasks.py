@@ -65,6 +65,54 @@ def test_python_hooks_are_refused_with_the_line(tmp_path):
         load_yaml(path)
 
 
+def test_the_word_function_in_a_value_is_text_not_a_hook(tmp_path):
+    task = load_yaml(_write(tmp_path, TASK + 'description: "Say which !function applies.\\n"\n'))
+    assert task.items(limit=1, num_fewshot=0)[0].requests["main"][0].context.startswith("Say which !function applies.\n")
+
+
+# a value of the wrong type or range: (YAML line added, the one-line error it gives)
+WRONG_TYPES = {
+    "num_fewshot-string": ("num_fewshot: abc", r"toy.yaml:13: num_fewshot: got 'abc' \(expected an integer >= 0\)"),
+    "num_fewshot-negative": ("num_fewshot: -2", r"toy.yaml:13: num_fewshot: got -2 \(expected an integer >= 0\)"),
+    "output_type-list": ("output_type: [multiple_choice]", r"toy.yaml:13: output_type: got \['multiple_choice'\]"),
+    "doc_to_text-mapping": ("doc_to_text: {a: 1}", r"toy.yaml:13: doc_to_text: got \{'a': 1\} \(expected a field name"),
+    "description-list": ("description: [1]", r"toy.yaml:13: description: got \[1\] \(expected a string\)"),
+    "split-list": ("test_split: [test]", r"toy.yaml:13: test_split: got \['test'\] \(expected a split name\)"),
+    "data_files-number": ("data_files: 3", r"toy.yaml:13: data_files: got 3 \(expected a file name"),
+    "until-number": ("generation_kwargs: {until: 5}", r"toy.yaml:13: generation_kwargs.until: got 5 \(expected a non-empty"),
+    "max_gen_toks-zero": ("generation_kwargs:\n  max_gen_toks: 0",
+                          r"toy.yaml:14: generation_kwargs.max_gen_toks: got 0 \(expected an integer >= 1\)"),
+    "generation-unknown": ("generation_kwargs: {temprature: 0}",
+                           r"generation_kwargs.temprature: unknown key \(did you mean 'temperature'\?\) \(allowed: until,"),
+    "metric-option": ("metric_list:\n  - metric: acc\n    ignore_case: 3",
+                      r"toy.yaml:15: metric_list.0.ignore_case: got 3 \(expected true or false\)"),
+    "metric-list-of-lists": ("metric_list: [[acc]]", r"metric_list.0: got \['acc'\] \(expected a metric name or a mapping\)"),
+    "sampler-list": ("fewshot_config: {sampler: [first_n]}", r"fewshot_config.sampler: got \['first_n'\]"),
+    "filter-regex": ("filter_list:\n  - name: f\n    filter:\n      - function: regex\n        regex_pattern: '('",
+                     r"toy.yaml:17: filter_list.0.filter.0.regex_pattern: got '\(' \(expected a regular expression\)"),
+    "filter-entry": ("filter_list: [3]", r"filter_list.0: got 3 \(expected a mapping \{name, filter: \[steps\]\}\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(WRONG_TYPES))
+def test_wrong_typed_value_names_file_line_and_field(tmp_path, case):
+    line, message = WRONG_TYPES[case]
+    path = _write(tmp_path, TASK.replace("num_fewshot: 2\n", "") + line + "\n")  # its first line is line 13
+    with pytest.raises(LmlabError, match=message) as info:
+        load_yaml(path)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("target", ["toy.yaml", "toy.jsonl"])
+def test_not_utf8_task_files_name_file_line_and_byte(tmp_path, target):
+    path = _write(tmp_path)
+    (tmp_path / target).write_bytes((tmp_path / target).read_bytes().replace(b"what is 1?", b"what is \xe9?")
+                                    .replace(b"num_fewshot", b"num_few\xffshot"))
+    line, byte = (13, 0xff) if target == "toy.yaml" else (2, 0xe9)
+    with pytest.raises(LmlabError, match=rf"{target}:{line}: not UTF-8 text \(invalid byte 0x{byte:02x} at byte offset"):
+        load_yaml(path)
+
+
 def test_label_out_of_range(tmp_path):
     rows = [{"q": "a", "opts": ["x", "y"], "label": 0}, {"q": "b", "opts": ["x", "y"], "label": 2}]
     task = load_yaml(_write(tmp_path, rows=rows))
@@ -127,3 +175,13 @@ def test_wikitext_detokenizes_but_counts_the_original_text(tmp_path):
     scored = task.score(items[0])
     assert scored["bits_per_byte"] == (-10.0, len(page.encode("utf-8")))  # as lm-evaluation-harness counts
     assert scored["word_perplexity"] == (-10.0, len(re.split(r"\s+", page))) and len(page) > len(text)
+
+
+def test_a_template_failing_with_an_empty_message_still_says_what():
+    from lmlab.eval.tasks.templates import render
+
+    def boom(doc):
+        raise ValueError("")
+
+    with pytest.raises(LmlabError, match=r"^t.yaml: doc_to_text failed on t.jsonl:3 \(ValueError\)$"):
+        render(boom, {}, source="t.yaml", what="doc_to_text", origin="t.jsonl:3")

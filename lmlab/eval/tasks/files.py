@@ -32,7 +32,7 @@ def data_files(spec: Any, yaml_path: Path, data_dir: Path | None) -> list[Path]:
         places = _places(str(name), yaml_path, data_dir)
         found = next((p for p in places if p.is_file()), None)
         if found is None:
-            raise LmlabError(f"{yaml_path}: data file '{name}' not found (looked in "
+            raise LmlabError(f"{yaml_path}: data file {str(name)!r} not found (looked in "
                              f"{', '.join(str(p.parent) for p in places)})")
         out.append(found)
     return out
@@ -43,7 +43,7 @@ def split_files(folder_name: str, split: str, yaml_path: Path, data_dir: Path | 
     places = _places(folder_name, yaml_path, data_dir)
     folder = next((p for p in places if p.is_dir()), None)
     if folder is None:
-        raise LmlabError(f"{yaml_path}: dataset_path '{folder_name}' is not 'json', 'csv' or a local folder "
+        raise LmlabError(f"{yaml_path}: dataset_path {folder_name!r} is not 'json', 'csv' or a local folder "
                          f"(datasets are read from local files only)")
     paths = sorted(p for ext in ("jsonl", "json", "csv") for p in folder.glob(f"{split}*.{ext}"))
     if not paths:

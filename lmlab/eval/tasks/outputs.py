@@ -79,6 +79,8 @@ def _index(task, g: Any, origin: str, choices: list[str]) -> int:
         if g not in choices:
             raise LmlabError(f"{task.where}: target {g!r} of {origin} is not one of its choices {choices}")
         g = choices.index(g)
+    if isinstance(g, bool) or not isinstance(g, (int, str)) and not (isinstance(g, float) and g.is_integer()):
+        raise LmlabError(f"{task.where}: target {g!r} of {origin} is not a choice index or one of its choices")
     g = int(g)
     if not 0 <= g < len(choices):
         raise LmlabError(f"{task.where}: label {g} of {origin} is out of range for {len(choices)} choices")

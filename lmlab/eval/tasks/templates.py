@@ -10,7 +10,7 @@ import ast
 import re
 from typing import Any, Callable
 
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, first_line
 
 DocFn = Callable[[dict], Any]
 
@@ -76,4 +76,4 @@ def render(fn: DocFn, doc: dict, *, source: str, what: str, origin: str) -> Any:
         name = missing_field(e)
         if name:
             raise LmlabError(f"{source}: {what} names field '{name}', missing from {origin}") from None
-        raise LmlabError(f"{source}: {what} failed on {origin} ({e})") from None
+        raise LmlabError(f"{source}: {what} failed on {origin} ({first_line(e)})") from None

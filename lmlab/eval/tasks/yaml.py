@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lmlab.errors import LmlabError
-from lmlab.eval.data import Docs, read_any
-from lmlab.eval.tasks import files, filters
+from lmlab.errors import LmlabError, first_line
+from lmlab.eval.data import Docs, read_any, text_of
+from lmlab.eval.tasks import files, filters, schema
 from lmlab.eval.tasks.task import Task
 from lmlab.eval.tasks.templates import template
 from lmlab.utils.suggest import did_you_mean
@@ -28,25 +28,36 @@ UNSUPPORTED_KEYS = {"process_docs", "process_results", "class", "include", "doc_
 METRIC_OPTIONS = ("ignore_case", "ignore_punctuation")
 
 
-def _read(path: Path) -> dict[str, Any]:
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """The task file's mapping and the line of each (dotted) field."""
     import yaml
 
     if not path.is_file():
         raise LmlabError(f"{path}: task file not found")
-    text = path.read_text(encoding="utf-8")
-    for n, line in enumerate(text.splitlines(), 1):
-        if "!function" in line and not line.lstrip().startswith("#"):
-            raise LmlabError(f"{path}:{n}: '!function' (a Python hook) is not supported; "
-                             f"express the task with templates")
+    text = text_of(path)
+
+    def hook(loader, node):  # the `!function` tag only: a value that merely mentions the word is text
+        raise LmlabError(f"{path}:{node.start_mark.line + 1}: '!function' (a Python hook) is not supported; "
+                         f"express the task with templates")
+
+    loader = type("TaskLoader", (yaml.SafeLoader,), {})
+    loader.add_constructor("!function", hook)
+    reader = loader(text)  # a SafeLoader that refuses one more tag
     try:
-        cfg = yaml.safe_load(text)
+        node = reader.get_single_node()
+        cfg = reader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
-        raise LmlabError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise LmlabError(f"{path}{where}: not valid YAML ({problem})") from None
+    except RecursionError:
+        raise LmlabError(f"{path}: YAML nested too deeply") from None
+    finally:
+        reader.dispose()
     if not isinstance(cfg, dict):
         raise LmlabError(f"{path}: a task file is a mapping of keys (task, dataset_path, doc_to_text, ...)")
-    return cfg
+    return cfg, schema.key_lines(node)
 
 
 def _check_keys(cfg: dict[str, Any], path: Path) -> None:
@@ -55,7 +66,7 @@ def _check_keys(cfg: dict[str, Any], path: Path) -> None:
             raise LmlabError(f"{path}: key '{key}' (Python hooks and includes) is not supported; "
                              f"express the task with templates")
         if key not in YAML_KEYS:
-            raise LmlabError(f"{path}: unknown key '{key}'" + did_you_mean(key, YAML_KEYS))
+            raise LmlabError(f"{path}: unknown key {str(key)!r}" + did_you_mean(str(key), YAML_KEYS))
     for key in ("task", "output_type", "doc_to_target"):
         if key not in cfg:
             raise LmlabError(f"{path}: missing required key '{key}'")
@@ -71,10 +82,10 @@ def _load_split(cfg: dict[str, Any], split: str, path: Path, data_dir: Path | No
                          f"groups are the fields, e.g. '(?P<label>[^\\t]+)\\t(?P<text>.*)')")
     if dataset in ("json", "csv", "text"):
         if spec is None:
-            raise LmlabError(f"{path}: dataset_path '{dataset}' needs data_files")
+            raise LmlabError(f"{path}: dataset_path {dataset!r} needs data_files")
         by_split = spec if isinstance(spec, dict) else {"train": spec}
         if split not in by_split:
-            raise LmlabError(f"{path}: split '{split}' is not in data_files (has {', '.join(by_split)})")
+            raise LmlabError(f"{path}: split {split!r} is not in data_files (has {', '.join(by_split)})")
         paths = files.data_files(by_split[split], path, data_dir)
     elif isinstance(dataset, str):
         dataset, paths = None, files.split_files(dataset, split, path, data_dir)
@@ -97,20 +108,20 @@ def read_pattern_lines(data: Path, pattern: Any, path: Path) -> Docs:
     try:
         rx = re.compile(str(pattern))
     except re.error as e:
-        raise LmlabError(f"{path}: line_pattern {pattern!r} is not a valid regular expression ({e})") from None
+        raise LmlabError(f"{path}: line_pattern {pattern!r} is not a valid regular expression "
+                         f"({first_line(e)})") from None
     if not rx.groupindex:
         raise LmlabError(f"{path}: line_pattern {pattern!r} has no named groups (?P<field>...)")
     docs, origins = [], []
-    with open(data, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            m = rx.fullmatch(line)
-            if m is None:
-                raise LmlabError(f"{data}:{n}: line does not match line_pattern {rx.pattern!r}: {line[:60]!r}")
-            docs.append({k: (v or "") for k, v in m.groupdict().items()})
-            origins.append(f"{data}:{n}")
+    for n, line in enumerate(text_of(data).split("\n"), 1):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        m = rx.fullmatch(line)
+        if m is None:
+            raise LmlabError(f"{data}:{n}: line does not match line_pattern {rx.pattern!r}: {line[:60]!r}")
+        docs.append({k: (v or "") for k, v in m.groupdict().items()})
+        origins.append(f"{data}:{n}")
     return Docs(docs, origins)
 
 
@@ -128,15 +139,16 @@ def _metrics(spec: Any, path: Path) -> tuple[list[str], dict[str, dict[str, Any]
 
 def load_yaml(path: str | Path, data_dir: str | Path | None = None) -> Task:
     path = Path(path)
-    cfg = _read(path)
+    cfg, lines = _read(path)
     _check_keys(cfg, path)
+    schema.check(cfg, path, lines)
     data_dir = Path(data_dir) if data_dir else None
     split = cfg.get("test_split") or cfg.get("validation_split")
     if not split:
         raise LmlabError(f"{path}: needs test_split or validation_split")
     docs = _load_split(cfg, split, path, data_dir)
     if not len(docs):
-        raise LmlabError(f"{path}: split '{split}' has no documents")
+        raise LmlabError(f"{path}: split {split!r} has no documents")
     few_split = cfg.get("fewshot_split") or cfg.get("training_split") or cfg.get("validation_split")
     few = docs if few_split in (None, split) else _load_split(cfg, few_split, path, data_dir)
     fields = set(docs.docs[0])
