@@ -15,49 +15,20 @@ adapters PEFT wrote (no probe): then only the shapes and names are checked, as P
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from lmlab.adapters.lora import lora_modules, unload_lora
+from lmlab.adapters.peft import CONFIG_NAME, WEIGHTS_NAME, base_probe, load_peft, read_peft_config, read_probe
 from lmlab.errors import LmlabError
 
-PROBE_KEY = "lmlab.base"  # safetensors metadata: {"name": ..., "vocab": n, "d_model": d, "probe": [...]}
-PROBE_SIZE = 64
 MIN_COSINE = 0.9
-
-
-def base_probe(backbone: nn.Module) -> dict:
-    """The base's identity as recorded next to an adapter: name, embedding shape and PROBE_SIZE values of
-    the token embedding at fixed, evenly spread positions (the embedding never carries LoRA)."""
-    w = backbone.tok_emb.weight.detach().float().reshape(-1)
-    at = torch.linspace(0, w.numel() - 1, PROBE_SIZE).long()
-    return {"name": backbone.cfg.name or "", "vocab": backbone.cfg.vocab_size, "d_model": backbone.cfg.d_model,
-            "probe": [round(float(x), 7) for x in w[at].cpu()]}
-
-
-def read_probe(weights: Path) -> dict | None:
-    """The base identity lmlab stored in an adapter's safetensors metadata (None: not there)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception:  # a damaged file is reported, with its reason, when the tensors are read
-        return None
-    try:
-        probe = json.loads(meta[PROBE_KEY])
-        return probe if isinstance(probe, dict) and isinstance(probe.get("probe"), list) else None
-    except (KeyError, ValueError):
-        return None
 
 
 def adapter_folder(path: str | Path) -> Path:
     """The adapter folder `path` names: itself, or `<path>/adapter` for an `lmlab finetune` out_dir."""
-    from lmlab.adapters.peft import CONFIG_NAME, WEIGHTS_NAME
-
     path = Path(path)
     if not path.exists():
         raise LmlabError(f"--adapter {path}: no such folder")
@@ -79,8 +50,6 @@ def adapter_folder(path: str | Path) -> Path:
 
 def check_base(backbone: nn.Module, folder: Path, model_name: str) -> None:
     """An LmlabError naming both models when the adapter's recorded base is not this model."""
-    from lmlab.adapters.peft import WEIGHTS_NAME, read_peft_config
-
     recorded = read_probe(folder / WEIGHTS_NAME)
     if recorded is None:
         return
@@ -110,8 +79,6 @@ def _untie(backbone: nn.Module) -> None:
 def attach_adapter(model: nn.Module, path: str | Path, model_name: str) -> list[str]:
     """Load the LoRA adapter at `path` onto `model` (an lmlab Transformer, float32) and merge it in, in
     place; returns the adapted units. Every check runs before the model changes."""
-    from lmlab.adapters.peft import load_peft
-
     folder = adapter_folder(path)
     check_base(model, folder, model_name)
     units = load_peft(model, folder, model_name=model_name)

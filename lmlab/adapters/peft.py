@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lmlab.adapters.attach import PROBE_KEY, base_probe
 from lmlab.adapters.lora import (LoRALinear, SlicesOf, check_slices, fused_slices, inject_lora,
                                  load_lora_state_dict, lora_modules, lora_settings, unit_name)
 from lmlab.adapters.patterns import listing
@@ -37,6 +36,34 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 PEFT_VERSION = "0.21.2"  # the layout written (the fields PEFT of this version writes and reads)
 SEQ_CLS_HEADS = ["classifier", "score"]  # what PEFT puts in modules_to_save for task_type SEQ_CLS
+# the base an adapter was made for, in the safetensors metadata (PEFT ignores it; lmlab.adapters.attach checks it)
+PROBE_KEY = "lmlab.base"  # safetensors metadata: {"name": ..., "vocab": n, "d_model": d, "probe": [...]}
+PROBE_SIZE = 64
+
+
+def base_probe(backbone: nn.Module) -> dict:
+    """The base's identity as recorded next to an adapter: name, embedding shape and PROBE_SIZE values of
+    the token embedding at fixed, evenly spread positions (the embedding never carries LoRA)."""
+    w = backbone.tok_emb.weight.detach().float().reshape(-1)
+    at = torch.linspace(0, w.numel() - 1, PROBE_SIZE).long()
+    return {"name": backbone.cfg.name or "", "vocab": backbone.cfg.vocab_size, "d_model": backbone.cfg.d_model,
+            "probe": [round(float(x), 7) for x in w[at].cpu()]}
+
+
+def read_probe(weights: Path) -> dict | None:
+    """The base identity lmlab stored in an adapter's safetensors metadata (None: not there)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # a damaged file is reported, with its reason, when the tensors are read
+        return None
+    try:
+        probe = json.loads(meta[PROBE_KEY])
+        return probe if isinstance(probe, dict) and isinstance(probe.get("probe"), list) else None
+    except (KeyError, ValueError):
+        return None
 
 
 # --------------------------------------------------------------------------- names

@@ -78,6 +78,7 @@ class FinetuneConfig:
     device: str = "auto"
     threads: int = 0
     progress: bool = True
+    resume: bool = True  # continue from out_dir/ckpt.pt when it exists (written at every evaluation)
     export_merged: bool = True  # also write an HF folder with LoRA merged in (<out_dir>/hf)
     export_base: bool = True  # LoRA: the base as an HF folder, for PEFT to load the adapter on (<out_dir>/hf-base)
 

@@ -143,3 +143,25 @@ def test_print_config(capsys):
     args = parser.parse_args(["finetune", "-c", str(RECIPES["alpaca"]), "--print-config", "lora.r=4"])
     assert args.func(args) == 0
     assert "  r: 4\n" in capsys.readouterr().out
+
+
+def test_resume_continues_exactly_and_refuses_a_changed_run(tmp_path, tiny_models):
+    """Stopping after 2 steps and rerunning to 4 gives the adapter of one 4-step run (the trainer's atomic
+    checkpoint: trained parameters, optimizer, step, data generator, RNG with LoRA dropout on)."""
+    from safetensors.torch import load_file
+
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": f"{i} {i}."} for i in range(12)]))
+    common = [f"model.init_from={tiny_models['llama']}", f"data.train={data}", "optim.lr=1e-2",
+              "optim.lr_decay_iters=4", "lora.dropout=0.2", *FAST, "seq_len=256", "eval_interval=2"]
+    finetune(str(RECIPES["alpaca"]), [*common, f"out_dir={tmp_path / 'one'}", "max_iters=4"])
+    finetune(str(RECIPES["alpaca"]), [*common, f"out_dir={tmp_path / 'two'}", "max_iters=2"])
+    summary = finetune(str(RECIPES["alpaca"]), [*common, f"out_dir={tmp_path / 'two'}", "max_iters=4"])
+    assert summary["trained_from"] == 2
+    a = load_file(str(tmp_path / "one/adapter/adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two/adapter/adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(line) for line in (tmp_path / "two/metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows if r["split"] == "eval"] == [0, 2, 4]
+    with pytest.raises(LmlabError, match="cannot resume: checkpoint has model lora_r=16, config now gives lora_r=4"):
+        finetune(str(RECIPES["alpaca"]), [*common, f"out_dir={tmp_path / 'two'}", "max_iters=6", "lora.r=4"])
