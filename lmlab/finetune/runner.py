@@ -161,6 +161,16 @@ def _run(cfg: FinetuneConfig) -> dict[str, Any]:
     progress.close()
     seconds = time.time() - t0
     model.eval().cpu()
+    if cfg.eval_icl.task:
+        from lmlab.finetune.icl_eval import icl_task_accuracy
+
+        e = cfg.eval_icl
+        last["eval_icl"] = [icl_task_accuracy(model, tok, e.task, e.data_dir or None, e.split or None, limit=n,
+                                              labels=e.labels, batch_size=cfg.batch_size, max_len=cfg.seq_len)
+                            for n in e.limits]
+        for r in last["eval_icl"]:
+            print(f"finetune: {r['task']} ({r['n']} test items, as lmlab icl scores them): acc {r['acc']:.4f}",
+                  file=sys.stderr)
     evals = [r for r in log.read() if r.get("split") == "eval"]
     first = {k: v for k, v in (evals[0] if evals else last).items() if k not in ("iter", "split")}
     summary = {"task": cfg.task, "method": cfg.method, "iters": cfg.max_iters, "seconds": round(seconds, 1),

@@ -165,3 +165,21 @@ def test_resume_continues_exactly_and_refuses_a_changed_run(tmp_path, tiny_model
     assert [r["iter"] for r in rows if r["split"] == "eval"] == [0, 2, 4]
     with pytest.raises(LmlabError, match="cannot resume: checkpoint has model lora_r=16, config now gives lora_r=4"):
         finetune(str(RECIPES["alpaca"]), [*common, f"out_dir={tmp_path / 'two'}", "max_iters=6", "lora.r=4"])
+
+
+def test_classifier_scored_on_the_icl_task_items(tmp_path, tiny_models):
+    """eval_icl: the fine-tuned classifier on `lmlab icl`'s sst2 dev items (its reader, order and label names);
+    over all items it is the held-out accuracy of the same file, over the first N the first N's."""
+    data = tmp_path / "data" / "sst2"
+    data.mkdir(parents=True)
+    train, dev = sst_lines(data / "stsa.binary.train"), sst_lines(data / "stsa.binary.dev", 10)
+    summary = finetune(str(RECIPES["minilm"]), [f"model.init_from={tiny_models['bert']}", f"data.train={train}",
+                                                f"data.val={dev}", f"out_dir={tmp_path / 'run'}", *FAST,
+                                                "data.val_limit=0", "eval_icl.task=sst2",
+                                                f"eval_icl.data_dir={tmp_path / 'data'}", "eval_icl.limits=[4, 0]"])
+    first4, every = summary["eval_icl"]
+    assert (first4["n"], every["n"]) == (4, 10) and every["task"] == "sst2"
+    assert every["acc"] == pytest.approx(summary["val_accuracy"])
+    assert sum(every["predictions"].values()) == 10 and set(every["predictions"]) == {"negative", "positive"}
+    with pytest.raises(LmlabError, match="eval_icl is for task: classify only"):
+        load_finetune_config(RECIPES["alpaca"], ["eval_icl.task=sst2"])
