@@ -4,7 +4,10 @@ SmolLM2-135M with the same batch, in one run.
 Each configuration trains in its own fresh process (so one's memory never counts for another) and reports:
   - peak RSS (resource.getrusage ru_maxrss: the process's high-water mark, all of torch's CPU allocations
     included) and the RSS once the model is loaded, so the training overhead shows on its own;
-  - tokens/s over the timed steps (after one warm-up step);
+  - tokens/s over the timed steps (after one warm-up step), by default per second of the process's own CPU
+    time (time.process_time): on a machine shared with other jobs, wall time measures how much of the CPU
+    the scheduler gave each process, not the code; with --threads 1 CPU time is one core's time.
+    `--wall` uses wall-clock time instead (both are printed);
   - the first step's loss (LoRA starts with B = 0, so lmlab and PEFT must agree with each other).
 Every process loads the same weights: lmlab's HF export of SmolLM2-135M (safetensors), which lmlab reads
 as an HF folder and transformers reads natively; the batch is the same seeded token ids everywhere, the
@@ -28,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-CONFIGS = ("lmlab-full", "lmlab-lora", "peft-lora")
+CONFIGS = ("peft-lora", "lmlab-lora", "lmlab-full")
 LMLAB_TARGETS = ["q", "k", "v", "out", "gate", "up", "proj"]
 PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 R, ALPHA, LR = 16, 32, 1e-4
@@ -104,13 +107,15 @@ def worker(a) -> None:
     ids = torch.randint(0, a.vocab, (a.batch, a.seq), generator=g)
     labels = torch.cat([ids[:, 1:], torch.full((a.batch, 1), -100)], dim=1)  # lmlab: the target of each position
     first = step(ids, labels)  # warm-up (and optimizer state allocation)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(a.steps):
         step(ids, labels)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     tokens = a.batch * (a.seq - 1) * a.steps
     print(json.dumps({"config": a.worker, "trainable": trainable, "first_loss": first, "rss_loaded_mb": loaded,
-                      "peak_rss_mb": peak_rss_mb(), "tokens_per_s": tokens / seconds, "seconds": seconds}))
+                      "peak_rss_mb": peak_rss_mb(), "wall_tokens_per_s": tokens / seconds,
+                      "tokens_per_s": tokens / cpu if a.cpu_time else tokens / seconds, "seconds": seconds,
+                      "cpu_seconds": cpu}))
 
 
 # --------------------------------------------------------------------------- the comparison (the parent)
@@ -127,7 +132,7 @@ def prepare(work: Path, model: str) -> tuple[str, int]:
 
 
 def run_one(a, config: str, hf_dir: str, vocab: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", config, "--hf", hf_dir, "--vocab", str(vocab), "--batch", str(a.batch),
+    cmd = [sys.executable, __file__, "--worker", config, *([] if a.cpu_time else ["--wall"]), "--hf", hf_dir, "--vocab", str(vocab), "--batch", str(a.batch),
            "--seq", str(a.seq), "--steps", str(a.steps), "--threads", str(a.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -144,6 +149,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", default="runs/bench-finetune", help="where the HF export is kept")
+    p.add_argument("--wall", dest="cpu_time", action="store_false",
+                   help="tokens/s over wall-clock time (default: over the process's CPU time, see above)")
     p.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     p.add_argument("--hf", help=argparse.SUPPRESS)
     p.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
@@ -152,12 +159,14 @@ def main() -> None:
         return worker(a)
     hf_dir, vocab = prepare(Path(a.work), a.model)
     print(f"{a.model} (lmlab's HF export: {hf_dir}); batch {a.batch} × {a.seq} tokens, {a.steps} timed steps, "
-          f"{a.threads} thread(s), float32, each configuration in its own process")
+          f"{a.threads} thread(s), float32, each configuration in its own process; tokens/s per "
+          f"{'CPU' if a.cpu_time else 'wall-clock'} second")
     best: dict[str, dict] = {}
     for r in range(a.rounds):
         for config in CONFIGS:
             res = run_one(a, config, hf_dir, vocab)
-            print(f"  round {r + 1} {config:<11} {res['tokens_per_s']:8.1f} tok/s  peak RSS {res['peak_rss_mb']:7.0f} MiB "
+            print(f"  round {r + 1} {config:<11} {res['tokens_per_s']:8.1f} tok/s ({res['wall_tokens_per_s']:.1f} by wall "
+                  f"clock, {res['cpu_seconds']:.0f} CPU s in {res['seconds']:.0f} s)  peak RSS {res['peak_rss_mb']:7.0f} MiB "
                   f"(loaded {res['rss_loaded_mb']:.0f})  trainable {res['trainable']:,}  first loss {res['first_loss']:.5f}",
                   flush=True)
             if config not in best or res["tokens_per_s"] > best[config]["tokens_per_s"]:
