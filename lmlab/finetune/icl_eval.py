@@ -19,7 +19,8 @@ from lmlab.finetune.labeled import pad_batch
 def icl_task_accuracy(model, tok, task: str, data_dir: str | Path | None = None, split: str | None = None,
                       limit: int = 0, labels: list[str] | None = None, batch_size: int = 32,
                       max_len: int = 512) -> dict:
-    """{"task", "split", "n", "acc", "predictions"} of a SequenceClassifier on the task's test items.
+    """{"task", "split", "n", "acc", "predictions", "items"} of a SequenceClassifier on the task's test items
+    (items: each one's origin "file:line", gold label and predicted label, the keys `lmlab icl` logs).
     labels: the classifier's label for each of the task's labels, in the task's order (default: the
     classifier's labels in their own order, when there are as many)."""
     from lmlab.icl.tasks import load_task
@@ -30,7 +31,7 @@ def icl_task_accuracy(model, tok, task: str, data_dir: str | Path | None = None,
         raise LmlabError(f"eval_icl.labels: the classifier's labels {model.labels} cannot stand for task {task}'s "
                          f"labels {t.labels} (give one classifier label per task label, in the task's order)")
     to_task = {model.labels.index(lab): i for i, lab in enumerate(mine)}
-    docs = t.test.docs[:limit or None]
+    docs, origins = t.test.docs[:limit or None], t.test.origins[:limit or None]
     gold = [t.labels.index(d["label"]) for d in docs]
     preds: list[int] = []
     device = next(model.parameters()).device
@@ -44,4 +45,6 @@ def icl_task_accuracy(model, tok, task: str, data_dir: str | Path | None = None,
     correct = [p == g for p, g in zip(preds, gold)]
     return {"task": t.name, "split": split or "default", "source": t.source, "n": len(docs),
             "acc": sum(correct) / len(docs),
-            "predictions": {lab: sum(p == k for p in preds) for k, lab in enumerate(t.labels)}}
+            "predictions": {lab: sum(p == k for p in preds) for k, lab in enumerate(t.labels)},
+            "items": [{"origin": o, "label": t.labels[g], "prediction": t.labels[p]}
+                      for o, g, p in zip(origins, gold, preds)]}

@@ -30,7 +30,7 @@ from lmlab.train import checkpoint
 from lmlab.train.metrics import MetricsLog
 from lmlab.train.model_section import start_model
 from lmlab.train.trainer import build_optimizer, lr_at
-from lmlab.utils.atomic import check_writable, write_json, write_text
+from lmlab.utils.atomic import check_writable, write_json, write_jsonl, write_text
 from lmlab.utils.device import resolve_device
 from lmlab.utils.progress import Progress
 
@@ -169,6 +169,8 @@ def _run(cfg: FinetuneConfig) -> dict[str, Any]:
                                               labels=e.labels, batch_size=cfg.batch_size, max_len=cfg.seq_len)
                             for n in e.limits]
         for r in last["eval_icl"]:
+            items = r.pop("items")
+            write_jsonl(out / f"eval_icl_{r['task']}_{r['n']}.jsonl", items)  # per item: origin, label, prediction
             print(f"finetune: {r['task']} ({r['n']} test items, as lmlab icl scores them): acc {r['acc']:.4f}",
                   file=sys.stderr)
     evals = [r for r in log.read() if r.get("split") == "eval"]

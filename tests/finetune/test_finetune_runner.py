@@ -181,5 +181,8 @@ def test_classifier_scored_on_the_icl_task_items(tmp_path, tiny_models):
     assert (first4["n"], every["n"]) == (4, 10) and every["task"] == "sst2"
     assert every["acc"] == pytest.approx(summary["val_accuracy"])
     assert sum(every["predictions"].values()) == 10 and set(every["predictions"]) == {"negative", "positive"}
+    items = [json.loads(x) for x in (tmp_path / "run" / "eval_icl_sst2_10.jsonl").read_text().splitlines()]
+    assert [r["origin"] for r in items] == [f"{dev}:{n}" for n in range(1, 11)]
+    assert sum(r["label"] == r["prediction"] for r in items) / 10 == pytest.approx(every["acc"])
     with pytest.raises(LmlabError, match="eval_icl is for task: classify only"):
         load_finetune_config(RECIPES["alpaca"], ["eval_icl.task=sst2"])
