@@ -9,6 +9,8 @@
     data:    DataSection                           files, split, fields, packing
     classify: {pooling, dropout}
     optim:   lmlab.train's OptimConfig (lr, warmup, schedule, clipping)
+    eval_icl: {task, data_dir, split, limits, labels}  classify: also score on an `lmlab icl` task's test items
+    resume:  continue from out_dir/ckpt.pt (written at every evaluation) when it exists
 """
 from __future__ import annotations
 
