@@ -44,8 +44,8 @@ PROBE_SIZE = 64
 def base_probe(backbone: nn.Module) -> dict:
     """The base's identity as recorded next to an adapter: name, embedding shape and PROBE_SIZE values of
     the token embedding at fixed, evenly spread positions (the embedding never carries LoRA)."""
-    w = backbone.tok_emb.weight.detach().float().reshape(-1)
-    at = torch.linspace(0, w.numel() - 1, PROBE_SIZE).long()
+    w = backbone.tok_emb.weight.detach().reshape(-1)
+    at = torch.arange(PROBE_SIZE, dtype=torch.int64) * (w.numel() - 1) // (PROBE_SIZE - 1)  # exact integers
     return {"name": backbone.cfg.name or "", "vocab": backbone.cfg.vocab_size, "d_model": backbone.cfg.d_model,
             "probe": [round(float(x), 7) for x in w[at].cpu()]}
 
