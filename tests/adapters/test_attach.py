@@ -173,3 +173,15 @@ def test_adapter_folder_errors(setup, tmp_path, capsys):
             cli.main(["generate", "-m", str(setup / "tiny.gguf"), "-p", "x", "--adapter", str(path)])
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+def test_base_probe_of_a_large_embedding():
+    """SmolLM2's 49152×576 table: float32 positions would overrun it (the run that found this crashed at save)."""
+    from types import SimpleNamespace
+
+    from lmlab.adapters.peft import PROBE_SIZE, base_probe
+
+    backbone = SimpleNamespace(tok_emb=torch.nn.Embedding(49152, 576),
+                               cfg=SimpleNamespace(name="x", vocab_size=49152, d_model=576))
+    probe = base_probe(backbone)["probe"]
+    assert len(probe) == PROBE_SIZE and probe[-1] == pytest.approx(float(backbone.tok_emb.weight[-1, -1]), abs=1e-6)
