@@ -36,6 +36,34 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 PEFT_VERSION = "0.21.2"  # the layout written (the fields PEFT of this version writes and reads)
 SEQ_CLS_HEADS = ["classifier", "score"]  # what PEFT puts in modules_to_save for task_type SEQ_CLS
+# the base an adapter was made for, in the safetensors metadata (PEFT ignores it; lmlab.adapters.attach checks it)
+PROBE_KEY = "lmlab.base"  # safetensors metadata: {"name": ..., "vocab": n, "d_model": d, "probe": [...]}
+PROBE_SIZE = 64
+
+
+def base_probe(backbone: nn.Module) -> dict:
+    """The base's identity as recorded next to an adapter: name, embedding shape and PROBE_SIZE values of
+    the token embedding at fixed, evenly spread positions (the embedding never carries LoRA)."""
+    w = backbone.tok_emb.weight.detach().reshape(-1)
+    at = torch.arange(PROBE_SIZE, dtype=torch.int64) * (w.numel() - 1) // (PROBE_SIZE - 1)  # exact integers
+    return {"name": backbone.cfg.name or "", "vocab": backbone.cfg.vocab_size, "d_model": backbone.cfg.d_model,
+            "probe": [round(float(x), 7) for x in w[at].cpu()]}
+
+
+def read_probe(weights: Path) -> dict | None:
+    """The base identity lmlab stored in an adapter's safetensors metadata (None: not there)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # a damaged file is reported, with its reason, when the tensors are read
+        return None
+    try:
+        probe = json.loads(meta[PROBE_KEY])
+        return probe if isinstance(probe, dict) and isinstance(probe.get("probe"), list) else None
+    except (KeyError, ValueError):
+        return None
 
 
 # --------------------------------------------------------------------------- names
@@ -145,7 +173,8 @@ def save_peft(model: nn.Module, folder: str | Path, base_name: str | None = None
     }
     with atomic_folder(folder) as tmp:
         write_json(tmp / CONFIG_NAME, conf)
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        meta = {"format": "pt", PROBE_KEY: json.dumps({**base_probe(backbone), "name": conf["base_model_name_or_path"]})}
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=meta)
     return Path(folder)
 
 
@@ -219,7 +248,8 @@ def _split_keys(tensors: dict[str, torch.Tensor], source: str) -> tuple[dict, di
     return lora, heads
 
 
-def _units_of(backbone, family: str, lora: dict, slices_of: SlicesOf, source: str, base: str) -> dict[str, tuple]:
+def _units_of(backbone, family: str, lora: dict, slices_of: SlicesOf, source: str, base: str,
+              name: str) -> dict[str, tuple]:
     """{lmlab unit: (module, slice, hf module)} for the adapter's HF modules."""
     cfg, units = backbone.cfg, {}
     for hf in lora:
@@ -227,7 +257,7 @@ def _units_of(backbone, family: str, lora: dict, slices_of: SlicesOf, source: st
             piece = from_hf(cfg, hf, family)
         except LmlabError as e:
             raise LmlabError(f"{source}: adapter for base '{base}' does not fit this model "
-                             f"('{cfg.name}'): {e}") from None
+                             f"('{name}'): {e}") from None
         rows = (piece.start, piece.stop)
         linear = backbone.get_submodule(piece.ours)
         slices = check_slices(piece.ours, slices_of(piece.ours, linear), linear.out_features)
@@ -239,16 +269,20 @@ def _units_of(backbone, family: str, lora: dict, slices_of: SlicesOf, source: st
     return units
 
 
-def load_peft(model: nn.Module, folder: str | Path, base_name: str | None = None) -> list[str]:
+def load_peft(model: nn.Module, folder: str | Path, base_name: str | None = None,
+              model_name: str | None = None) -> list[str]:
     """Inject the PEFT adapter in `folder` into the model (which must have no LoRA yet) and load its
     weights and task head; returns the adapted lmlab units. base_name, when given, must equal the
-    adapter's base_model_name_or_path. Everything is checked before the model changes."""
+    adapter's base_model_name_or_path; model_name is what errors call the model (default: its config's
+    name). Everything is checked before the model changes: a tensor missing for a module that
+    target_modules selects, or one this model has no place for, is an error that names it."""
     folder = Path(folder)
     conf = read_peft_config(folder)
     source = str(folder / WEIGHTS_NAME)
     backbone = backbone_of(model)
     cfg, family = backbone.cfg, export_family(backbone.cfg)
     base = conf.get("base_model_name_or_path") or "?"
+    name = model_name or cfg.name or "?"
     if base_name is not None and base != base_name:
         raise LmlabError(f"{folder / CONFIG_NAME}: adapter made for base model '{base}', not '{base_name}'")
     if lora_modules(backbone):
@@ -261,10 +295,11 @@ def load_peft(model: nn.Module, folder: str | Path, base_name: str | None = None
         raise LmlabError(f"{source}: no LoRA tensors")
     _check_targets(conf, _hf_linears(cfg, family), str(folder / CONFIG_NAME))
     slices_of = peft_slices(cfg)
-    units = _units_of(backbone, family, lora, slices_of, source, base)
+    units = _units_of(backbone, family, lora, slices_of, source, base, name)
+    _check_complete(conf, _hf_linears(cfg, family), lora, source)
     heads = _heads(model)
-    head_sd = _head_state(heads, head_tensors, source, base, cfg.name)
-    _check_shapes(cfg, backbone, units, lora, conf["r"], source, base)
+    head_sd = _head_state(heads, head_tensors, source, base, name)
+    _check_shapes(cfg, backbone, units, lora, conf["r"], source, base, name)
     inject_lora(backbone, list(units), r=conf["r"], alpha=conf["lora_alpha"],
                 dropout=float(conf.get("lora_dropout") or 0.0), rslora=bool(conf.get("use_rslora")),
                 slices_of=slices_of)
@@ -280,7 +315,37 @@ def load_peft(model: nn.Module, folder: str | Path, base_name: str | None = None
     return list(units)
 
 
-def _check_shapes(cfg, backbone, units: dict, lora: dict, r: int, source: str, base: str) -> None:
+def _selected(conf: dict, all_modules: list[str]) -> list[str]:
+    """The HF modules the adapter's target_modules (and layers_to_transform) select, as PEFT matches them."""
+    targets = conf.get("target_modules") or []
+    if isinstance(targets, str):
+        chosen = [m for m in all_modules if re.fullmatch(targets, m)]
+    else:
+        chosen = [m for m in all_modules if any(m == t or m.endswith("." + t) for t in targets)]
+    layers = conf.get("layers_to_transform")
+    if layers is not None and not isinstance(targets, str):
+        keep = {layers} if isinstance(layers, int) else set(layers)
+        chosen = [m for m in chosen if (n := re.search(r"\.(\d+)\.", m)) and int(n.group(1)) in keep]
+    return chosen
+
+
+def _check_complete(conf: dict, all_modules: list[str], lora: dict, source: str) -> None:
+    """Every module target_modules selects has its A and B (PEFT would leave a missing one at its init),
+    and no other module has any."""
+    selected = _selected(conf, all_modules)
+    extra = [m for m in lora if m not in selected]
+    if extra:
+        raise LmlabError(f"{source}: {len(extra)} unexpected LoRA tensor pair(s) for module(s) target_modules does not "
+                         f"select: {', '.join(PREFIX + m + '.lora_A.weight' for m in extra[:4])}"
+                         f"{' …' if len(extra) > 4 else ''}")
+    missing = [m for m in selected if m not in lora]
+    if missing:
+        names = [f"{PREFIX}{m}.lora_A.weight" for m in missing]
+        raise LmlabError(f"{source}: missing LoRA tensors for {len(missing)} module(s) that target_modules selects: "
+                         f"{', '.join(names[:4])}{' …' if len(names) > 4 else ''}")
+
+
+def _check_shapes(cfg, backbone, units: dict, lora: dict, r: int, source: str, base: str, name: str) -> None:
     for module, s, hf in units.values():
         linear = backbone.get_submodule(module)
         rows = check_slices(module, peft_slices(cfg)(module, linear), linear.out_features)[s]
@@ -289,7 +354,7 @@ def _check_shapes(cfg, backbone, units: dict, lora: dict, r: int, source: str, b
             got = tuple(lora[hf][k].shape)
             if got != want[k]:
                 raise LmlabError(f"{source}: tensor '{PREFIX}{hf}.lora_{k}.weight' has shape {got}, this model "
-                                 f"('{cfg.name}') expects {want[k]} with r={r}: adapter for base '{base}'?")
+                                 f"('{name}') expects {want[k]} with r={r}: adapter for base '{base}'?")
 
 
 def _head_state(heads: dict[str, nn.Module], tensors: dict, source: str, base: str, name: str) -> dict:

@@ -4,5 +4,6 @@
     labeled.py   jsonl/csv labeled text        instruct.py  Alpaca / chat data, response spans
     packing.py   padded or packed batches      export.py    HF *ForSequenceClassification folders
     config.py    FinetuneConfig (YAML)         tasks.py     instruct / classify behind one interface
-    runner.py    the training run              command.py   `lmlab finetune`
+    runner.py    the training run (lmlab.train's optimizer, schedule, checkpoint)   command.py   `lmlab finetune`
+    icl_eval.py  a classifier scored on an `lmlab icl` task's test items
 """

@@ -1,11 +1,6 @@
-"""`lmlab finetune --config FILE [key=value ...]`: a thin map onto lmlab.finetune.runner.finetune.
-
-The CLI hooks it in with `lmlab.finetune.command.register(subparsers)`.
-"""
+"""`lmlab finetune --config FILE [key=value ...]`: a thin map onto lmlab.finetune.runner.finetune, through
+the recipe command shape `lmlab pretrain` uses (lmlab.train.command.register_recipe)."""
 from __future__ import annotations
-
-import argparse
-import json
 
 
 def finetune(config: str | None, overrides: list[str]) -> dict:
@@ -16,23 +11,32 @@ def finetune(config: str | None, overrides: list[str]) -> dict:
     return run(load_finetune_config(config, overrides))
 
 
-def _finetune(args: argparse.Namespace) -> int:
-    if args.print_config:
-        from lmlab.finetune.config import dump_finetune_config, load_finetune_config
+def _load(path, overrides):
+    from lmlab.finetune.config import load_finetune_config
 
-        print(dump_finetune_config(load_finetune_config(args.config, args.overrides)), end="")
-        return 0
-    print(json.dumps(finetune(args.config, args.overrides), indent=2))
-    return 0
+    return load_finetune_config(path, overrides)
+
+
+def _dump(cfg) -> str:
+    from lmlab.finetune.config import dump_finetune_config
+
+    return dump_finetune_config(cfg)
+
+
+def _run(cfg) -> dict:
+    from lmlab.finetune.runner import finetune as run
+
+    return run(cfg)
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "finetune", help="fine-tune a model (LoRA or full; instruction tuning or classification) from a YAML recipe",
+    from lmlab.train.command import register_recipe
+
+    register_recipe(
+        subparsers, "finetune",
+        help="fine-tune a model (LoRA or full; instruction tuning or classification) from a YAML recipe",
         description="Fine-tune with a YAML recipe (see configs/finetune-*.yaml). Override any key: "
                     "method=full lora.r=16 data.limit=200 max_iters=50. LoRA adapters are written in HF PEFT's "
-                    "layout (<out_dir>/adapter), the merged model as an HF folder (<out_dir>/hf).")
-    p.add_argument("--config", "-c", help="YAML recipe")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.set_defaults(func=_finetune)
+                    "layout (<out_dir>/adapter), the merged model as an HF folder (<out_dir>/hf). Rerunning the "
+                    "same command continues from <out_dir>/ckpt.pt (resume=false starts over).",
+        load=_load, dump=_dump, run=_run)

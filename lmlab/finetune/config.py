@@ -9,6 +9,8 @@
     data:    DataSection                           files, split, fields, packing
     classify: {pooling, dropout}
     optim:   lmlab.train's OptimConfig (lr, warmup, schedule, clipping)
+    eval_icl: {task, data_dir, split, limits, labels}  classify: also score on an `lmlab icl` task's test items
+    resume:  continue from out_dir/ckpt.pt (written at every evaluation) when it exists
 """
 from __future__ import annotations
 
@@ -56,6 +58,17 @@ class ClassifySection:
 
 
 @dataclass
+class EvalICLSection:
+    """classify: after training, also score the classifier on an `lmlab icl` task's test items
+    (lmlab.finetune.icl_eval), so it compares like for like with in-context results."""
+    task: str = ""  # e.g. sst2 ("" = off)
+    data_dir: str = ""
+    split: str = ""  # "" = the task's default test split (sst2: dev)
+    limits: list[int] = field(default_factory=lambda: [0])  # first N items (0 = all); one result per entry
+    labels: list[str] = field(default_factory=list)  # the classifier label for each task label, in task order
+
+
+@dataclass
 class FinetuneConfig:
     task: Literal["instruct", "classify"] = "instruct"
     model: ModelSection = field(default_factory=lambda: ModelSection(init_from="smollm2-135m"))
@@ -65,6 +78,7 @@ class FinetuneConfig:
     freeze_blocks: int = 0  # also keep the first n blocks fixed
     data: DataSection = field(default_factory=DataSection)
     classify: ClassifySection = field(default_factory=ClassifySection)
+    eval_icl: EvalICLSection = field(default_factory=EvalICLSection)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, min_lr=2e-5, weight_decay=0.0,
                                                                      warmup_iters=10))
     seq_len: int = 512  # longest example (tokens); packed rows are this long
@@ -78,6 +92,7 @@ class FinetuneConfig:
     device: str = "auto"
     threads: int = 0
     progress: bool = True
+    resume: bool = True  # continue from out_dir/ckpt.pt when it exists (written at every evaluation)
     export_merged: bool = True  # also write an HF folder with LoRA merged in (<out_dir>/hf)
     export_base: bool = True  # LoRA: the base as an HF folder, for PEFT to load the adapter on (<out_dir>/hf-base)
 
@@ -95,6 +110,8 @@ class FinetuneConfig:
         if self.data.format not in fmts:
             raise LmlabError(f"config: data.format '{self.data.format}' is not for task {self.task} "
                              f"(choose {', '.join(fmts)})")
+        if self.eval_icl.task and self.task != "classify":
+            raise LmlabError("config: eval_icl is for task: classify only")
         if self.data.packing and self.task != "instruct":
             raise LmlabError("config: data.packing is for task: instruct only")
         self.model.check(self.seq_len)

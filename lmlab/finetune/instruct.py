@@ -16,12 +16,12 @@ offsets; a token is supervised when it starts inside a span.
 from __future__ import annotations
 
 import copy
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from lmlab.errors import LmlabError, first_line
+from lmlab.eval.data import read_json, read_jsonl
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
@@ -35,26 +35,12 @@ class Example:
 
 
 # --------------------------------------------------------------------------- reading
-def _load_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise LmlabError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-
-
 def load_alpaca(path: str | Path, system: str = "") -> list[list[dict]]:
     """Conversations from Alpaca JSON: [{instruction, input, output}] → user (instruction, then the input
-    after a blank line when there is one) and assistant (output); an optional system message first."""
-    path = Path(path)
-    if not path.is_file():
-        raise LmlabError(f"{path}: file not found")
-    records = _load_json(path)
-    if not isinstance(records, list):
-        raise LmlabError(f"{path}: expected a JSON list of {{instruction, input, output}} records")
+    after a blank line when there is one) and assistant (output); an optional system message first.
+    Read by lmlab.eval.data.read_json (a JSON list, an object holding one list, or JSON lines)."""
     out = []
-    for i, rec in enumerate(records):
-        if not isinstance(rec, dict):
-            raise LmlabError(f"{path}: record {i}: expected an object, got {type(rec).__name__}")
+    for i, rec in enumerate(read_json(path).docs):
         for key in ("instruction", "input", "output"):
             if key not in rec:
                 raise LmlabError(f"{path}: record {i}: missing field '{key}'")
@@ -63,6 +49,8 @@ def load_alpaca(path: str | Path, system: str = "") -> list[list[dict]]:
         prompt = rec["instruction"] + (f"\n\n{rec['input']}" if rec["input"].strip() else "")
         conv = [{"role": "system", "content": system}] if system else []
         out.append(conv + [{"role": "user", "content": prompt}, {"role": "assistant", "content": rec["output"]}])
+    if not out:
+        raise LmlabError(f"{path}: no records")
     return out
 
 
@@ -79,21 +67,12 @@ def check_messages(messages, where: str) -> list[dict]:
 
 def load_chat(path: str | Path) -> list[list[dict]]:
     """Conversations from chat jsonl: one {"messages": [{role, content}, ...]} per line."""
-    path = Path(path)
-    if not path.is_file():
-        raise LmlabError(f"{path}: file not found")
+    data = read_jsonl(path)
     out = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LmlabError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or "messages" not in rec:
-                raise LmlabError(f"{path}:{n}: missing field 'messages'")
-            out.append(check_messages(rec["messages"], f"{path}:{n}"))
+    for rec, origin in zip(data.docs, data.origins):
+        if "messages" not in rec:
+            raise LmlabError(f"{origin}: missing field 'messages'")
+        out.append(check_messages(rec["messages"], origin))
     if not out:
         raise LmlabError(f"{path}: no conversations")
     return out

@@ -6,14 +6,13 @@ the file, line and value) or taken from the data, sorted. Batches are right-padd
 """
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lmlab.errors import LmlabError
+from lmlab.eval.data import read_csv, read_json, read_jsonl
 
 
 @dataclass
@@ -30,7 +29,8 @@ FORMATS = ("auto", "jsonl", "csv", "label-text")
 
 
 def _records(path: Path, fmt: str, text_field: str, label_field: str):
-    """(line number, record dict) of a jsonl, csv or label-text file (auto: by the file's suffix)."""
+    """(origin "file:line", record dict) of a jsonl/json, csv or label-text file (auto: by the file's suffix).
+    jsonl, json and csv go through lmlab.eval.data's readers."""
     if fmt == "auto":
         fmt = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}.get(path.suffix, "")
         if not fmt:
@@ -42,25 +42,10 @@ def _records(path: Path, fmt: str, text_field: str, label_field: str):
             for n, line in enumerate(f, 1):
                 if line.strip():
                     label, _, text = line.strip().partition(" ")
-                    yield n, {label_field: label, text_field: text.strip()}
+                    yield f"{path}:{n}", {label_field: label, text_field: text.strip()}
         return
-    if fmt == "csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            for row in reader:
-                yield reader.line_num, row
-        return
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LmlabError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise LmlabError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
-            yield n, rec
+    docs = read_csv(path) if fmt == "csv" else read_json(path) if path.suffix == ".json" else read_jsonl(path)
+    yield from zip(docs.origins, docs.docs)
 
 
 def _label(value) -> str:
@@ -77,25 +62,25 @@ def load_labeled(path: str | Path, labels: list[str] | None = None, text_field: 
     path = Path(path)
     if not path.is_file():
         raise LmlabError(f"{path}: file not found")
-    texts, raw, lines = [], [], []
-    for n, rec in _records(path, fmt, text_field, label_field):
+    texts, raw, origins = [], [], []
+    for origin, rec in _records(path, fmt, text_field, label_field):
         for key in (text_field, label_field):
             if rec.get(key) is None or rec.get(key) == "":
-                raise LmlabError(f"{path}:{n}: missing field '{key}'")
+                raise LmlabError(f"{origin}: missing field '{key}'")
         if not isinstance(rec[text_field], str):
-            raise LmlabError(f"{path}:{n}: field '{text_field}' should be a string, got {rec[text_field]!r}")
+            raise LmlabError(f"{origin}: field '{text_field}' should be a string, got {rec[text_field]!r}")
         texts.append(rec[text_field])
         raw.append(_label(rec[label_field]))
-        lines.append(n)
+        origins.append(origin)
         if limit and len(texts) >= limit:
             break
     if not texts:
         raise LmlabError(f"{path}: no records")
     names = [_label(x) for x in labels] if labels else sorted(set(raw))
     index = {lab: i for i, lab in enumerate(names)}
-    for n, lab in zip(lines, raw):
+    for origin, lab in zip(origins, raw):
         if lab not in index:
-            raise LmlabError(f"{path}:{n}: label '{lab}' is not in the label set ({', '.join(names)})")
+            raise LmlabError(f"{origin}: label '{lab}' is not in the label set ({', '.join(names)})")
     return Labeled(texts, [index[lab] for lab in raw], names)
 
 

@@ -34,6 +34,7 @@ class RunConfig:
     device: str | None = None  # None = cuda when present, else cpu
     compile: bool = False
     threads: int | None = None  # None = one per idle usable core (CPU only)
+    adapter: str | None = None  # a LoRA adapter folder (lmlab's or PEFT's), merged in at load time
 
 
 def add_run_args(p, dtype_default: str = "float32") -> None:
@@ -45,12 +46,14 @@ def add_run_args(p, dtype_default: str = "float32") -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the decoding step (slow start, faster steps)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per idle usable core)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when present)")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="LoRA adapter folder (lmlab finetune's <out_dir>/adapter or PEFT's), merged in at load time")
 
 
 def run_config(args) -> RunConfig:
     """RunConfig from parsed add_run_args options."""
     return RunConfig(dtype=args.dtype, quantize=args.quantize, group_size=args.group_size, device=args.device,
-                     compile=args.compile, threads=args.threads)
+                     compile=args.compile, threads=args.threads, adapter=getattr(args, "adapter", None))
 
 
 # --------------------------------------------------------------------------- few-row products on CPU
@@ -165,6 +168,10 @@ def load(spec: str, run: RunConfig | None = None, **kw) -> tuple[Runner, object]
     """checkpoints.load + prepare: `load("smollm2-135m", dtype="bfloat16", quantize="int8")` → (runner, tokenizer)."""
     run = run or RunConfig(**kw)
     model, tok = load_checkpoint(spec, dtype="float32", device="cpu")
+    if run.adapter:
+        from lmlab.adapters.attach import attach_adapter
+
+        attach_adapter(model, run.adapter, spec)
     return prepare(model, run), tok
 
 

@@ -156,6 +156,13 @@ def optimizer_impl(device: str, d: Dist, cfg: TrainConfig) -> dict[str, bool]:
     return {"fused": device.startswith(("cuda", "cpu"))}
 
 
+def build_optimizer(model: torch.nn.Module, o, impl: dict[str, bool] | None = None) -> torch.optim.AdamW:
+    """AdamW over `param_groups` (trainable parameters only) with OptimConfig `o`'s settings; `impl`: the
+    kernel choice of optimizer_impl. Pretraining and fine-tuning both build their optimizer here."""
+    return torch.optim.AdamW(param_groups(model, o.weight_decay, o.decay_embeddings), lr=o.lr,
+                             betas=(o.beta1, o.beta2), eps=o.eps, **(impl or {}))
+
+
 def flops_per_token(model_cfg, n_params: int, seq_len: int) -> float:
     """Training FLOPs per token: 6·N plus attention (the PaLM appendix estimate nanoGPT uses)."""
     layers = model_cfg.n_layer + (model_cfg.n_decoder_layer or 0 if model_cfg.arch == "encoder-decoder" else 0)
@@ -267,9 +274,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         # a BERT trained without NSP leaves its pooler unused; DDP must be told
         unused = model_cfg.pooler and not any(o.cfg.name == "nsp" for o in mixture.objectives)
         model = wrap(raw, d, cfg.distributed, device, find_unused=unused)
-        optimizer = torch.optim.AdamW(param_groups(raw, cfg.optim.weight_decay, cfg.optim.decay_embeddings), lr=cfg.optim.lr,
-                                      betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
-                                      **optimizer_impl(device, d, cfg))
+        optimizer = build_optimizer(raw, cfg.optim, optimizer_impl(device, d, cfg))
         if cfg.compile:
             model = torch.compile(model)
         autocast = (torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if dtype == torch.bfloat16

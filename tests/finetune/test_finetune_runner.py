@@ -143,3 +143,46 @@ def test_print_config(capsys):
     args = parser.parse_args(["finetune", "-c", str(RECIPES["alpaca"]), "--print-config", "lora.r=4"])
     assert args.func(args) == 0
     assert "  r: 4\n" in capsys.readouterr().out
+
+
+def test_resume_continues_exactly_and_refuses_a_changed_run(tmp_path, tiny_models):
+    """Stopping after 2 steps and rerunning to 4 gives the adapter of one 4-step run (the trainer's atomic
+    checkpoint: trained parameters, optimizer, step, data generator, RNG with LoRA dropout on)."""
+    from safetensors.torch import load_file
+
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": f"{i} {i}."} for i in range(12)]))
+    common = [f"model.init_from={tiny_models['llama']}", f"data.train={data}", "optim.lr=1e-2",
+              "optim.lr_decay_iters=4", "lora.dropout=0.2", *FAST, "seq_len=256", "eval_interval=2"]
+    finetune(str(RECIPES["alpaca"]), [*common, f"out_dir={tmp_path / 'one'}", "max_iters=4"])
+    finetune(str(RECIPES["alpaca"]), [*common, f"out_dir={tmp_path / 'two'}", "max_iters=2"])
+    summary = finetune(str(RECIPES["alpaca"]), [*common, f"out_dir={tmp_path / 'two'}", "max_iters=4"])
+    assert summary["trained_from"] == 2
+    a = load_file(str(tmp_path / "one/adapter/adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two/adapter/adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(line) for line in (tmp_path / "two/metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows if r["split"] == "eval"] == [0, 2, 4]
+    with pytest.raises(LmlabError, match="cannot resume: checkpoint has model lora_r=16, config now gives lora_r=4"):
+        finetune(str(RECIPES["alpaca"]), [*common, f"out_dir={tmp_path / 'two'}", "max_iters=6", "lora.r=4"])
+
+
+def test_classifier_scored_on_the_icl_task_items(tmp_path, tiny_models):
+    """eval_icl: the fine-tuned classifier on `lmlab icl`'s sst2 dev items (its reader, order and label names);
+    over all items it is the held-out accuracy of the same file, over the first N the first N's."""
+    data = tmp_path / "data" / "sst2"
+    data.mkdir(parents=True)
+    train, dev = sst_lines(data / "stsa.binary.train"), sst_lines(data / "stsa.binary.dev", 10)
+    summary = finetune(str(RECIPES["minilm"]), [f"model.init_from={tiny_models['bert']}", f"data.train={train}",
+                                                f"data.val={dev}", f"out_dir={tmp_path / 'run'}", *FAST,
+                                                "data.val_limit=0", "eval_icl.task=sst2",
+                                                f"eval_icl.data_dir={tmp_path / 'data'}", "eval_icl.limits=[4, 0]"])
+    first4, every = summary["eval_icl"]
+    assert (first4["n"], every["n"]) == (4, 10) and every["task"] == "sst2"
+    assert every["acc"] == pytest.approx(summary["val_accuracy"])
+    assert sum(every["predictions"].values()) == 10 and set(every["predictions"]) == {"negative", "positive"}
+    items = [json.loads(x) for x in (tmp_path / "run" / "eval_icl_sst2_10.jsonl").read_text().splitlines()]
+    assert [r["origin"] for r in items] == [f"{dev}:{n}" for n in range(1, 11)]
+    assert sum(r["label"] == r["prediction"] for r in items) / 10 == pytest.approx(every["acc"])
+    with pytest.raises(LmlabError, match="eval_icl is for task: classify only"):
+        load_finetune_config(RECIPES["alpaca"], ["eval_icl.task=sst2"])
