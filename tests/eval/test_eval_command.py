@@ -39,7 +39,7 @@ def test_eval_writes_results_and_samples_with_the_run_options(setup, tmp_path):
     records = [json.loads(line) for line in (out.parent / "r_samples_toy.jsonl").read_text().splitlines()]
     assert len(records) == 6 and results["n-samples"]["toy"] == {"original": 6, "effective": 6}
     assert results["config"]["run"] == {"dtype": "float32", "quantize": "int8", "group_size": 32, "device": None,
-                                        "compile": False, "threads": 1}
+                                        "compile": False, "threads": 1, "adapter": None}
     acc = results["results"]["toy"]["acc"]
     assert f"| toy | 6 | acc | {acc:.4f} |" in proc.stdout
     # the same numbers as the int8 model evaluated in-process, and not those of the float32 model
