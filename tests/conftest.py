@@ -21,6 +21,18 @@ def smollm2_path():
 
 
 @pytest.fixture(scope="session")
+def minilm_path():
+    """The all-MiniLM-L6-v2 folder, downloaded once into $LMLAB_HOME; skips when it cannot be had."""
+    from lmlab import hub
+    from lmlab.errors import LmlabError
+
+    try:
+        return hub.resolve("all-minilm-l6-v2")
+    except LmlabError as e:
+        pytest.skip(f"all-MiniLM-L6-v2 not available: {e}")
+
+
+@pytest.fixture(scope="session")
 def smollm2(smollm2_path):
     from lmlab.checkpoints import load
 

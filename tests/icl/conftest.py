@@ -23,12 +23,8 @@ def tiny():
 
 
 @pytest.fixture(scope="session")
-def minilm():
-    """lmlab's all-MiniLM-L6-v2 sentence encoder; skips when the weights cannot be had."""
-    from lmlab.errors import LmlabError
+def minilm(minilm_path):
+    """lmlab's all-MiniLM-L6-v2 sentence encoder (skips with minilm_path when the weights cannot be had)."""
     from lmlab.retrieval.embed import SentenceEncoder
 
-    try:
-        return SentenceEncoder.load("all-minilm-l6-v2")
-    except LmlabError as e:
-        pytest.skip(f"all-MiniLM-L6-v2 not available: {e}")
+    return SentenceEncoder.load(str(minilm_path))
