@@ -119,7 +119,7 @@ def _best_ms(f, repeats: int = 3) -> float:
 def choose_routes(model: torch.nn.Module, rows: int = 4) -> dict[tuple[int, int], dict[str, float]]:
     """Per weight shape, time a one-row product as F.linear and as mv, and a `rows`-row product as F.linear
     and as W @ xᵀ; each RowLinear takes a rerouted kernel only where it was at least 10% faster.
-    Returns {(out, in): {kernel: ms}} (shown by the decode bench)."""
+    Returns {(out, in): {kernel: ms}}, which prepare() keeps on Runner.routes."""
     lins = [m for m in model.modules() if isinstance(m, RowLinear)]
     timings: dict[tuple[int, int], dict[str, float]] = {}
     for lin in lins:
