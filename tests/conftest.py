@@ -8,28 +8,27 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # test helpers such as tiny_gguf
 
 
-@pytest.fixture(scope="session")
-def smollm2_path():
-    """The real SmolLM2-135M GGUF, downloaded once into $LMLAB_HOME; skips when it cannot be had."""
+def _preset_or_skip(name: str, what: str):
+    """A shipped preset's file or folder, downloaded once into $LMLAB_HOME; skips when it cannot be had."""
     from lmlab import hub
     from lmlab.errors import LmlabError
 
     try:
-        return hub.resolve("smollm2-135m")
+        return hub.resolve(name)
     except LmlabError as e:
-        pytest.skip(f"SmolLM2-135M not available: {e}")
+        pytest.skip(f"{what} not available: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """The real SmolLM2-135M GGUF."""
+    return _preset_or_skip("smollm2-135m", "SmolLM2-135M")
 
 
 @pytest.fixture(scope="session")
 def minilm_path():
-    """The all-MiniLM-L6-v2 folder, downloaded once into $LMLAB_HOME; skips when it cannot be had."""
-    from lmlab import hub
-    from lmlab.errors import LmlabError
-
-    try:
-        return hub.resolve("all-minilm-l6-v2")
-    except LmlabError as e:
-        pytest.skip(f"all-MiniLM-L6-v2 not available: {e}")
+    """The all-MiniLM-L6-v2 HF folder."""
+    return _preset_or_skip("all-minilm-l6-v2", "all-MiniLM-L6-v2")
 
 
 @pytest.fixture(scope="session")
