@@ -14,6 +14,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's lmlab
 
 
+def planned(runs: list[dict]) -> set[tuple[str, int, int]]:
+    """Every cell the runs' grids asked for (as lmlab.icl.experiment.Grid.plan lays them out): a run stopped
+    part-way and another that ran its missing cells merge into a complete grid."""
+    cells = set()
+    for r in runs:
+        g = r["config"]["grid"]
+        for k in g["shots"]:
+            for method in g["retrievers"]:
+                fixed = method in ("random", "balanced") or g.get("order") == "random"
+                cells |= {("none", 0, 0)} if k == 0 else {(method, k, s) for s in range(g["seeds"] if fixed else 1)}
+    return cells
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("results", nargs="+", help="results JSONs of one task over the same test items")
@@ -41,8 +54,9 @@ def main() -> None:
     retrievers = list(dict.fromkeys(m for r in runs for m in r["config"]["grid"]["retrievers"]))
     shots = sorted({c["shots"] for c in cells})
     rows = summarize(cells, retrievers, shots)
+    missing = sorted(planned(runs) - seen)
     merged = {"task": first["task"], "model": first["model"], "summary": rows, "cells": cells,
-              "complete": all(r.get("complete", True) for r in runs), "test_items": first["test_items"],
+              "complete": not missing, "missing_cells": missing, "test_items": first["test_items"],
               "runs": [{"file": p, "config": r["config"], "total_seconds": r["total_seconds"],
                         "complete": r.get("complete", True)} for p, r in zip(a.results, runs)]}
     if a.output:
@@ -52,6 +66,8 @@ def main() -> None:
 
         plot_curve(rows, a.plot, title=a.title or f"{first['task']}, {first['model']}")
     print(markdown(rows))
+    print(f"\nmissing cells (retriever, shots, seed): {missing}" if missing else
+          "\nthe merged grid is complete (every cell the runs planned is present)")
     print(f"\n{len(cells)} cells, {len(first['test_items'])} test items; run seconds: "
           + ", ".join(f"{Path(p).name} {r['total_seconds']:.0f}" + ("" if r.get("complete", True) else " (partial)")
                       for p, r in zip(a.results, runs)))
