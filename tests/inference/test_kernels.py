@@ -223,3 +223,14 @@ def test_cli_info_kernels_and_generate_stats(home, tmp_path, capsys):
     out = run("generate", "-m", str(tiny), "-p", "The quick", "--max-new-tokens", "3", "--temperature", "0",
               "--threads", "1", "--stats")
     assert "kernels (1 row/4 rows):" in out.err and "cache hit" in out.err
+
+
+def test_a_kernel_replaces_linear_only_by_the_margin(monkeypatch):
+    assert kernels.pick({"linear": 1.0, "mv": 0.95}) == "linear"  # 5% faster: noise, keep linear
+    assert kernels.pick({"linear": 1.0, "mv": 0.8, "packed": 0.85}) == "mv"
+    assert kernels.pick({"linear": 0.5, "W@xT": 0.1, "packed": 0.2}) == "W@xT"
+    fake = {1: {"linear": 1.0, "mv": 1.5, "packed": 1.4}, kernels.FEW: {"linear": 2.0, "W@xT": 1.0, "packed": 3.0}}
+    monkeypatch.setattr(kernels, "measure", lambda w, rows, names: {n: fake[rows][n] for n in names})
+    runner = prepared()
+    lins = [m for m in runner.model.modules() if isinstance(m, RowLinear)]
+    assert {(m.one_row, m.few_rows) for m in lins} == {("linear", "W@xT")} and all(m.packed is None for m in lins)
