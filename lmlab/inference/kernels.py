@@ -10,6 +10,9 @@ model, in its real dtype and with the threads in use, `choose(model)` times the 
 
 and each RowLinear takes the fastest, but leaves `linear` only for a kernel at least 10% faster
 (MARGIN), so that noise cannot flip a choice. Prompt passes (more than FEW_ROWS rows) always use linear.
+A packed route keeps a second, reordered copy of the weight (the plain one stays: the state dict, tied
+embeddings, adapters and export read it), so packing is skipped when the copies would take more than
+PACK_SHARE of the free memory.
 
 The timings are kept in `$LMLAB_HOME/kernels/<dtype>-<threads>t-<key>.json`, one file per machine
 (CPU model, flags, cores), PyTorch version, thread count and dtype, one entry per weight shape. A file is
@@ -34,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lmlab.utils.device import cpu_flags, cpu_name, dtype_name, notice
+from lmlab.utils.device import cpu_flags, cpu_name, dtype_name, free_memory, notice
 
 FEW_ROWS = 16  # products with at most this many rows (decoding steps, verification passes) may be rerouted
 FEW = 4  # the row count the "few rows" kernels are timed at (a verification pass of 3 drafts + 1)
@@ -42,6 +45,7 @@ MARGIN = 0.9  # a kernel replaces linear only when it takes at most this fractio
 SCHEMA = 1
 ROWS = {"1": 1, "few": FEW}
 ENV = "LMLAB_KERNELS"  # remeasure | nocache | off
+PACK_SHARE = 0.25  # packed copies (a second copy of each packed weight) may take at most this share of free memory
 
 
 # --------------------------------------------------------------------------- the candidates
@@ -290,6 +294,10 @@ def _shape(lin) -> str:
     return f"{lin.out_features}x{lin.in_features}"
 
 
+def _shape_of(weight: torch.Tensor) -> str:
+    return f"{weight.shape[0]}x{weight.shape[1]}"
+
+
 def choose(model: torch.nn.Module, threads: int | None = None, force: dict | None = None) -> KernelChoice:
     """Time (or read from the cache) the kernels for every RowLinear weight shape of `model` and set each
     layer's routes. `force`: {"1": kernel, "few": kernel} for every layer, or {"OUTxIN": {...}} per shape
@@ -349,6 +357,15 @@ def choose(model: torch.nn.Module, threads: int | None = None, force: dict | Non
         choice.source = f"cache hit + measured {measured} new shape(s)"
     for s, kt in choice.timings.items():
         choice.chosen[s] = {k: pick(t) for k, t in kt.items()}
+    extra = sum(w.numel() * w.element_size() for w in {id(m.weight): m.weight for m in lins}.values()
+                if "packed" in choice.chosen[_shape_of(w)].values())
+    free = free_memory(device)
+    if extra and free is not None and extra > free * PACK_SHARE:
+        notice(f"kernel choice: not packing weights (the copies would take {extra / 2**20:.0f} MiB of "
+               f"{free / 2**20:.0f} MiB free)")
+        choice.source += ", packing skipped (memory)"
+        for s, kt in choice.timings.items():
+            choice.chosen[s] = {k: pick({n: v for n, v in t.items() if n != "packed"}) for k, t in kt.items()}
     for lin in lins:
         c = choice.chosen[_shape(lin)]
         lin.set_route(c["1"], c["few"])

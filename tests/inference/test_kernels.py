@@ -12,13 +12,16 @@ from lmlab.inference.load import RunConfig, prepare
 from lmlab.utils import device as device_utils
 from test_generation import margin_model
 
+CACHE_DIR = kernels.cache_dir  # the real one: $LMLAB_HOME/kernels
 SHAPES = 5  # distinct weight shapes of tiny-llama: q/o, k/v, gate/up, down, lm_head
 
 
 @pytest.fixture(autouse=True)
 def home(tmp_path, monkeypatch):
-    """A fresh $LMLAB_HOME, no LMLAB_KERNELS, and notices that may repeat (they print once per message)."""
+    """A fresh $LMLAB_HOME holding the cache (conftest points it elsewhere for other tests), no LMLAB_KERNELS,
+    and notices that may repeat (they print once per message)."""
     monkeypatch.setenv("LMLAB_HOME", str(tmp_path))
+    monkeypatch.setattr(kernels, "cache_dir", CACHE_DIR)
     monkeypatch.delenv(kernels.ENV, raising=False)
     monkeypatch.setattr(device_utils, "NOTES", [])
     return tmp_path
@@ -234,3 +237,18 @@ def test_a_kernel_replaces_linear_only_by_the_margin(monkeypatch):
     runner = prepared()
     lins = [m for m in runner.model.modules() if isinstance(m, RowLinear)]
     assert {(m.one_row, m.few_rows) for m in lins} == {("linear", "W@xT")} and all(m.packed is None for m in lins)
+
+
+def test_packing_is_skipped_when_memory_is_short(monkeypatch, capsys):
+    if not kernels.packed_available(torch.float32):
+        pytest.skip("no oneDNN prepacked linear here")
+    fake = {1: {"linear": 2.0, "mv": 1.9, "packed": 1.0}, kernels.FEW: {"linear": 2.0, "W@xT": 1.0, "packed": 0.5}}
+    monkeypatch.setattr(kernels, "measure", lambda w, rows, names: {n: fake[rows][n] for n in names})
+    runner = prepared()
+    lins = [m for m in runner.model.modules() if isinstance(m, RowLinear)]
+    assert {(m.one_row, m.few_rows) for m in lins} == {("packed", "packed")} and runner.kernels.packed_bytes > 0
+    monkeypatch.setattr(kernels, "free_memory", lambda device: 1000)
+    runner = prepared()
+    lins = [m for m in runner.model.modules() if isinstance(m, RowLinear)]
+    assert {(m.one_row, m.few_rows) for m in lins} == {("linear", "W@xT")} and runner.kernels.packed_bytes == 0
+    assert "packing skipped" in runner.kernels.source and "not packing weights" in capsys.readouterr().err
