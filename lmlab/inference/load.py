@@ -84,6 +84,8 @@ def prepare(model: torch.nn.Module, run: RunConfig | None = None) -> Runner:
         runner.kernels = quantized_choices(model)
     if run.compile:
         runner.decode_step = compile_step(model)
+        if runner.kernels is not None and runner.kernels.packed_bytes:
+            runner.kernels.source += "; the compiled step runs packed layers as F.linear"
     return runner
 
 
