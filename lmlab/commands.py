@@ -23,11 +23,24 @@ def download(name: str) -> Path:
     return path
 
 
-def info(model: str) -> dict:
+def info(model: str, kernels: bool = False, run=None) -> dict:
+    """`kernels`: also prepare the model as `generate` would with `run` (dtype, threads, quantization) and
+    print which kernel each weight shape runs on, with the timings that chose it."""
     from lmlab.checkpoints import load, resolve
 
-    m, tok = load(model)
-    return describe(model, resolve(model), m, tok)
+    if not kernels:
+        m, tok = load(model)
+        return describe(model, resolve(model), m, tok)
+    from lmlab.inference.load import load as load_runner
+
+    runner, tok = load_runner(model, run)
+    facts = describe(model, resolve(model), runner.model, tok)
+    if runner.kernels is None:
+        print(f"\nkernels: F.linear everywhere (no choice is measured on {runner.device.type})")
+    else:
+        print("\n" + runner.kernels.table())
+    facts["kernels"] = runner.kernels
+    return facts
 
 
 def describe(spec: str, path: Path, model, tok) -> dict:
@@ -134,6 +147,8 @@ def _generate(m, tok, prompts: list[str], cfg, *, stream: bool = True, stats: bo
               f"finish: {', '.join(o.finish_reason for o in outs)}]", file=sys.stderr)
         if outs and outs[0].spec is not None:
             print(_spec_report(outs[0].spec, len(outs)), file=sys.stderr)
+        if getattr(m, "kernels", None) is not None:
+            print(m.kernels.summary(), file=sys.stderr)
     return [o.text for o in outs]
 
 
@@ -252,7 +267,11 @@ def register(sub) -> None:
 
     p = sub.add_parser("info", help="architecture, parameters, dtype, context length, tokenizer")
     _model_arg(p)
-    p.set_defaults(func=lambda a: info(a.model) and 0)
+    p.add_argument("--kernels", action="store_true",
+                   help="prepare the model as generate would (--dtype, --threads, --quantize, ...) and print the "
+                        "kernel each weight shape runs on, with the timings (cached in $LMLAB_HOME/kernels)")
+    add_run_args(p)
+    p.set_defaults(func=lambda a: (info(a.model, True, run_config(a)) if a.kernels else info(a.model)) and 0)
 
     p = sub.add_parser("generate", help="continue a prompt")
     _model_arg(p)
@@ -266,7 +285,8 @@ def register(sub) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stats", action="store_true",
-                   help="print tokens/s and finish reasons (and speculation's acceptance and speed-up) to stderr")
+                   help="print tokens/s, finish reasons, the kernels the layers run on (and speculation's "
+                        "acceptance and speed-up) to stderr")
     add_run_args(p)
     add_speculation_args(p)
     from lmlab.retrieval.command import add_retrieve_args, retrieve_options

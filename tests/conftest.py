@@ -67,3 +67,11 @@ def _cli_fallback_fails(monkeypatch):
         pytest.fail(f"`lmlab {command}` reached the CLI fallback: {type(e).__name__}: {e}")
 
     monkeypatch.setattr(cli, "unexpected", fail)
+
+
+@pytest.fixture(autouse=True)
+def _kernel_cache_in_tmp(monkeypatch, tmp_path_factory):
+    """Kernel timings that tests measure (prepare() in this process) go to a session folder, not to the real
+    $LMLAB_HOME/kernels (tests/inference/test_kernels.py puts the real location back under a tmp home)."""
+    folder = tmp_path_factory.getbasetemp() / "kernel-cache"
+    monkeypatch.setattr("lmlab.inference.kernels.cache_dir", lambda: folder)

@@ -9,7 +9,8 @@ from lmlab.errors import LmlabError
 from lmlab.inference import load as loading
 from lmlab.inference.compile import compile_step
 from lmlab.inference.generate import generate_tokens
-from lmlab.inference.load import RowLinear, RunConfig, prepare, use_row_linears
+from lmlab.inference.kernels import RowLinear, use_row_linears
+from lmlab.inference.load import RunConfig, prepare
 from lmlab.inference.quantize import QuantLinear, quantize_model
 from lmlab.inference.runner import Runner
 from lmlab.inference.sampling import GenerationConfig

@@ -51,3 +51,30 @@ def test_tokenizer_matches_hf(smollm2_path, smollm2):
         assert tok.encode(text) == hf_tok(text)["input_ids"]
     msgs = [{"role": "user", "content": "What is 2+2?"}]
     assert tok.apply_chat_template(msgs) == hf_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+def test_prepared_greedy_identical_on_every_kernel(smollm2_path, hf_model):
+    """The decoding path as `generate` prepares it (kernels chosen by measurement), and with every kernel
+    forced on every layer: the same 32 greedy float32 tokens as HF (a 5-token prompt takes the few-row route)."""
+    from lmlab.inference import kernels
+    from lmlab.inference.load import RunConfig, load
+
+    runner, tok = load(str(smollm2_path), RunConfig(dtype="float32"))
+    ids = torch.tensor([tok.encode("The capital of France is")])
+    assert 1 < ids.shape[1] <= kernels.FEW_ROWS
+    with torch.no_grad():
+        theirs = hf_model.generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1]:].tolist()
+
+    def ours():
+        cache = runner.new_cache(1, 64)
+        logits, out = runner.prefill(ids, cache), []
+        while len(out) < len(theirs):
+            out.append(logits[0].argmax().item())
+            logits = runner.step(torch.tensor([out[-1:]]), cache)
+        return out
+
+    assert ours() == theirs, runner.kernels.summary()
+    names = kernels.candidates(torch.float32)
+    for one, few in zip(names["1"], names["few"]):  # linear/linear, mv/W@xT, packed/packed
+        kernels.choose(runner.model, force={"1": one, "few": few})
+        assert ours() == theirs, (one, few)

@@ -1,6 +1,8 @@
 """Loading a model to run fast on this machine: dtype, quantization, threads, device and an optional
 compiled decoding step, chosen by what `--dtype`, `--quantize`, `--compile`, `--threads`, `--device` ask.
 
+Which matmul kernel each layer runs on is measured once per machine and cached (lmlab.inference.kernels).
+
 Everything here degrades with a one-line notice instead of failing: a dtype the hardware cannot run
 falls back to float32, a missing fast kernel falls back to the reference route, a compiler that is not
 there leaves the eager model. Nothing assumes a CPU: the same calls run on CUDA.
@@ -10,7 +12,6 @@ there leaves the eager model. Nothing assumes a CPU: the same calls run on CUDA.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,8 @@ from lmlab.checkpoints import load as load_checkpoint
 from lmlab.errors import LmlabError
 from lmlab.inference.compile import compile_step
 from lmlab.inference.drafting import DEFAULT_K, Speculation, check_pair
+from lmlab.inference.kernels import choose as choose_kernels
+from lmlab.inference.kernels import quantized_choices, use_row_linears
 from lmlab.inference.quantize import SCHEMES, quantization_route, quantize_model
 from lmlab.inference.runner import Runner
 from lmlab.utils.device import DTYPES, notice, resolve_device, resolve_dtype, set_threads
@@ -56,87 +59,6 @@ def run_config(args) -> RunConfig:
                      compile=args.compile, threads=args.threads, adapter=getattr(args, "adapter", None))
 
 
-# --------------------------------------------------------------------------- few-row products on CPU
-FEW_ROWS = 16  # products with at most this many rows (decoding steps, speculative verify passes) may be rerouted
-
-
-class RowLinear(torch.nn.Linear):
-    """nn.Linear whose few-row products (decoding, verification passes) take the faster of two routes.
-
-    One row: torch.mv. On CPU the half-precision GEMM path is slow for a single row (measured: bf16
-    3072×576 0.79 ms as a GEMM, 0.45 ms as mv; the 49152×576 LM head 21.9 ms vs 8.0 ms).
-    2..FEW_ROWS rows, when `transposed`: W @ xᵀ instead of x @ Wᵀ. On an AMD EPYC with torch 2.13's MKL a
-    float32 8960×1536 product cost 9.8 ms for 2 rows through F.linear and 2.8 ms as W @ xᵀ (3.9 / 3.5 ms
-    for one row), so a 5-token verification pass cost 3× a decoding step; `choose_routes` measures
-    which is faster for each weight shape on the machine at hand."""
-
-    one_row_mv = True
-    transposed = False
-
-    @classmethod
-    def sharing(cls, lin: torch.nn.Linear) -> "RowLinear":
-        """A RowLinear holding the very Parameters of `lin` (tied weights stay tied; same state dict)."""
-        with torch.device("meta"):
-            new = cls(lin.in_features, lin.out_features, bias=lin.bias is not None)
-        new.weight = lin.weight
-        new.bias = lin.bias
-        new.train(lin.training)
-        return new
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if rows == 1 and self.one_row_mv:
-            y = torch.mv(self.weight, x.reshape(-1))
-        elif self.transposed and rows <= FEW_ROWS:
-            y = (self.weight @ x.reshape(rows, self.in_features).t()).t()
-        else:
-            return super().forward(x)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
-
-
-def use_row_linears(model: torch.nn.Module) -> int:
-    """Swap every plain nn.Linear for a RowLinear sharing its Parameters, in place. Returns how many."""
-    targets = [(name, m) for name, m in model.named_modules() if type(m) is torch.nn.Linear]
-    for name, lin in targets:
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, RowLinear.sharing(lin))
-    return len(targets)
-
-
-def _best_ms(f, repeats: int = 3) -> float:
-    f()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f()
-        best = min(best, time.perf_counter() - t)
-    return best * 1e3
-
-
-@torch.inference_mode()
-def choose_routes(model: torch.nn.Module, rows: int = 4) -> dict[tuple[int, int], dict[str, float]]:
-    """Per weight shape, time a one-row product as F.linear and as mv, and a `rows`-row product as F.linear
-    and as W @ xᵀ; each RowLinear takes a rerouted kernel only where it was at least 10% faster.
-    Returns {(out, in): {kernel: ms}}, which prepare() keeps on Runner.routes."""
-    lins = [m for m in model.modules() if isinstance(m, RowLinear)]
-    timings: dict[tuple[int, int], dict[str, float]] = {}
-    for lin in lins:
-        shape = (lin.out_features, lin.in_features)
-        if shape not in timings:
-            w = lin.weight
-            x1 = torch.randn(1, lin.in_features, dtype=w.dtype, device=w.device)
-            x = torch.randn(rows, lin.in_features, dtype=w.dtype, device=w.device)
-            F = torch.nn.functional
-            timings[shape] = {"linear1": _best_ms(lambda: F.linear(x1, w)), "mv": _best_ms(lambda: torch.mv(w, x1[0])),
-                              f"linear{rows}": _best_ms(lambda: F.linear(x, w)), f"W@xT{rows}": _best_ms(lambda: w @ x.t())}
-        t = timings[shape]
-        lin.one_row_mv = t["mv"] < 0.9 * t["linear1"]
-        lin.transposed = t[f"W@xT{rows}"] < 0.9 * t[f"linear{rows}"]
-    return timings
-
-
 # --------------------------------------------------------------------------- preparing and loading
 def prepare(model: torch.nn.Module, run: RunConfig | None = None) -> Runner:
     """Move, cast, quantize and (optionally) compile a model according to `run`. Returns its Runner."""
@@ -150,7 +72,7 @@ def prepare(model: torch.nn.Module, run: RunConfig | None = None) -> Runner:
         use_row_linears(model)
     runner = Runner(model)
     if device.type == "cpu" and not run.quantize:
-        runner.routes = choose_routes(model)
+        runner.kernels = choose_kernels(model)  # measured once per machine, torch, threads, dtype, shape; cached
     if run.quantize:
         if run.quantize not in SCHEMES:
             raise LmlabError(f"unknown quantization '{run.quantize}' (choose from {', '.join(SCHEMES)})")
@@ -159,8 +81,11 @@ def prepare(model: torch.nn.Module, run: RunConfig | None = None) -> Runner:
                    "falling back to de-quantizing weights on the fly (correct, slower)")
         quantize_model(model, run.quantize, group_size=run.group_size)
         runner.warm()  # pick and check each layer's kernel eagerly, before any compiling
+        runner.kernels = quantized_choices(model)
     if run.compile:
         runner.decode_step = compile_step(model)
+        if runner.kernels is not None and runner.kernels.packed_bytes:
+            runner.kernels.source += "; the compiled step runs packed layers as F.linear"
     return runner
 
 

@@ -27,7 +27,7 @@ class Runner:
     def __init__(self, model: torch.nn.Module, decode_step=None):
         self.model = model
         self.decode_step = decode_step  # lmlab.inference.compile.DecodeStep, or None (eager)
-        self.routes: dict = {}  # weight shape -> kernel timings (lmlab.inference.load.choose_routes)
+        self.kernels = None  # lmlab.inference.kernels.KernelChoice: each layer's kernel and its timings
 
     @property
     def cfg(self):

@@ -1,0 +1,254 @@
+"""lmlab.inference.kernels: kernels chosen by measurement, cached per machine, never trusted when stale."""
+import itertools
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmlab.inference import kernels
+from lmlab.inference.kernels import RowLinear
+from lmlab.inference.load import RunConfig, prepare
+from lmlab.utils import device as device_utils
+from test_generation import margin_model
+
+CACHE_DIR = kernels.cache_dir  # the real one: $LMLAB_HOME/kernels
+SHAPES = 5  # distinct weight shapes of tiny-llama: q/o, k/v, gate/up, down, lm_head
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch):
+    """A fresh $LMLAB_HOME holding the cache (conftest points it elsewhere for other tests), no LMLAB_KERNELS,
+    and notices that may repeat (they print once per message)."""
+    monkeypatch.setenv("LMLAB_HOME", str(tmp_path))
+    monkeypatch.setattr(kernels, "cache_dir", CACHE_DIR)
+    monkeypatch.delenv(kernels.ENV, raising=False)
+    monkeypatch.setattr(device_utils, "NOTES", [])
+    return tmp_path
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """Counts kernels.measure calls (one per weight shape and row kind), timings unchanged."""
+    calls = []
+    real = kernels.measure
+
+    def counting(weight, rows, names):
+        calls.append((tuple(weight.shape), rows))
+        return real(weight, rows, names)
+
+    monkeypatch.setattr(kernels, "measure", counting)
+    return calls
+
+
+def prepared(dtype="float32"):
+    return prepare(margin_model("tiny-llama"), RunConfig(dtype=dtype, threads=1))
+
+
+def cache_file(home):
+    (path,) = (home / "kernels").glob("*.json")
+    return path
+
+
+def test_cache_is_written_then_hit(home, measured):
+    first = prepared()
+    assert len(measured) == 2 * SHAPES and first.kernels.source == "measured"
+    path = cache_file(home)
+    assert str(path) == first.kernels.path and path.name.startswith("float32-1t-")
+    data = json.loads(path.read_text())
+    assert data["torch"] == torch.__version__ and data["threads"] == 1 and len(data["shapes"]) == SHAPES
+    measured.clear()
+    second = prepared()
+    assert measured == [] and second.kernels.source == "cache hit" and all(second.kernels.cached.values())
+    assert second.kernels.chosen == first.kernels.chosen
+    assert "cache hit" in second.kernels.summary() and "from" in second.kernels.table()
+    prepare(margin_model("tiny-llama"), RunConfig(dtype="bfloat16", threads=1))  # another dtype: another file
+    assert len(list((home / "kernels").glob("*.json"))) == 2
+
+
+def _corrupt(data):
+    return "{not json"
+
+
+def _other_torch(data):
+    return json.dumps({**data, "torch": "1.0.0"})
+
+
+def _other_machine(data):
+    return json.dumps({**data, "fingerprint": {**data["fingerprint"], "flags": "0" * 16}})
+
+
+def _other_schema(data):
+    return json.dumps({**data, "schema": 0})
+
+
+def _shape_missing(data):
+    shapes = dict(data["shapes"])
+    shapes.pop("64x64")
+    return json.dumps({**data, "shapes": shapes})
+
+
+def _bad_timing(data):
+    shapes = json.loads(json.dumps(data["shapes"]))
+    shapes["64x64"]["1"]["mv"] = -1
+    return json.dumps({**data, "shapes": shapes})
+
+
+@pytest.mark.parametrize("tamper, remeasured, why", [
+    (_corrupt, 2 * SHAPES, "not valid JSON"), (_other_torch, 2 * SHAPES, "different torch"),
+    (_other_machine, 2 * SHAPES, "different fingerprint"), (_other_schema, 2 * SHAPES, "different schema"),
+    (_shape_missing, 2, None), (_bad_timing, 2, None)])
+def test_untrusted_cache_is_remeasured_and_rewritten(home, measured, capsys, tamper, remeasured, why):
+    prepared()
+    path = cache_file(home)
+    path.write_text(tamper(json.loads(path.read_text())))
+    measured.clear()
+    runner = prepared()
+    assert len(measured) == remeasured
+    if why:
+        assert runner.kernels.source == f"re-measured ({why})"
+        assert f"kernel cache: re-measured ({why}" in capsys.readouterr().err
+    else:
+        assert measured[0][0] == (64, 64) and runner.kernels.source == "cache hit + measured 1 new shape(s)"
+    measured.clear()
+    assert prepared().kernels.source == "cache hit" and measured == []  # the rewritten file is whole again
+
+
+def test_environment_overrides(home, measured, monkeypatch):
+    prepared()
+    monkeypatch.setenv(kernels.ENV, "remeasure")
+    measured.clear()
+    assert prepared().kernels.source.startswith("re-measured") and len(measured) == 2 * SHAPES
+    monkeypatch.setenv(kernels.ENV, "off")
+    measured.clear()
+    runner = prepared()
+    assert measured == [] and runner.kernels.source == "off"
+    assert all(m.one_row == m.few_rows == "linear" for m in runner.model.modules() if isinstance(m, RowLinear))
+    monkeypatch.setenv(kernels.ENV, "nocache")
+    cache_file(home).unlink()
+    assert prepared().kernels.path is None and not list((home / "kernels").glob("*.json"))
+
+
+def test_an_unwritable_cache_is_a_notice(home, capsys):
+    (home / "kernels").write_text("a file where the folder should be")
+    runner = prepared()
+    assert runner.kernels.path is None and "kernel cache: not saved" in capsys.readouterr().err
+
+
+def _logits(runner, prompt):
+    """Logits of a 5-token prompt (few rows), a 1-token step and a 4-token verification pass."""
+    cache = runner.new_cache(1, 16)
+    ids = torch.tensor([prompt])
+    return torch.cat([runner.prefill(ids[:, :5], cache),
+                      runner.step(ids[:, 5:6], cache), runner.logits_all(ids[:, 6:10], cache)[0]])
+
+
+def test_every_route_gives_the_same_float32_logits(measured):
+    prompt = [5, 17, 3, 42, 9, 11, 30, 2, 8, 19]
+    runner = prepared()
+    kernels.choose(runner.model, force={"1": "linear", "few": "linear"})
+    want = _logits(runner, prompt)
+    names = kernels.candidates(torch.float32)
+    assert "packed" in names["1"] or not kernels.packed_available(torch.float32)
+    for one, few in itertools.product(names["1"], names["few"]):
+        choice = kernels.choose(runner.model, force={"1": one, "few": few})
+        assert set(choice.chosen["64x64"].values()) == {one, few} and choice.source == "forced"
+        torch.testing.assert_close(_logits(runner, prompt), want, atol=1e-5, rtol=1e-5, msg=f"{one}/{few}")
+    kernels.choose(runner.model, force={"64x64": {"1": "mv", "few": "W@xT"}, "1": "linear", "few": "linear"})
+    lins = [m for m in runner.model.modules() if isinstance(m, RowLinear)]
+    assert {(m.one_row, m.few_rows) for m in lins if m.weight.shape == (64, 64)} == {("mv", "W@xT")}
+    assert {(m.one_row, m.few_rows) for m in lins if m.weight.shape != (64, 64)} == {("linear", "linear")}
+    assert len(measured) == 2 * SHAPES  # only the first prepare measured: forcing measures nothing
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_packed_route_matches_linear(dtype, tol):
+    if not kernels.packed_available(dtype):
+        pytest.skip(f"no oneDNN prepacked linear for {dtype} here")
+    torch.manual_seed(0)
+    lin = RowLinear.sharing(torch.nn.Linear(96, 80)).to(dtype)
+    lin.set_route("packed", "packed")
+    assert lin.packed is not None and lin.packed.dtype == dtype
+    with torch.inference_mode():
+        for rows in (1, 3, 16):
+            x = torch.randn(rows, 96).to(dtype)
+            want = F.linear(x.float(), lin.weight.float(), lin.bias.float())
+            got = lin(x)
+            assert got.dtype == dtype and got.shape == want.shape
+            assert ((got.float() - want).norm() / want.norm()).item() < tol, rows
+
+
+def test_packing_keeps_parameters_tied_and_the_state_dict_plain():
+    runner = prepared()
+    model = runner.model
+    keys = {k: v.shape for k, v in model.state_dict().items()}
+    if kernels.packed_available(torch.float32):
+        kernels.choose(model, force={"1": "packed", "few": "packed"})
+        assert model.lm_head.packed is not None
+    assert model.lm_head.weight is model.tok_emb.weight
+    assert {k: v.shape for k, v in model.state_dict().items()} == keys
+    with torch.inference_mode():
+        want = model(torch.tensor([[1, 2, 3]]))
+    model.to(torch.float32)  # .to()/.float() drop the packed copies: the layers fall back to F.linear
+    assert all(m.packed is None for m in model.modules() if isinstance(m, RowLinear))
+    with torch.inference_mode():
+        torch.testing.assert_close(model(torch.tensor([[1, 2, 3]])), want, atol=1e-5, rtol=1e-5)
+
+
+def test_quantized_layers_report_their_kernels(measured):
+    runner = prepare(margin_model("tiny-llama"), RunConfig(quantize="int8", threads=1))
+    assert measured == []  # quantized layers choose for themselves
+    q = runner.kernels.quantized
+    assert "512x64 int8" in q and set(q["512x64 int8"]) == {"1", "few", "prompt"}
+    assert q["512x64 int8"]["1"] in ("int8pack", "dequant+linear")
+    assert "512x64 int8" in runner.kernels.summary() and "prompt passes" in runner.kernels.table()
+
+
+def test_cli_info_kernels_and_generate_stats(home, tmp_path, capsys):
+    from lmlab.cli import main
+    from tiny_gguf import write_tiny
+
+    tiny = tmp_path / "tiny.gguf"
+    write_tiny(tiny)
+
+    def run(*args):
+        with pytest.raises(SystemExit) as ended:
+            main(list(args))
+        out = capsys.readouterr()
+        assert ended.value.code in (0, None), out.err
+        return out
+
+    out = run("info", "-m", str(tiny), "--kernels", "--threads", "1")
+    assert "kernels for float32, 1 threads: measured" in out.out and "chosen" in out.out
+    assert "linear ms" in out.out and "cache file:" in out.out and "decoder (llama)" in out.out
+    out = run("info", "-m", str(tiny), "--kernels", "--threads", "1")
+    assert "kernels for float32, 1 threads: cache hit" in out.out
+    out = run("generate", "-m", str(tiny), "-p", "The quick", "--max-new-tokens", "3", "--temperature", "0",
+              "--threads", "1", "--stats")
+    assert "kernels (1 row/4 rows):" in out.err and "cache hit" in out.err
+
+
+def test_a_kernel_replaces_linear_only_by_the_margin(monkeypatch):
+    assert kernels.pick({"linear": 1.0, "mv": 0.95}) == "linear"  # 5% faster: noise, keep linear
+    assert kernels.pick({"linear": 1.0, "mv": 0.8, "packed": 0.85}) == "mv"
+    assert kernels.pick({"linear": 0.5, "W@xT": 0.1, "packed": 0.2}) == "W@xT"
+    fake = {1: {"linear": 1.0, "mv": 1.5, "packed": 1.4}, kernels.FEW: {"linear": 2.0, "W@xT": 1.0, "packed": 3.0}}
+    monkeypatch.setattr(kernels, "measure", lambda w, rows, names: {n: fake[rows][n] for n in names})
+    runner = prepared()
+    lins = [m for m in runner.model.modules() if isinstance(m, RowLinear)]
+    assert {(m.one_row, m.few_rows) for m in lins} == {("linear", "W@xT")} and all(m.packed is None for m in lins)
+
+
+def test_packing_is_skipped_when_memory_is_short(monkeypatch, capsys):
+    if not kernels.packed_available(torch.float32):
+        pytest.skip("no oneDNN prepacked linear here")
+    fake = {1: {"linear": 2.0, "mv": 1.9, "packed": 1.0}, kernels.FEW: {"linear": 2.0, "W@xT": 1.0, "packed": 0.5}}
+    monkeypatch.setattr(kernels, "measure", lambda w, rows, names: {n: fake[rows][n] for n in names})
+    runner = prepared()
+    lins = [m for m in runner.model.modules() if isinstance(m, RowLinear)]
+    assert {(m.one_row, m.few_rows) for m in lins} == {("packed", "packed")} and runner.kernels.packed_bytes > 0
+    monkeypatch.setattr(kernels, "free_memory", lambda device: 1000)
+    runner = prepared()
+    lins = [m for m in runner.model.modules() if isinstance(m, RowLinear)]
+    assert {(m.one_row, m.few_rows) for m in lins} == {("linear", "W@xT")} and runner.kernels.packed_bytes == 0
+    assert "packing skipped" in runner.kernels.source and "not packing weights" in capsys.readouterr().err
