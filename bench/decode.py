@@ -258,9 +258,12 @@ def llamacpp_generate(llm, ids: list[int], n: int) -> tuple[list[int], float]:
 
 def llamacpp_prefill(llm, ids: list[int]) -> float:
     """Seconds to process `ids` from an empty cache up to the last position's logits (the TTFT figure)."""
+    import llama_cpp
+
     llm.reset()
     t0 = time.perf_counter()
     llm.eval(ids)
+    llama_cpp.llama_synchronize(llm.ctx)  # the logits are ready
     return time.perf_counter() - t0
 
 
