@@ -36,10 +36,11 @@ echo "downloading llama-cpp-python==$VERSION (source) into $DEST/src"
 sdist="$(ls "$DEST"/src/llama_cpp_python-"$VERSION".tar.gz)"
 
 echo "building $sdist (C++ compile: several minutes)"
-# GGML_NATIVE: -march=native. No GPU backends, no BLAS, no server/examples.
+# GGML_NATIVE: -march=native. No GPU backends, no BLAS, no server/examples, and no multimodal (llava/mtmd)
+# library: llama_cpp loads that one only for image chat, which the bench never uses.
 export CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF \
 -DGGML_BLAS=OFF -DGGML_OPENMP=ON -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF \
--DLLAMA_BUILD_SERVER=OFF -DCMAKE_BUILD_TYPE=Release"
+-DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF -DCMAKE_BUILD_TYPE=Release"
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
 "$PYTHON" -m pip install --no-deps --no-cache-dir --no-binary llama-cpp-python --target "$DEST" "$sdist"
 

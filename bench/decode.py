@@ -418,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{gguf_bytes / 1e6:.0f} MB), TTFT {spread(lc['all_ttft'], 1e3, min, 0)} ms = "
             f"{len(long_prompt) / lc['ttft']:.0f} tok/s" + vs)
         log(f"[llama.cpp] text: {tok.decode(lc['tokens'])[:100]!r}")
+        llm.close()  # now, not at interpreter exit (where its finalizer finds the library half torn down)
 
     # one table: a row per library and run; spreads are min–max over the --repeats runs
     log(f"\n| run | decode tok/s: best (min–max, n) | vs peer | % of BW limit | TTFT {len(long_prompt)} ms: best "
