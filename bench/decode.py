@@ -10,12 +10,21 @@ One process, one run, every number next to its peer measured in the same run:
   * time to first token and prefill tokens/s for a --prefill-tokens prompt;
   * the fraction of the bandwidth limit each decode reaches (bytes of weights read per token × tokens/s);
   * wikitext-2 perplexity over --ppl-windows windows for float32 / bfloat16 / int8 / int4, with the
-    +1% / +2% / +5% checks against float32.
-Machines are shared and noisy: each timing is the best of --repeats runs, lmlab and HF interleaved.
+    +1% / +2% / +5% checks against float32;
+  * llama.cpp (llama-cpp-python, built from source by bench/build_llamacpp.sh into bench/.llamacpp, never
+    a dependency of lmlab) as the peer of int4: the same GGUF file lmlab loads, the same prompt ids, the same
+    number of new tokens, greedy, the same thread count; its decode tok/s, 512-token prefill, % of its own
+    bandwidth limit (the file's matrix bytes) and how many greedy tokens agree with lmlab int4. Skipped with
+    a notice when it is not built or the model is not a GGUF file.
+Machines are shared and noisy: each timing is the best of --repeats runs (lmlab, HF and llama.cpp
+interleaved), printed with its spread (min–max over the runs). The last lines state each goal as PASS/FAIL:
+decode ≥ HF and prefill ≥ HF per dtype, float32/bfloat16 ≥ 80% and int8/int4 ≥ 60% of their bandwidth limit,
+int4 ≥ llama.cpp. The exit status is 1 only when a perplexity check fails (timings are too noisy to gate on).
 
     python bench/decode.py                      # everything (~12 min on 2 cores)
     python bench/decode.py --ppl-windows 0      # speed only
     python bench/decode.py --eager              # lmlab without its compiled decoding step
+    python bench/decode.py --no-llamacpp        # without the llama.cpp row
     python bench/decode.py --new-tokens 8 --prefill-tokens 32 --repeats 1 --ppl-windows 0 --no-hf \
         --configs float32 --eager                # a smoke run (seconds)
 """
@@ -44,7 +53,8 @@ from lmlab.utils import device as devices  # noqa: E402
 
 WIKITEXT = ROOT / ".." / "shared" / "data" / "corpora" / "wikitext-2-raw-test.txt"
 PPL_LIMITS = {"bfloat16": 0.01, "int8": 0.02, "int4": 0.05}
-LLAMA_CPP_Q4_1 = 199.0  # tok/s measured on this machine class (issue 6), for reference only
+LLAMACPP_DIR = ROOT / "bench" / ".llamacpp"  # where bench/build_llamacpp.sh puts llama-cpp-python
+BW_GOALS = {"float32": 0.80, "bfloat16": 0.80, "int8": 0.60, "int4": 0.60}  # decode ≥ this share of its limit
 
 
 def log(msg: str) -> None:
@@ -79,22 +89,44 @@ def load_hf(spec: str):
     return AutoModelForCausalLM.from_pretrained(str(path)).eval()
 
 
+class _Clock:
+    """A transformers streamer that only notes when each `put` arrives: the first carries the prompt, the
+    second the first new token (after prefill), the last the last token."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
 @torch.inference_mode()
 def hf_generate(model, ids: list[int], n: int) -> tuple[list[int], float]:
+    """(n greedy tokens, seconds from the first new token to the last: the n - 1 decoding steps)."""
+    x = torch.tensor([ids], device=model.device)
+    clock = _Clock()
+    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False, pad_token_id=0, streamer=clock)
+    return out[0, len(ids):].tolist(), clock.times[-1] - clock.times[1]
+
+
+@torch.inference_mode()
+def hf_prefill(model, ids: list[int]) -> float:
+    """Seconds of one generate call for one token: prefill of `ids` and the first token (the TTFT figure)."""
     x = torch.tensor([ids], device=model.device)
     devices.synchronize(model.device)
     t = time.perf_counter()
-    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
-                         do_sample=False, pad_token_id=0)
+    model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=1, do_sample=False, pad_token_id=0)
     devices.synchronize(model.device)
-    return out[0, len(ids):].tolist(), time.perf_counter() - t
+    return time.perf_counter() - t
 
 
 def hf_run(model, prompt: list[int], n: int, long_prompt: list[int]) -> dict:
-    tokens, total = hf_generate(model, prompt, n)
-    _, first = hf_generate(model, prompt, 1)
-    _, ttft = hf_generate(model, long_prompt, 1)
-    return dict(tokens=tokens, decode_tps=(n - 1) / max(total - first, 1e-9), ttft=ttft)
+    tokens, decode_s = hf_generate(model, prompt, n)
+    return dict(tokens=tokens, decode_tps=(n - 1) / max(decode_s, 1e-9), ttft=hf_prefill(model, long_prompt))
 
 
 # --------------------------------------------------------------------------- lmlab
@@ -138,11 +170,106 @@ def lmlab_run(runner, tok, prompt: list[int], n: int, long_prompt: list[int], ch
 
 
 def best_of(runs: list[dict]) -> dict:
+    """The first run's tokens, the best of each timing, and every run's figures (for the spread):
+    decode_tps / old_tps the highest, ttft the lowest; `all_<key>` lists them all."""
     best = dict(runs[0])
-    best.update(decode_tps=max(r["decode_tps"] for r in runs), ttft=min(r["ttft"] for r in runs))
-    if "old_tps" in runs[0]:
-        best["old_tps"] = max(r["old_tps"] for r in runs)
+    for key, pick in (("decode_tps", max), ("old_tps", max), ("ttft", min)):
+        if key in runs[0]:
+            best[key] = pick(r[key] for r in runs)
+            best["all_" + key] = [r[key] for r in runs]
     return best
+
+
+def spread(values: list[float], scale: float = 1.0, best=max, digits: int = 1) -> str:
+    """'best (min–max, n=N)' of timings over repeats, e.g. '24.9 (23.7–24.9, n=3)'; best is max for
+    rates, min for durations. One run: '24.9 (n=1)'."""
+    v = [x * scale for x in values]
+    b = f"{best(v):.{digits}f}"
+    if len(v) == 1:
+        return f"{b} (n=1)"
+    return f"{b} ({min(v):.{digits}f}–{max(v):.{digits}f}, n={len(v)})"
+
+
+# --------------------------------------------------------------------------- llama.cpp
+def is_gguf(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def gguf_bytes_per_token(path: Path) -> int:
+    """Bytes of matrix weights one decoding step of a GGUF model reads, as stored in the file (its own
+    quantized block layout): every tensor of two or more dimensions except the token embedding (one row of
+    it is read), which counts only when it doubles as the output head (no output.weight: tied). The same
+    definition as lmlab.inference.quantize.weight_bytes (linears and LM head; norms and embedding out)."""
+    from gguf import GGUFReader
+
+    tensors = GGUFReader(path).tensors
+    names = {t.name for t in tensors}
+    total = 0
+    for t in tensors:
+        if sum(int(d) > 1 for d in t.shape) < 2:
+            continue
+        if t.name == "token_embd.weight" and "output.weight" in names:
+            continue
+        total += int(t.n_bytes)
+    return total
+
+
+def load_llamacpp(folder: Path, gguf: Path, threads: int, n_ctx: int):
+    """(Llama, a line saying what was loaded) or (None, why it is skipped). llama_cpp is imported from
+    `folder` (appended to sys.path, so lmlab's own numpy and friends keep precedence), or from wherever
+    it is already importable."""
+    if not (folder / "llama_cpp").is_dir():
+        try:
+            import llama_cpp  # noqa: F401  (installed some other way)
+        except ImportError:
+            return None, f"llama.cpp: not built (run bench/build_llamacpp.sh; looked in {folder}); skipped"
+    elif str(folder) not in sys.path:
+        sys.path.append(str(folder))
+    if not is_gguf(gguf):
+        return None, f"llama.cpp: {gguf} is not a GGUF file (llama.cpp needs one); skipped"
+    try:
+        import llama_cpp
+
+        llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=512, n_threads=threads,
+                              n_threads_batch=threads, logits_all=False, verbose=False)
+    except Exception as e:  # a broken build, an unsupported file: the bench goes on without it
+        return None, f"llama.cpp: could not load {gguf.name} ({type(e).__name__}: {e}); skipped"
+    return llm, (f"llama.cpp: llama-cpp-python {llama_cpp.__version__} from {Path(llama_cpp.__file__).parent}, "
+                 f"{gguf.name}, {threads} threads")
+
+
+def llamacpp_generate(llm, ids: list[int], n: int) -> tuple[list[int], float]:
+    """n greedy tokens after `ids` through llama-cpp-python's own generation loop (its greedy sampler).
+    (tokens, seconds of the n - 1 decoding steps): the clock starts at the first token, so prompt
+    processing is not in it."""
+    llm.reset()  # no prefix reuse: the prompt is processed afresh each run
+    out, t0 = [], 0.0
+    for token in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        if not out:
+            t0 = time.perf_counter()
+        out.append(token)
+        if len(out) == n:
+            break
+    return out, time.perf_counter() - t0
+
+
+def llamacpp_prefill(llm, ids: list[int]) -> float:
+    """Seconds to process `ids` from an empty cache up to the last position's logits (the TTFT figure)."""
+    import llama_cpp
+
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    llama_cpp.llama_synchronize(llm.ctx)  # the logits are ready
+    return time.perf_counter() - t0
+
+
+def llamacpp_run(llm, prompt: list[int], n: int, long_prompt: list[int]) -> dict:
+    tokens, decode_s = llamacpp_generate(llm, prompt, n)
+    return dict(tokens=tokens, decode_tps=(n - 1) / max(decode_s, 1e-9), ttft=llamacpp_prefill(llm, long_prompt))
 
 
 # --------------------------------------------------------------------------- perplexity
@@ -184,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--data", default=str(WIKITEXT))
     p.add_argument("--configs", default="float32,bfloat16,int8,int4", help="which runs (comma-separated)")
+    p.add_argument("--llamacpp", default=str(LLAMACPP_DIR),
+                   help="folder bench/build_llamacpp.sh built llama-cpp-python into (default: %(default)s)")
+    p.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp peer")
     a = p.parse_args(argv)
     if a.new_tokens < 2:
         p.error("--new-tokens must be at least 2 (decode speed needs a step after the first token)")
@@ -211,6 +341,17 @@ def main(argv: list[str] | None = None) -> int:
         f"{a.new_tokens} new tokens, greedy, batch 1; best of {a.repeats}")
 
     hf = None if a.no_hf else load_hf(a.model)
+    llm, gguf_path, gguf_bytes = None, resolve(a.model), 0
+    if not a.no_llamacpp:
+        n_ctx = max(len(long_prompt), len(prompt) + a.new_tokens) + 16
+        llm, note = load_llamacpp(Path(a.llamacpp), gguf_path, threads, n_ctx)
+        log(note)
+        if llm is not None:
+            gguf_bytes = gguf_bytes_per_token(gguf_path)
+            made = llm.tokenize(tok.decode(prompt).encode("utf-8"), add_bos=False, special=False)
+            log(f"llama.cpp: fed lmlab's prompt ids; its own tokenizer gives "
+                + ("the same ids" if made == prompt else f"different ids ({len(made)} tokens)")
+                + f"; {gguf_bytes / 1e6:.0f} MB of matrix weights read per token in the file")
     configs = [("float32", "float32", None), ("bfloat16", "bfloat16", None),
                ("int8", a.quant_dtype, "int8"), ("int4", a.quant_dtype, "int4")]
     wanted = a.configs.split(",")
@@ -218,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"--configs: unknown run {unknown[0]!r} (choose from float32, bfloat16, int8, int4)")
     configs = [c for c in configs if c[0] in wanted]
+    # llama.cpp runs interleaved with int4 (its peer); alone at the end when int4 is not among the runs
+    lc_runs: list[dict] = []
     rows, ppl = [], {}
     for name, dtype, quant in configs:
         run = RunConfig(dtype=dtype, quantize=quant, group_size=a.group_size, compile=not a.eager,
@@ -231,23 +374,26 @@ def main(argv: list[str] | None = None) -> int:
             ours.append(lmlab_run(runner, tok, prompt, a.new_tokens, long_prompt, a.chunk))
             if hf_model is not None:
                 theirs.append(hf_run(hf_model, prompt, a.new_tokens, long_prompt))
+            if llm is not None and name == "int4":
+                lc_runs.append(llamacpp_run(llm, prompt, a.new_tokens, long_prompt))
         o = best_of(ours)
         h = best_of(theirs) if theirs else None
         nbytes = weight_bytes(model)
         limit = bw * 1e9 / nbytes
         rows.append(dict(name=name, o=o, h=h, nbytes=nbytes, limit=limit))
-        log(f"\n[{name}] lmlab: decode {o['decode_tps']:.1f} tok/s ({o['decode_tps'] / limit:.0%} of the "
+        log(f"\n[{name}] lmlab: decode {spread(o['all_decode_tps'])} tok/s ({o['decode_tps'] / limit:.0%} of the "
             f"{limit:.0f} tok/s bandwidth limit for {nbytes / 1e6:.0f} MB of weights), "
-            f"TTFT {len(long_prompt)} tokens {o['ttft'] * 1e3:.0f} ms = {len(long_prompt) / o['ttft']:.0f} tok/s")
-        log(f"[{name}] lmlab old loop (step + argmax, one sync per run): decode {o['old_tps']:.1f} tok/s;  "
+            f"TTFT {len(long_prompt)} tokens {spread(o['all_ttft'], 1e3, min, 0)} ms = "
+            f"{len(long_prompt) / o['ttft']:.0f} tok/s")
+        log(f"[{name}] lmlab old loop (step + argmax, one sync per run): decode {spread(o['all_old_tps'])} tok/s;  "
             f"ratio `lmlab generate` path / old loop {o['decode_tps'] / o['old_tps']:.2f}x;  tokens identical for "
             f"{same_prefix(o['tokens'], o['old_tokens'])}/{a.new_tokens}")
         if h is not None:
             match = same_prefix(o["tokens"], h["tokens"])
-            log(f"[{name}] HF:    decode {h['decode_tps']:.1f} tok/s, TTFT {h['ttft'] * 1e3:.0f} ms = "
-                f"{a.prefill_tokens / h['ttft']:.0f} tok/s;  ratios lmlab/HF: decode "
-                f"{o['decode_tps'] / h['decode_tps']:.2f}x, prefill {h['ttft'] / o['ttft']:.2f}x;  "
-                f"greedy tokens identical for {match}/{a.new_tokens}")
+            log(f"[{name}] HF:    decode {spread(h['all_decode_tps'])} tok/s, TTFT "
+                f"{spread(h['all_ttft'], 1e3, min, 0)} ms = {len(long_prompt) / h['ttft']:.0f} tok/s;  "
+                f"ratios lmlab/HF: decode {o['decode_tps'] / h['decode_tps']:.2f}x, prefill "
+                f"{h['ttft'] / o['ttft']:.2f}x;  greedy tokens identical for {match}/{a.new_tokens}")
         log(f"[{name}] text: {tok.decode(o['tokens'])[:100]!r}")
         if windows:
             ppl[name] = perplexity(model, windows)
@@ -255,12 +401,33 @@ def main(argv: list[str] | None = None) -> int:
         del model, runner
         torch._dynamo.reset()
 
-    log("\n| run | lmlab tok/s | old loop tok/s | new/old | HF tok/s | ratio | % of BW limit | TTFT ms (lmlab/HF) "
-        "| prefill ratio | ppl | Δppl |")
-    log("|---|---|---|---|---|---|---|---|---|---|---|")
+    lc = None
+    if llm is not None:
+        if not lc_runs:
+            lc_runs = [llamacpp_run(llm, prompt, a.new_tokens, long_prompt) for _ in range(a.repeats)]
+        lc = best_of(lc_runs)
+        lc.update(nbytes=gguf_bytes, limit=bw * 1e9 / gguf_bytes)
+        int4 = next((r["o"] for r in rows if r["name"] == "int4"), None)
+        vs = ""
+        if int4 is not None:
+            vs = (f";  lmlab int4 / llama.cpp: decode {int4['decode_tps'] / lc['decode_tps']:.2f}x, prefill "
+                  f"{lc['ttft'] / int4['ttft']:.2f}x;  greedy tokens identical to lmlab int4 for "
+                  f"{same_prefix(int4['tokens'], lc['tokens'])}/{a.new_tokens}")
+        log(f"\n[llama.cpp {gguf_path.name}] decode {spread(lc['all_decode_tps'])} tok/s "
+            f"({lc['decode_tps'] / lc['limit']:.0%} of the {lc['limit']:.0f} tok/s limit for "
+            f"{gguf_bytes / 1e6:.0f} MB), TTFT {spread(lc['all_ttft'], 1e3, min, 0)} ms = "
+            f"{len(long_prompt) / lc['ttft']:.0f} tok/s" + vs)
+        log(f"[llama.cpp] text: {tok.decode(lc['tokens'])[:100]!r}")
+        llm.close()  # now, not at interpreter exit (where its finalizer finds the library half torn down)
+
+    # one table: a row per library and run; spreads are min–max over the --repeats runs
+    log(f"\n| run | decode tok/s: best (min–max, n) | vs peer | % of BW limit | TTFT {len(long_prompt)} ms: best "
+        "(min–max, n) | prefill vs peer | old loop tok/s (new/old) | ppl | Δppl |")
+    log("|---|---|---|---|---|---|---|---|---|")
     ok = True
     for r in rows:
         o, h = r["o"], r["h"]
+        peer, peer_name = (h, "HF") if h is not None else (lc, "llama.cpp") if r["name"] == "int4" else (None, "")
         d = ""
         if r["name"] in ppl and "float32" in ppl:
             rel = ppl[r["name"]] / ppl["float32"] - 1
@@ -268,19 +435,55 @@ def main(argv: list[str] | None = None) -> int:
             passed = lim is None or rel <= lim
             ok &= passed
             d = f"{rel:+.2%}" + ("" if lim is None else f" (≤ +{lim:.0%}: {'ok' if passed else 'FAIL'})")
-        hf_cols = (f"{h['decode_tps']:.1f} | {o['decode_tps'] / h['decode_tps']:.2f}x" if h else "– | –")
-        ttft = f"{o['ttft'] * 1e3:.0f} / " + (f"{h['ttft'] * 1e3:.0f} | {h['ttft'] / o['ttft']:.2f}x" if h else "– | –")
-        ours = f"{o['decode_tps']:.1f} | {o['old_tps']:.1f} | {o['decode_tps'] / o['old_tps']:.2f}x"
-        log(f"| {r['name']} | {ours} | {hf_cols} | {o['decode_tps'] / r['limit']:.0%} | {ttft} | "
-            f"{ppl.get(r['name'], float('nan')):.3f} | {d} |")
-    quantized = [r["o"]["decode_tps"] for r in rows if r["name"] in ("int8", "int4")]
-    if quantized:
-        log(f"\nbest quantized decode {max(quantized):.1f} tok/s (llama.cpp Q4_1 on this machine class: "
-            f"≈{LLAMA_CPP_Q4_1:.0f}, quoted from issue 6, not measured here)")
+        vs_dec = f"{o['decode_tps'] / peer['decode_tps']:.2f}x {peer_name}" if peer else "–"
+        pp = f"{ppl[r['name']]:.3f}" if r["name"] in ppl else "–"
+        vs_pre = f"{peer['ttft'] / o['ttft']:.2f}x {peer_name}" if peer else "–"
+        log(f"| lmlab {r['name']} | {spread(o['all_decode_tps'])} | {vs_dec} | {o['decode_tps'] / r['limit']:.0%} | "
+            f"{spread(o['all_ttft'], 1e3, min, 0)} | {vs_pre} | {o['old_tps']:.1f} "
+            f"({o['decode_tps'] / o['old_tps']:.2f}x) | {pp} | {d} |")
+        if h is not None:
+            log(f"| HF {r['name']} | {spread(h['all_decode_tps'])} | | {h['decode_tps'] / r['limit']:.0%} | "
+                f"{spread(h['all_ttft'], 1e3, min, 0)} | | | | |")
+    if lc is not None:
+        log(f"| llama.cpp {gguf_path.suffixes[-2].lstrip('.') if len(gguf_path.suffixes) > 1 else 'GGUF'} | "
+            f"{spread(lc['all_decode_tps'])} | | {lc['decode_tps'] / lc['limit']:.0%} | "
+            f"{spread(lc['all_ttft'], 1e3, min, 0)} | | | | |")
+
+    log("\ngoals (best of each figure, same run):")
+    for line in goal_lines(rows, lc, len(long_prompt)):
+        log("  " + line)
     if devices.NOTES:
         log("fallbacks taken: " + "; ".join(devices.NOTES))
     return 0 if ok else 1
 
+
+def goal_lines(rows: list[dict], lc: dict | None, prefill_tokens: int) -> list[str]:
+    """The issue's goals, one PASS/FAIL (or SKIP) line each, with the figures they compare."""
+    def verdict(passed: bool) -> str:
+        return "PASS" if passed else "FAIL"
+
+    out = []
+    for r in rows:
+        o, h, name = r["o"], r["h"], r["name"]
+        if h is not None:
+            out.append(f"{verdict(o['decode_tps'] >= h['decode_tps'])}  {name} decode ≥ HF: lmlab "
+                       f"{o['decode_tps']:.1f} vs HF {h['decode_tps']:.1f} tok/s ({o['decode_tps'] / h['decode_tps']:.2f}x)")
+            out.append(f"{verdict(o['ttft'] <= h['ttft'])}  {name} prefill ({prefill_tokens} tokens) ≥ HF: lmlab "
+                       f"{prefill_tokens / o['ttft']:.0f} vs HF {prefill_tokens / h['ttft']:.0f} tok/s "
+                       f"({h['ttft'] / o['ttft']:.2f}x)")
+        goal = BW_GOALS.get(name)
+        if goal is not None:
+            share = o["decode_tps"] / r["limit"]
+            out.append(f"{verdict(share >= goal)}  {name} decode ≥ {goal:.0%} of its bandwidth limit: {share:.0%} "
+                       f"({o['decode_tps']:.1f} of {r['limit']:.0f} tok/s for {r['nbytes'] / 1e6:.0f} MB)")
+        if name == "int4":
+            if lc is None:
+                out.append("SKIP  int4 decode ≥ llama.cpp: llama.cpp not run")
+            else:
+                out.append(f"{verdict(o['decode_tps'] >= lc['decode_tps'])}  int4 decode ≥ llama.cpp (same GGUF): "
+                           f"lmlab {o['decode_tps']:.1f} vs llama.cpp {lc['decode_tps']:.1f} tok/s "
+                           f"({o['decode_tps'] / lc['decode_tps']:.2f}x)")
+    return out
 
 if __name__ == "__main__":
     sys.exit(main())
