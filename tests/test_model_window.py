@@ -44,7 +44,9 @@ def test_sparse_route_equals_explicit_mask_forward_and_backward(window, T, layer
     b = dense_route(model, ids, mask)
     gb = torch.autograd.grad(b[mask.bool()].square().sum(), list(model.parameters()))
     assert (a - b)[mask.bool()].abs().max() <= 1e-5
-    assert max((x - y).abs().max().item() for x, y in zip(ga, gb)) <= 1e-5
+    # gradients sum over every position: float32 rounding grows with their size, so compare relatively
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
 
 
 def test_window_changes_the_output_and_layers_are_per_layer():
