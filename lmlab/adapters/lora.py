@@ -101,11 +101,12 @@ class LoRALinear(nn.Module):
             if self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.lora_parameters()):
                 raise LmlabError(f"{self.name}: LoRA is merged into the weights; unmerge it before training")
             return y
-        parts = []
+        # each adapted slice's update is added in place: the base layer's backward does not need its output,
+        # and a fused projection (qkv, gate/up) is not split into pieces and concatenated again
         for s, (a, b) in self.slices.items():
-            part = y[..., a:b]
-            parts.append((part + self.update(s, x)).to(y.dtype) if s in self.lora_A else part)
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+            if s in self.lora_A:
+                y[..., a:b] += self.update(s, x)
+        return y
 
     def delta(self, s: str) -> torch.Tensor:
         """The weight rows slice s adds when merged: scaling · B_s A_s, in float32."""
