@@ -191,13 +191,6 @@ def spread(values: list[float], scale: float = 1.0, best=max, digits: int = 1) -
 
 
 # --------------------------------------------------------------------------- llama.cpp
-def is_gguf(path: Path) -> bool:
-    if not path.is_file():
-        return False
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
-
-
 def gguf_bytes_per_token(path: Path) -> int:
     """Bytes of matrix weights one decoding step of a GGUF model reads, as stored in the file (its own
     quantized block layout): every tensor of two or more dimensions except the token embedding (one row of
@@ -228,6 +221,8 @@ def load_llamacpp(folder: Path, gguf: Path, threads: int, n_ctx: int):
             return None, f"llama.cpp: not built (run bench/build_llamacpp.sh; looked in {folder}); skipped"
     elif str(folder) not in sys.path:
         sys.path.append(str(folder))
+    from lmlab.checkpoints import is_gguf
+
     if not is_gguf(gguf):
         return None, f"llama.cpp: {gguf} is not a GGUF file (llama.cpp needs one); skipped"
     try:

@@ -7,6 +7,8 @@ import gguf
 import numpy as np
 import pytest
 
+from lmlab.checkpoints import is_gguf
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -53,7 +55,7 @@ def test_gguf_bytes_per_token(bench, tmp_path, tied):
     write_gguf(path, tied)
     matrices = 16 * 16 * 4 + 32 * 16 * 2                     # norms are not counted
     head = 100 * 16 * 2 if tied else 100 * 16 * 4           # the embedding only when it is the head
-    assert bench.is_gguf(path) and not bench.is_gguf(tmp_path)
+    assert is_gguf(path) and not is_gguf(tmp_path)
     assert bench.gguf_bytes_per_token(path) == matrices + head
 
 

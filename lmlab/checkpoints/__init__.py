@@ -34,7 +34,7 @@ def read(spec: str) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer | N
 
     path = resolve(spec)
     if path.is_file():
-        if path.suffix == ".gguf" or _is_gguf(path):
+        if path.suffix == ".gguf" or is_gguf(path):
             return gguf.read(path)
         raise LmlabError(f"{path}: not a GGUF file (a model is a .gguf file or a checkpoint folder)")
     if native.is_native(path):
@@ -44,7 +44,10 @@ def read(spec: str) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer | N
     raise LmlabError(f"{path}: not a model folder (expected lmlab.json or config.json inside)")
 
 
-def _is_gguf(path: Path) -> bool:
+def is_gguf(path: Path) -> bool:
+    """A file that starts with the GGUF magic."""
+    if not path.is_file():
+        return False
     with open(path, "rb") as f:
         return f.read(4) == b"GGUF"
 
