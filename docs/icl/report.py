@@ -15,16 +15,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout's 
 
 
 def planned(runs: list[dict]) -> set[tuple[str, int, int]]:
-    """Every cell the runs' grids asked for (as lmlab.icl.experiment.Grid.plan lays them out): a run stopped
-    part-way and another that ran its missing cells merge into a complete grid."""
-    cells = set()
-    for r in runs:
-        g = r["config"]["grid"]
-        for k in g["shots"]:
-            for method in g["retrievers"]:
-                fixed = method in ("random", "balanced") or g.get("order") == "random"
-                cells |= {("none", 0, 0)} if k == 0 else {(method, k, s) for s in range(g["seeds"] if fixed else 1)}
-    return cells
+    """Every cell the runs' grids asked for: a run stopped part-way and another that ran its missing cells
+    merge into a complete grid."""
+    from lmlab.icl.experiment import GridConfig
+
+    return {cell for r in runs for cell in GridConfig(**r["config"]["grid"]).plan()}
 
 
 def main() -> None:

@@ -41,6 +41,21 @@ class GridConfig:
     log_demos: bool = False
     mmr_lambda: float = 0.5
 
+    def order_of(self, method: str) -> str:
+        return "random" if method in FIXED else (self.order or "similarity")
+
+    def seeds_for(self, method: str) -> list[int]:
+        """Similarity-ordered retrieval is deterministic: one seed."""
+        return list(range(self.seeds)) if self.order_of(method) == "random" else [0]
+
+    def plan(self) -> list[tuple[str, int, int]]:
+        """The cells (retriever, shots, seed) in order of shot count (then retriever, then seed), so a run
+        stopped part-way has every retriever's cheaper cells."""
+        cells = [("none", 0, 0)] if 0 in self.shots else []
+        for k in sorted(set(self.shots) - {0}):
+            cells += [(method, k, s) for method in self.retrievers for s in self.seeds_for(method)]
+        return cells
+
     def check(self, pool_size: int) -> None:
         if not self.shots or any(s < 0 for s in self.shots):
             raise LmlabError(f"--shots must be non-negative integers, got {self.shots}")
@@ -95,11 +110,7 @@ class Grid:
         return self._selectors[key]
 
     def order(self, method: str) -> str:
-        return "random" if method in FIXED else (self.cfg.order or "similarity")
-
-    def seeds_for(self, method: str) -> list[int]:
-        """Similarity-ordered retrieval is deterministic: one seed."""
-        return list(range(self.cfg.seeds)) if self.order(method) == "random" else [0]
+        return self.cfg.order_of(method)
 
     def demonstrations(self, method: str, shots: int, seed: int) -> tuple[list[list[int]], list | None]:
         sel = self.selector(method, seed)
@@ -192,17 +203,9 @@ class Grid:
             self.demo_log.append(record)
 
     # ------------------------------------------------------------------ the grid
-    def plan(self) -> list[tuple[str, int, int]]:
-        """The cells in order of shot count (then retriever, then seed), so a run stopped part-way has
-        every retriever's cheaper cells."""
-        cells = [("none", 0, 0)] if 0 in self.cfg.shots else []
-        for k in sorted(set(self.cfg.shots) - {0}):
-            cells += [(method, k, s) for method in self.cfg.retrievers for s in self.seeds_for(method)]
-        return cells
-
     def run(self, on_cell: Callable[[list[dict[str, Any]], int], None] | None = None) -> list[dict[str, Any]]:
         """Every cell of the plan; `on_cell(cells so far, cells planned)` after each (to save partial results)."""
-        plan = self.plan()
+        plan = self.cfg.plan()
         bar = Progress(len(plan), f"icl {self.task.name}", unit="cell", enabled=self.progress)
         cells = []
         for method, shots, seed in plan:
