@@ -3,7 +3,7 @@
 A LoRALinear wraps an existing nn.Linear (kept as `.base`, its weight not copied) and adds, for each
 adapted slice s of the output rows [a, b):
 
-    y[..., a:b] = base(x)[..., a:b] + scaling · B_s A_s dropout(x)
+    y[..., a:b] = base(x)[..., a:b] + scaling · B_s A_s dropout(x)   (computed as one product, see update)
 
 with A_s r×in (Kaiming-uniform, a=√5, as nn.Linear), B_s (b−a)×r (zeros, so a new adapter changes
 nothing), scaling = alpha/r, or alpha/√r with rsLoRA: the math of HF PEFT's lora.Linear. A fused
@@ -87,13 +87,39 @@ class LoRALinear(nn.Module):
             nn.init.kaiming_uniform_(self.lora_A[s], a=math.sqrt(5))
             nn.init.zeros_(self.lora_B[s])
 
-    def update(self, s: str, x: torch.Tensor) -> torch.Tensor:
-        """scaling · B_s A_s dropout(x), in the adapter dtype (each slice draws its own dropout mask,
-        as each PEFT module does)."""
-        x = x.to(self.lora_A[s].dtype)
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """scaling · B A dropout(x) for every output row, in the adapter dtype, as one low-rank product:
+        h = x Aᵀ with the targeted slices' A stacked (r rows each), then h times a block matrix that holds
+        B_s in slice s's rows and r columns and zeros elsewhere (rows of untargeted slices are zero).
+        Each slice draws its own dropout mask, as each PEFT module does. One product over the whole output
+        instead of per-slice pieces written into it: writes into slices of y cost autograd a full copy and
+        a zero-filled gradient per slice."""
+        x = x.to(next(iter(self.lora_A.values())).dtype)
         if self.dropout and self.training:
-            x = F.dropout(x, self.dropout, training=True)
-        return F.linear(F.linear(x, self.lora_A[s]), self.lora_B[s]) * self.scaling
+            h = torch.cat([F.linear(F.dropout(x, self.dropout, training=True), a) for a in self.lora_A.values()], -1)
+        else:
+            h = F.linear(x, self.lora_A_stacked())
+        return F.linear(h, self.lora_B_block()) * self.scaling
+
+    def lora_A_stacked(self) -> torch.Tensor:
+        a = list(self.lora_A.values())
+        return a[0] if len(a) == 1 else torch.cat(a, 0)
+
+    def lora_B_block(self) -> torch.Tensor:
+        """[out_features, r · targeted slices]: B_s in slice s's rows and its own r columns, zeros elsewhere."""
+        targets = self.targets
+        if len(targets) == 1 and len(self.slices) == 1:
+            return self.lora_B[targets[0]]
+        b0 = self.lora_B[targets[0]]
+        width = self.r * len(targets)
+        rows = []
+        for s, (a, b) in self.slices.items():
+            if s not in self.lora_B:
+                rows.append(b0.new_zeros(b - a, width))
+                continue
+            j = targets.index(s) * self.r
+            rows.append(F.pad(self.lora_B[s], (j, width - j - self.r)))
+        return torch.cat(rows, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -101,12 +127,9 @@ class LoRALinear(nn.Module):
             if self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.lora_parameters()):
                 raise LmlabError(f"{self.name}: LoRA is merged into the weights; unmerge it before training")
             return y
-        # each adapted slice's update is added in place: the base layer's backward does not need its output,
-        # and a fused projection (qkv, gate/up) is not split into pieces and concatenated again
-        for s, (a, b) in self.slices.items():
-            if s in self.lora_A:
-                y[..., a:b] += self.update(s, x)
-        return y
+        if not self.lora_A:
+            return y
+        return y + self.update(x).to(y.dtype)
 
     def delta(self, s: str) -> torch.Tensor:
         """The weight rows slice s adds when merged: scaling · B_s A_s, in float32."""
