@@ -141,41 +141,54 @@ void int4_scalar(const float* x, int64_t M, int64_t K, const uint8_t* packed, co
 }
 
 #if LMLAB_X86
-// group size 32; xe/xo: x's codes at even/odd columns (M × Kpad/2), dxl: per-lane dx (M × chunks × 16)
-LMLAB_AVX512 void int4_rows_avx512(const QuantX& qx, const int8_t* xe, const int8_t* xo, const float* dxl,
-                                   const uint8_t* packed, const float* scale, const float* minimum,
-                                   int64_t Kp, int64_t n0, int64_t n1, int64_t N, float* y) {
-  const int64_t M = qx.M, G = Kp / 32, bytes = Kp / 2, chunks = (bytes + 63) / 64, xbytes = qx.Kpad / 2;
+#define LMLAB_AVX512_INLINE LMLAB_AVX512 __attribute__((always_inline)) inline
+
+// Where x's int4-path operands live: MB rows starting at row m0 (codes deinterleaved, per-lane dx, dx·Σq).
+struct X4 {
+  const int8_t *xe, *xo;
+  const float *dxl, *qsum;
+  int64_t xbytes, chunks, G;
+};
+
+// One 64-byte chunk c (128 columns, 4 groups) of a weight row against MB rows of x.
+template <int MB>
+LMLAB_AVX512_INLINE void int4_chunk(__m512 (&acc)[MB], __m512i w, __m512 s, const X4& X, int64_t c) {
   const __m512i low = _mm512_set1_epi8(15);
+  __m512i lo = _mm512_and_si512(w, low), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
+  for (int m = 0; m < MB; ++m) {
+    __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(X.xe + m * X.xbytes + c * 64));
+    d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(X.xo + m * X.xbytes + c * 64));
+    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(s, _mm512_loadu_ps(X.dxl + (m * X.chunks + c) * 16)), acc[m]);
+  }
+}
+
+// Rows n0..n1 of the weight (group size 32) times MB rows of x; y points at the block's first output row.
+template <int MB>
+LMLAB_AVX512 void int4_rows_avx512(const X4& X, const uint8_t* packed, const float* scale, const float* minimum,
+                                   int64_t Kp, int64_t n0, int64_t n1, int64_t N, float* y) {
+  const int64_t G = Kp / 32, bytes = Kp / 2, full = bytes / 64, tail = bytes % 64;
   const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-  __m512 acc[16];
+  const __mmask64 tail_bytes = tail ? (((__mmask64)1 << tail) - 1) : 0;
+  const __mmask16 tail_groups = (__mmask16)((1u << ((tail + 15) / 16)) - 1);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = packed + n * bytes;
     const float* sc = scale + n * G;
-    for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < chunks; ++c) {
-      int64_t left = bytes - c * 64;
-      __mmask64 bm = left >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << left) - 1);
-      int64_t gleft = G - c * 4;
-      __mmask16 sm = gleft >= 4 ? (__mmask16)15 : (__mmask16)((1u << gleft) - 1);
-      __m512i w = _mm512_maskz_loadu_epi8(bm, row + c * 64);
-      __m512i lo = _mm512_and_si512(w, low);
-      __m512i hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
-      __m512 s = _mm512_permutexvar_ps(spread, _mm512_maskz_loadu_ps(sm, sc + c * 4));
-      for (int64_t m = 0; m < M; ++m) {
-        __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xe + m * xbytes + c * 64));
-        d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(xo + m * xbytes + c * 64));
-        __m512 f = _mm512_mul_ps(s, _mm512_loadu_ps(dxl + (m * chunks + c) * 16));
-        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), f, acc[m]);
-      }
+    __m512 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < full; ++c) {
+      __m512 s = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(sc + c * 4)));
+      int4_chunk<MB>(acc, _mm512_loadu_si512(row + c * 64), s, X, c);
+    }
+    if (tail) {
+      __m512 s = _mm512_permutexvar_ps(spread, _mm512_maskz_loadu_ps(tail_groups, sc + full * 4));
+      int4_chunk<MB>(acc, _mm512_maskz_loadu_epi8(tail_bytes, row + full * 64), s, X, full);
     }
     const float* mn = minimum + n * G;
-    for (int64_t m = 0; m < M; ++m) {
+    for (int m = 0; m < MB; ++m) {  // + Σ_g minimum[n,g]·dx[g]·Σq[g]
       __m512 a = acc[m];
-      const float* qs = qx.qsum.data() + m * qx.G;
       for (int64_t g = 0; g < G; g += 16) {
         __mmask16 mk = G - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (G - g)) - 1);
-        a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, mn + g), _mm512_maskz_loadu_ps(mk, qs + g), a);
+        a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, mn + g), _mm512_maskz_loadu_ps(mk, X.qsum + m * X.G + g), a);
       }
       y[m * N + n] = _mm512_reduce_add_ps(a);
     }
@@ -201,7 +214,7 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
   const float *sp = s.data_ptr<float>(), *mp = mn.data_ptr<float>(), *xp = xf.data_ptr<float>();
   float* yp = y.data_ptr<float>();
 #if LMLAB_X86
-  if (group_size == 32 && M <= 16 && has_avx512_vnni() && !force_scalar()) {
+  if (group_size == 32 && has_avx512_vnni() && !force_scalar()) {
     QuantX qx = quantize_x(xp, M, K, 128);
     const int64_t xbytes = qx.Kpad / 2, chunks = (Kp / 2 + 63) / 64;
     TORCH_CHECK(xbytes >= chunks * 64, "int4_gemv: internal padding");
@@ -219,7 +232,17 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
         }
     }
     at::parallel_for(0, N, grain_rows(Kp / 2), [&](int64_t n0, int64_t n1) {
-      int4_rows_avx512(qx, xe.data(), xo.data(), dxl.data(), pp, sp, mp, Kp, n0, n1, N, yp);
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {  // blocks of up to 4 rows of x share each weight load
+        X4 X{xe.data() + m0 * xbytes, xo.data() + m0 * xbytes, dxl.data() + m0 * chunks * 16,
+             qx.qsum.data() + m0 * qx.G, xbytes, chunks, qx.G};
+        float* yb = yp + m0 * N;
+        switch (std::min<int64_t>(4, M - m0)) {
+          case 1: int4_rows_avx512<1>(X, pp, sp, mp, Kp, n0, n1, N, yb); break;
+          case 2: int4_rows_avx512<2>(X, pp, sp, mp, Kp, n0, n1, N, yb); break;
+          case 3: int4_rows_avx512<3>(X, pp, sp, mp, Kp, n0, n1, N, yb); break;
+          default: int4_rows_avx512<4>(X, pp, sp, mp, Kp, n0, n1, N, yb); break;
+        }
+      }
     });
     return y.to(x.scalar_type());
   }
@@ -230,26 +253,32 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
 
 // ================================================================== int8
 #if LMLAB_X86
-LMLAB_AVX512 void int8_rows_avx512(const QuantX& qx, const uint8_t* xa, const uint64_t* xneg, const float* dxl,
+// int8: w ^ 0x80 = w + 128 read as unsigned, so vpdpbusd(w + 128, q) = Σ w·q + 128·Σq; the second term does
+// not depend on the weight row: it is removed once per row of x (`bias`) after the float accumulation.
+template <int MB>
+LMLAB_AVX512_INLINE void int8_chunk(__m512 (&acc)[MB], __m512i w, const int8_t* xq, const float* dxl, int64_t Kpad,
+                                    int64_t chunks, int64_t c) {
+  __m512i wu = _mm512_xor_si512(w, _mm512_set1_epi8((char)0x80));
+  for (int m = 0; m < MB; ++m) {
+    __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, _mm512_loadu_si512(xq + m * Kpad + c * 64));
+    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(dxl + (m * chunks + c) * 16), acc[m]);
+  }
+}
+
+template <int MB>
+LMLAB_AVX512 void int8_rows_avx512(const int8_t* xq, const float* dxl, const float* bias, int64_t Kpad,
                                    const int8_t* w, const float* scale, int64_t K, int64_t n0, int64_t n1,
                                    int64_t N, float* y) {
-  const int64_t M = qx.M, chunks = (K + 63) / 64;
-  __m512 acc[16];
+  const int64_t full = K / 64, tail = K % 64, chunks = Kpad / 64;
+  const __mmask64 tail_bytes = tail ? (((__mmask64)1 << tail) - 1) : 0;
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* row = w + n * K;
-    for (int64_t m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < chunks; ++c) {
-      int64_t left = K - c * 64;
-      __mmask64 bm = left >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << left) - 1);
-      __m512i wv = _mm512_maskz_loadu_epi8(bm, row + c * 64);
-      for (int64_t m = 0; m < M; ++m) {
-        __mmask64 neg = (__mmask64)xneg[m * chunks + c];
-        __m512i ws = _mm512_mask_sub_epi8(wv, neg, _mm512_setzero_si512(), wv);  // w·sign(x)
-        __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(xa + m * qx.Kpad + c * 64), ws);
-        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(dxl + (m * chunks + c) * 16), acc[m]);
-      }
-    }
-    for (int64_t m = 0; m < M; ++m) y[m * N + n] = scale[n] * _mm512_reduce_add_ps(acc[m]);
+    __m512 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < full; ++c) int8_chunk<MB>(acc, _mm512_loadu_si512(row + c * 64), xq, dxl, Kpad, chunks, c);
+    // tail: masked-off weight bytes read 0 (+128 after the xor) but meet x's zero padding
+    if (tail) int8_chunk<MB>(acc, _mm512_maskz_loadu_epi8(tail_bytes, row + full * 64), xq, dxl, Kpad, chunks, full);
+    for (int m = 0; m < MB; ++m) y[m * N + n] = scale[n] * (_mm512_reduce_add_ps(acc[m]) - bias[m]);
   }
 }
 #endif
@@ -267,23 +296,27 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
   const float *sp = s.data_ptr<float>(), *xp = xf.data_ptr<float>();
   float* yp = y.data_ptr<float>();
 #if LMLAB_X86
-  if (M <= 16 && has_avx512_vnni() && !force_scalar()) {
+  if (has_avx512_vnni() && !force_scalar()) {
     QuantX qx = quantize_x(xp, M, K, 64);
     const int64_t chunks = qx.Kpad / 64;
-    std::vector<uint8_t> xa(M * qx.Kpad);
-    std::vector<uint64_t> xneg(M * chunks, 0);
-    std::vector<float> dxl(M * chunks * 16);
+    std::vector<float> dxl(M * chunks * 16), bias(M, 0.f);
     for (int64_t m = 0; m < M; ++m) {
-      for (int64_t k = 0; k < qx.Kpad; ++k) {
-        int8_t v = qx.q[m * qx.Kpad + k];
-        xa[m * qx.Kpad + k] = (uint8_t)(v < 0 ? -v : v);
-        if (v < 0) xneg[m * chunks + k / 64] |= (uint64_t)1 << (k % 64);
-      }
       for (int64_t c = 0; c < chunks; ++c)
         for (int64_t l = 0; l < 16; ++l) dxl[(m * chunks + c) * 16 + l] = qx.dx[m * qx.G + c * 2 + l / 8];
+      for (int64_t g = 0; g < qx.G; ++g) bias[m] += 128.f * qx.qsum[m * qx.G + g];  // 128·Σ_g dx[g]·Σq[g]
     }
     at::parallel_for(0, N, grain_rows(K), [&](int64_t n0, int64_t n1) {
-      int8_rows_avx512(qx, xa.data(), xneg.data(), dxl.data(), wp, sp, K, n0, n1, N, yp);
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int8_t* xq = qx.q.data() + m0 * qx.Kpad;
+        const float *dl = dxl.data() + m0 * chunks * 16, *b = bias.data() + m0;
+        float* yb = yp + m0 * N;
+        switch (std::min<int64_t>(4, M - m0)) {
+          case 1: int8_rows_avx512<1>(xq, dl, b, qx.Kpad, wp, sp, K, n0, n1, N, yb); break;
+          case 2: int8_rows_avx512<2>(xq, dl, b, qx.Kpad, wp, sp, K, n0, n1, N, yb); break;
+          case 3: int8_rows_avx512<3>(xq, dl, b, qx.Kpad, wp, sp, K, n0, n1, N, yb); break;
+          default: int8_rows_avx512<4>(xq, dl, b, qx.Kpad, wp, sp, K, n0, n1, N, yb); break;
+        }
+      }
     });
     return y.to(x.scalar_type());
   }
