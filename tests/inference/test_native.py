@@ -78,6 +78,20 @@ def test_int4(N, K, M, dtype, path):
 
 
 @needs_native
+@pytest.mark.parametrize("M", [5, 16])
+def test_more_rows_than_one_block(M, path):
+    """x rows go through the kernels in blocks of 4: full and partial blocks, up to QuantLinear.native_rows."""
+    w, x = inputs(70, 576, M, torch.float32)
+    int4_check(w, x, path)
+    q, scale = quantize_int8(w)
+    assert rel_err(torch.ops.lmlab.int8_gemv(x, q, scale), F.linear(x, dequantize_int8(q, scale))) <= \
+        tol(path, torch.float32, QUANT_TOL)
+    for row in range(M):  # each row equals its own one-row product (blocks do not mix rows)
+        torch.testing.assert_close(torch.ops.lmlab.int8_gemv(x[row:row + 1], q, scale)[0],
+                                   torch.ops.lmlab.int8_gemv(x, q, scale)[row])
+
+
+@needs_native
 @pytest.mark.parametrize("group_size", [64, 128])
 def test_int4_other_group_sizes_take_the_scalar_path(group_size, path):
     w, x = inputs(70, 576, 2, torch.float32)
@@ -205,3 +219,44 @@ def test_switched_off(monkeypatch, capsys):
     monkeypatch.setenv(native.ENV, "off")
     monkeypatch.setattr(native, "_state", {})
     assert native.available() is False and capsys.readouterr().err == ""
+
+
+# --------------------------------------------------------------------------- the quantized linears
+@needs_native
+@pytest.mark.parametrize("cls", ["int4", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_linears_prefer_the_native_kernel(cls, dtype, monkeypatch):
+    monkeypatch.delenv(native.SCALAR_ENV, raising=False)
+    from lmlab.inference.quantize import Int4Linear, Int8Linear
+
+    w, _ = inputs(200, 576, 1, torch.float32)
+    lin = Int4Linear(w, torch.randn(200)) if cls == "int4" else Int8Linear(w, torch.randn(200))
+    lin = lin.to(dtype)  # buffers keep their dtypes; only the bias follows
+    for rows in (1, 3, 20):  # 20 > native_rows: PyTorch's kernel (or the reference) takes over
+        x = torch.randn(rows, 576).to(dtype)
+        assert rel_err(lin(x), lin.reference(x)) <= QUANT_TOL + BF16_OUT
+    assert lin.route() == "native"
+
+
+@needs_native
+def test_quantized_linears_fall_back_without_native(monkeypatch):
+    from lmlab.inference.quantize import Int4Linear
+
+    monkeypatch.setattr(native, "available", lambda: False)
+    lin = Int4Linear(inputs(64, 576, 1, torch.float32)[0])
+    x = torch.randn(1, 576)
+    lin(x)
+    assert lin.route() in ("pytorch", "reference")
+    assert rel_err(lin(x), lin.reference(x)) <= 0.05
+
+
+@needs_native
+def test_compiled_quantized_linear_calls_the_native_kernel():
+    from lmlab.inference.quantize import Int4Linear
+
+    lin = Int4Linear(inputs(64, 576, 1, torch.float32)[0])
+    x = torch.randn(1, 576)
+    want = lin(x)  # prepares the route eagerly, as lmlab's compiled step does (warm-up)
+    assert lin.route() == "native"
+    got = torch.compile(lin, backend="eager", fullgraph=True)(x)
+    torch.testing.assert_close(got, want)
