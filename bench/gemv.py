@@ -10,9 +10,11 @@ Decoding reads every weight from memory once per token, so the weights are not l
 takes the next of enough copies to cover --cold-mb MB (0: one copy, cache-resident for the small shapes).
 Timings are the best of --repeats rounds (ours and PyTorch's interleaved), each round the mean over calls
 taking about --round-ms ms. Printed: µs per call, G weights/s, GB/s read (the bytes each kernel's own
-format reads: codes + scales), the share of the measured memory read bandwidth, and ours/PyTorch speed.
+format reads: codes + scales), the share of the measured memory read bandwidth (x.sum() over 512 MB, best of a
+measurement before and one after; on a shared machine it can read lower than what a kernel reaches, so the
+share is indicative), and ours/torch: PyTorch's time over ours, measured interleaved, the figure to trust.
 
-    python bench/gemv.py                    # 2 threads, everything (~1 min)
+    python bench/gemv.py                    # 2 threads, everything (~15 s)
     python bench/gemv.py --formats int4 --shapes 960x576 --repeats 3
 """
 from __future__ import annotations
@@ -91,7 +93,7 @@ def timed_round(fns, x, calls: int) -> float:
     return (time.perf_counter() - t) / calls
 
 
-def bench(fmt: str, name: str, N: int, K: int, args, bw: float) -> list[str]:
+def bench(fmt: str, name: str, N: int, K: int, args):
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(N, K, generator=gen) * 0.05
     x = torch.randn(1, K, generator=gen)
@@ -99,7 +101,7 @@ def bench(fmt: str, name: str, N: int, K: int, args, bw: float) -> list[str]:
     copies = max(1, math.ceil(args.cold_mb * 1e6 / one)) if args.cold_mb else 1
     got = contenders(fmt, w, copies)
     if got is None:
-        return [f"{fmt:5} {name:8} {N:>5}×{K:<5} PyTorch has no kernel for this shape here"]
+        return f"{fmt:5} {name:8} {N:>5}×{K:<5} PyTorch has no kernel for this shape here"
     ours, theirs, ours_bytes, theirs_bytes = got
     for fns in (ours, theirs):  # warm up (first calls allocate, pack, spin up threads)
         timed_round(fns, x, max(2, len(fns)))
@@ -109,10 +111,17 @@ def bench(fmt: str, name: str, N: int, K: int, args, bw: float) -> list[str]:
     for _ in range(args.repeats):
         best["ours"] = min(best["ours"], timed_round(ours, x, calls))
         best["torch"] = min(best["torch"], timed_round(theirs, x, calls))
+    return fmt, name, N, K, best, {"ours": ours_bytes, "torch": theirs_bytes}
+
+
+def report(timing, bw: float) -> list[str]:
+    if isinstance(timing, str):
+        return [timing]
+    fmt, name, N, K, best, nbytes_read = timing
     lines = []
-    for who, nb in (("ours", ours_bytes), ("torch", theirs_bytes)):
+    for who in ("ours", "torch"):
         t = best[who]
-        gbs = nb / t / 1e9
+        gbs = nbytes_read[who] / t / 1e9
         lines.append(f"{fmt:5} {name:8} {N:>5}×{K:<5} {who:6} {t * 1e6:9.1f} µs {N * K / t / 1e9:7.2f} Gw/s "
                      f"{gbs:7.2f} GB/s {gbs / bw:5.0%} of bw" + (f"   ours/torch {best['torch'] / best['ours']:.2f}x"
                                                              if who == "torch" else ""))
@@ -122,8 +131,8 @@ def bench(fmt: str, name: str, N: int, K: int, args, bw: float) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--round-ms", type=float, default=15.0)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--round-ms", type=float, default=5.0)
     p.add_argument("--cold-mb", type=float, default=256.0, help="rotate over weight copies covering this many MB")
     p.add_argument("--formats", default=",".join(FORMATS))
     p.add_argument("--shapes", default=",".join(SHAPES), help="names (qkv,out,...) or NxK")
@@ -133,9 +142,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     torch.set_num_threads(args.threads)
     bw = read_bandwidth()
-    print(f"{devices.cpu_name()}; torch {torch.__version__}; {args.threads} threads; native path "
-          f"{torch.ops.lmlab.isa()}; memory read bandwidth {bw:.1f} GB/s ({args.threads} threads); weights cold "
-          f"over {args.cold_mb:.0f} MB; best of {args.repeats} rounds of ~{args.round_ms:.0f} ms")
     shapes = []
     for s in args.shapes.split(","):
         if s in SHAPES:
@@ -143,11 +149,18 @@ def main(argv: list[str] | None = None) -> int:
         else:
             n, k = (int(v) for v in s.lower().split("x"))
             shapes.append((s, n, k))
+    timings = []
     with torch.no_grad():
         for fmt in args.formats.split(","):
             for name, N, K in shapes:
-                for line in bench(fmt, name, N, K, args, bw):
-                    print(line, flush=True)
+                timings.append(bench(fmt, name, N, K, args))
+    bw = max(bw, read_bandwidth())  # measured before and after: other jobs lower it, never raise it
+    print(f"{devices.cpu_name()}; torch {torch.__version__}; {args.threads} threads; native path "
+          f"{torch.ops.lmlab.isa()}; memory read bandwidth {bw:.1f} GB/s ({args.threads} threads, best of before/after); "
+          f"weights cold over {args.cold_mb:.0f} MB; best of {args.repeats} rounds of ~{args.round_ms:.0f} ms")
+    for rows in timings:
+        for line in report(rows, bw):
+            print(line, flush=True)
     return 0
 
 

@@ -92,6 +92,7 @@ def build(cxx: str) -> Path:
         if out.returncode:
             last = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise OSError(f"{Path(cxx).name} failed: {last[:200]}")
+        os.chmod(tmp, 0o755)  # mkstemp made it private; the cache may be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
