@@ -7,10 +7,12 @@ integer weights and scales. Activations stay in floating point.
 Storage is the same on every device: int8 weights (N×K) with one scale per row, or int4 codes packed
 two per byte (N×K/2, low nibble = even column) with a scale and a minimum per group of `group_size`
 columns (w ≈ code * scale + minimum). The matmul takes the fastest route that exists here:
-PyTorch's own weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) where the
-device has them and they agree with the reference on this very weight (checked once), else the
-reference route, which de-quantizes the weight to the activation dtype and calls F.linear (the same
-on CPU, CUDA or anything else; torch.compile fuses it).
+lmlab's own CPU matrix-vector kernels (lmlab.inference.native: int8 and int4 with groups of 32, up to
+`native_rows` rows, where they could be built), then PyTorch's own weight-only kernels
+(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) where the device has them, each only when it agrees
+with the reference on this very weight (checked once), else the reference route, which de-quantizes the
+weight to the activation dtype and calls F.linear (the same on CPU, CUDA or anything else; torch.compile
+fuses it).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmlab.errors import LmlabError
+from lmlab.inference import native
 from lmlab.utils.device import bf16_supported
 
 SCHEMES = ("int8", "int4")
@@ -76,6 +79,7 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Te
 
 # --------------------------------------------------------------------------- kernels available here
 _UNSET = object()
+NATIVE = "native"  # the second item of a state that routes to lmlab.inference.native
 
 
 def _has_op(name: str) -> bool:
@@ -117,25 +121,66 @@ class QuantLinear(nn.Module):
         return F.linear(x, self.dequantize(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     # subclasses: _prepare(device, dtype) → state (its first item the dtype the kernel computes in) or None;
-    # _run(state, x2d) → y2d
+    # _run(state, x2d) → y2d. A native state is (torch.int8, NATIVE, PyTorch's state or None, the op's weight
+    # arguments): lmlab's kernel (it computes with x quantized to int8) up to `native_rows` rows, PyTorch's
+    # kernel or the reference above.
+    native_rows = 16
+
     def _kernel(self, x: torch.Tensor):
         key = (x.device, x.dtype)
         if key not in self._fast:
             self._fast[key] = None
-            try:
-                state = self._prepare(x.device, x.dtype)
-                if state is not None and self._agrees(state, x.device, x.dtype):
-                    self._fast[key] = state
-            except (RuntimeError, NotImplementedError, TypeError):
-                pass
+            torch_state = self._checked(self._prepare, x.device, x.dtype)
+            native_state = None
+            if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and self._native_ok() \
+                    and native.available():
+                native_state = self._checked(lambda d, t: (torch.int8, NATIVE, torch_state, self._native_args()),
+                                             x.device, x.dtype)
+            self._fast[key] = native_state or torch_state
         return self._fast[key]
+
+    def _checked(self, prepare, device, dtype):
+        try:
+            state = prepare(device, dtype)
+            if state is not None and self._agrees(state, device, dtype):
+                return state
+        except (RuntimeError, NotImplementedError, TypeError):
+            pass
+        return None
+
+    def _native_ok(self) -> bool:  # whether lmlab's native kernel has a fast path for this layer
+        return False
+
+    def _native_args(self) -> tuple:
+        raise NotImplementedError
+
+    def _native(self, args: tuple, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def route(self) -> str:
+        """The kernel this layer chose for few rows: 'native', 'pytorch' or 'reference' (before any call: 'unset')."""
+        if not self._fast:
+            return "unset"
+        states = [s for s in self._fast.values() if s is not None]
+        if not states:
+            return "reference"
+        return "native" if states[0][1] is NATIVE else "pytorch"
+
+    def _dispatch(self, state, x: torch.Tensor) -> torch.Tensor:
+        if state[1] is NATIVE:
+            if x.shape[0] <= self.native_rows:
+                return self._native(state[3], x)
+            if state[2] is None:
+                return F.linear(x, self.dequantize(x.dtype))
+            state = state[2]
+        return self._run(state, x)
 
     @torch.no_grad()
     def _agrees(self, state, device, dtype) -> bool:
         """The fast kernel against de-quantize + F.linear on this weight, for two random rows."""
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(2, self.in_features, generator=gen).to(device=device, dtype=dtype)
-        got = self._run(state, x).float()
+        got = self._dispatch(state, x).float()
         want = F.linear(x.float(), self.dequantize(torch.float32))
         tol = 1e-3 if dtype == state[0] == torch.float32 else 0.05  # state[0]: the dtype the kernel computes in
         return bool(((got - want).norm() <= tol * want.norm() + 1e-6).item())
@@ -153,7 +198,7 @@ class QuantLinear(nn.Module):
             state = None if torch.compiler.is_compiling() else self._kernel(x)
         if state is None:
             return self.reference(x)
-        y = self._run(state, x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+        y = self._dispatch(state, x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
@@ -185,6 +230,15 @@ class Int8Linear(QuantLinear):
     def _run(self, state, x):
         kdtype, scale = state
         return torch.ops.aten._weight_int8pack_mm(x.to(kdtype), self.qweight, scale).to(x.dtype)
+
+    def _native_ok(self) -> bool:
+        return self.qweight.device.type == "cpu"
+
+    def _native_args(self):
+        return self.qweight.contiguous(), self.scale.float().contiguous()
+
+    def _native(self, args, x):
+        return torch.ops.lmlab.int8_gemv(x, *args)
 
 
 class Int4Linear(QuantLinear):
@@ -225,6 +279,15 @@ class Int4Linear(QuantLinear):
             xk = F.pad(xk, (0, Kp - self.in_features))
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(xk, packed, self.group_size, scale_zero)
         return y.to(x.dtype)
+
+    def _native_ok(self) -> bool:  # other group sizes take the native kernel's slow scalar path
+        return self.group_size == 32 and self.qweight.device.type == "cpu"
+
+    def _native_args(self):
+        return self.qweight.contiguous(), self.scale.float().contiguous(), self.minimum.float().contiguous()
+
+    def _native(self, args, x):
+        return torch.ops.lmlab.int4_gemv(x, *args, self.group_size)
 
 
 # --------------------------------------------------------------------------- whole models

@@ -1,0 +1,506 @@
+// lmlab native matrix-vector kernels: y[M,N] = x[M,K] · W[N,K]ᵀ for a few rows of x (decoding), W stored as
+//
+//   int4_gemv(x, packed, scale, minimum, group_size)   lmlab's int4: packed uint8 N×Kp/2, low nibble = even
+//       column, high nibble = odd column; float32 scale and minimum N×(Kp/group_size); w = code·scale + minimum.
+//   int8_gemv(x, qweight, scale)                       int8 N×K, one float32 scale per row: w = q·scale[n].
+//   bf16_gemv(x, w)                                    bfloat16 N×K.
+//   f32_gemv(x, w)                                     float32 N×K.
+//
+// The output has x's dtype (float32 or bfloat16); every kernel accumulates in float32.
+//
+// Integer kernels (AVX-512 VNNI): x is quantized once per call to int8 per group of 32 columns,
+// dx[g] = max|x|/127, q = round(x/dx). Then Σ_k w[k]·x[k] ≈ Σ_g dx[g]·(Σ_{k∈g} w[k]·q[k]), the inner sums
+// in int32 with vpdpbusd (u8 × s8, 4 products per 32-bit lane):
+//   int4: a 64-byte load holds 128 columns = 4 groups; (byte & 15) are the even columns and (byte >> 4) the
+//         odd ones, so x's codes are deinterleaved once into even/odd arrays that line up with the nibbles.
+//         Lane i of the int32 result belongs to group 4c + i/4; it is converted to float and multiplied by
+//         scale[n,g]·dx[g] (the 4 scales spread over 16 lanes with a permute). The minimum term is
+//         Σ_g minimum[n,g]·Σ_{k∈g} dx[g]·q[k] (sums of the quantized x, so the result is exactly the product
+//         of the de-quantized weight with the quantized x).
+//   int8: vpdpbusd wants one unsigned operand: |q| (u8) times the weight with q's sign applied (s8).
+//         A 64-byte load holds 2 groups: lanes 0-7 and 8-15 take dx of each; y = scale[n]·Σ.
+// Float kernels: bf16 uses vdpbf16ps (x converted to bf16 once), float32 uses FMA; both 4 rows of W at a time.
+// K tails use masked loads. Rows of W are split over PyTorch's own thread pool (at::parallel_for).
+//
+// Every kernel has a plain scalar version (exact float x, any group size), used when the CPU lacks the
+// instructions (checked at run time) or when the environment variable LMLAB_NATIVE_SCALAR=1.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define LMLAB_X86 1
+#define LMLAB_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,fma")))
+#else
+#define LMLAB_X86 0
+#endif
+
+namespace {
+
+bool force_scalar() {
+  const char* v = std::getenv("LMLAB_NATIVE_SCALAR");
+  return v && v[0] && std::strcmp(v, "0") != 0;
+}
+
+bool has_avx512_vnni() {
+#if LMLAB_X86
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                         __builtin_cpu_supports("avx512vnni");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+bool has_avx512_bf16() {
+#if LMLAB_X86
+  static const bool ok = has_avx512_vnni() && __builtin_cpu_supports("avx512bf16");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// Rows of W per task: enough bytes that a thread's share outweighs waking it.
+int64_t grain_rows(int64_t row_bytes) { return std::max<int64_t>(4, (int64_t)32768 / std::max<int64_t>(1, row_bytes)); }
+
+// x (M×K, float32 or bfloat16) as contiguous float32
+at::Tensor as_float(const at::Tensor& x) { return x.to(at::kFloat).contiguous(); }
+
+// ------------------------------------------------------------------ x quantized to int8 per group of 32
+struct QuantX {
+  int64_t M, Kpad, G;            // Kpad: K rounded up to `align` columns (zeros); G = Kpad / 32
+  std::vector<int8_t> q;         // M × Kpad
+  std::vector<float> dx, qsum;   // M × G: group scale, dx·Σq
+};
+
+QuantX quantize_x(const float* x, int64_t M, int64_t K, int64_t align) {
+  QuantX r;
+  r.M = M;
+  r.Kpad = (K + align - 1) / align * align;
+  r.G = r.Kpad / 32;
+  r.q.assign(M * r.Kpad, 0);
+  r.dx.assign(M * r.G, 0.f);
+  r.qsum.assign(M * r.G, 0.f);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    for (int64_t g = 0; g * 32 < K; ++g) {
+      int64_t k0 = g * 32, k1 = std::min(K, k0 + 32);
+      float amax = 0.f;
+      for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(xr[k]));
+      float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+      int32_t s = 0;
+      for (int64_t k = k0; k < k1; ++k) {
+        int32_t v = (int32_t)std::nearbyint(xr[k] * id);
+        v = std::max(-127, std::min(127, v));
+        r.q[m * r.Kpad + k] = (int8_t)v;
+        s += v;
+      }
+      r.dx[m * r.G + g] = d;
+      r.qsum[m * r.G + g] = d * (float)s;
+    }
+  }
+  return r;
+}
+
+template <typename T>
+void store(T* y, float v) { *y = (T)v; }
+
+// ================================================================== int4
+void int4_scalar(const float* x, int64_t M, int64_t K, const uint8_t* packed, const float* scale,
+                 const float* minimum, int64_t N, int64_t Kp, int64_t gs, float* y) {
+  int64_t G = Kp / gs;
+  at::parallel_for(0, N, grain_rows(Kp / 2), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* row = packed + n * (Kp / 2);
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xr = x + m * K;
+        float acc = 0.f;
+        for (int64_t g = 0; g < G; ++g) {
+          float dot = 0.f, xs = 0.f;
+          for (int64_t k = g * gs; k < std::min(K, (g + 1) * gs); ++k) {
+            int code = (k & 1) ? (row[k >> 1] >> 4) : (row[k >> 1] & 15);
+            dot += (float)code * xr[k];
+            xs += xr[k];
+          }
+          acc += scale[n * G + g] * dot + minimum[n * G + g] * xs;
+        }
+        y[m * N + n] = acc;
+      }
+    }
+  });
+}
+
+#if LMLAB_X86
+#define LMLAB_AVX512_INLINE LMLAB_AVX512 __attribute__((always_inline)) inline
+
+// Software prefetch of what a later row will read: decoding reads each weight once, from memory, and the
+// hardware prefetcher alone leaves short rows (288 bytes for int4 at K = 576) waiting on memory latency.
+constexpr int64_t PREFETCH_BYTES = 4096;
+inline void prefetch(const void* p, int64_t bytes) {
+  const char* c = (const char*)p;
+  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
+}
+inline int64_t rows_ahead(int64_t row_bytes) { return std::max<int64_t>(1, PREFETCH_BYTES / std::max<int64_t>(1, row_bytes)); }
+
+// Where x's int4-path operands live: MB rows starting at row m0 (codes deinterleaved, per-lane dx, dx·Σq).
+struct X4 {
+  const int8_t *xe, *xo;
+  const float *dxl, *qsum;
+  int64_t xbytes, chunks, G;
+};
+
+// One 64-byte chunk c (128 columns, 4 groups) of a weight row against MB rows of x.
+template <int MB>
+LMLAB_AVX512_INLINE void int4_chunk(__m512 (&acc)[MB], __m512i w, __m512 s, const X4& X, int64_t c) {
+  const __m512i low = _mm512_set1_epi8(15);
+  __m512i lo = _mm512_and_si512(w, low), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
+  for (int m = 0; m < MB; ++m) {
+    __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(X.xe + m * X.xbytes + c * 64));
+    d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(X.xo + m * X.xbytes + c * 64));
+    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(s, _mm512_loadu_ps(X.dxl + (m * X.chunks + c) * 16)), acc[m]);
+  }
+}
+
+// Rows n0..n1 of the weight (group size 32) times MB rows of x; y points at the block's first output row.
+template <int MB>
+LMLAB_AVX512 void int4_rows_avx512(const X4& X, const uint8_t* packed, const float* scale, const float* minimum,
+                                   int64_t Kp, int64_t n0, int64_t n1, int64_t N, float* y) {
+  const int64_t G = Kp / 32, bytes = Kp / 2, full = bytes / 64, tail = bytes % 64;
+  const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  const __mmask64 tail_bytes = tail ? (((__mmask64)1 << tail) - 1) : 0;
+  const __mmask16 tail_groups = (__mmask16)((1u << ((tail + 15) / 16)) - 1);
+  const int64_t ahead = rows_ahead(bytes + 8 * G);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = packed + n * bytes;
+    if (n + ahead < n1) {
+      prefetch(row + ahead * bytes, bytes);
+      prefetch(scale + (n + ahead) * G, 4 * G);
+      prefetch(minimum + (n + ahead) * G, 4 * G);
+    }
+    const float* sc = scale + n * G;
+    __m512 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < full; ++c) {
+      __m512 s = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_loadu_ps(sc + c * 4)));
+      int4_chunk<MB>(acc, _mm512_loadu_si512(row + c * 64), s, X, c);
+    }
+    if (tail) {
+      __m512 s = _mm512_permutexvar_ps(spread, _mm512_maskz_loadu_ps(tail_groups, sc + full * 4));
+      int4_chunk<MB>(acc, _mm512_maskz_loadu_epi8(tail_bytes, row + full * 64), s, X, full);
+    }
+    const float* mn = minimum + n * G;
+    for (int m = 0; m < MB; ++m) {  // + Σ_g minimum[n,g]·dx[g]·Σq[g]
+      __m512 a = acc[m];
+      for (int64_t g = 0; g < G; g += 16) {
+        __mmask16 mk = G - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (G - g)) - 1);
+        a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, mn + g), _mm512_maskz_loadu_ps(mk, X.qsum + m * X.G + g), a);
+      }
+      y[m * N + n] = _mm512_reduce_add_ps(a);
+    }
+  }
+}
+#endif
+
+at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                     const at::Tensor& minimum, int64_t group_size) {
+  TORCH_CHECK(x.dim() == 2 && packed.dim() == 2 && scale.dim() == 2 && minimum.dim() == 2, "int4_gemv: 2-D tensors");
+  TORCH_CHECK(packed.scalar_type() == at::kByte, "int4_gemv: packed must be uint8");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && minimum.scalar_type() == at::kFloat, "int4_gemv: float32 scales");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "int4_gemv: x float32 or bfloat16");
+  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0), Kp = packed.size(1) * 2;
+  TORCH_CHECK(group_size >= 2 && group_size % 2 == 0 && Kp % group_size == 0, "int4_gemv: bad group_size");
+  TORCH_CHECK(K <= Kp && Kp - K < group_size, "int4_gemv: x has ", K, " columns, weight ", Kp);
+  TORCH_CHECK(scale.size(0) == N && scale.size(1) == Kp / group_size && minimum.sizes() == scale.sizes(),
+              "int4_gemv: scale/minimum shape");
+  at::Tensor xf = as_float(x), p = packed.contiguous(), s = scale.contiguous(), mn = minimum.contiguous();
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  if (N == 0 || M == 0) return y.to(x.scalar_type());
+  const uint8_t* pp = p.data_ptr<uint8_t>();
+  const float *sp = s.data_ptr<float>(), *mp = mn.data_ptr<float>(), *xp = xf.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+#if LMLAB_X86
+  if (group_size == 32 && has_avx512_vnni() && !force_scalar()) {
+    QuantX qx = quantize_x(xp, M, K, 128);
+    const int64_t xbytes = qx.Kpad / 2, chunks = (Kp / 2 + 63) / 64;
+    TORCH_CHECK(xbytes >= chunks * 64, "int4_gemv: internal padding");
+    std::vector<int8_t> xe(M * xbytes), xo(M * xbytes);
+    std::vector<float> dxl(M * chunks * 16, 0.f);
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t i = 0; i < xbytes; ++i) {
+        xe[m * xbytes + i] = qx.q[m * qx.Kpad + 2 * i];
+        xo[m * xbytes + i] = qx.q[m * qx.Kpad + 2 * i + 1];
+      }
+      for (int64_t c = 0; c < chunks; ++c)
+        for (int64_t l = 0; l < 16; ++l) {
+          int64_t g = c * 4 + l / 4;
+          dxl[(m * chunks + c) * 16 + l] = g < Kp / 32 ? qx.dx[m * qx.G + g] : 0.f;
+        }
+    }
+    at::parallel_for(0, N, grain_rows(Kp / 2), [&](int64_t n0, int64_t n1) {
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {  // blocks of up to 4 rows of x share each weight load
+        X4 X{xe.data() + m0 * xbytes, xo.data() + m0 * xbytes, dxl.data() + m0 * chunks * 16,
+             qx.qsum.data() + m0 * qx.G, xbytes, chunks, qx.G};
+        float* yb = yp + m0 * N;
+        switch (std::min<int64_t>(4, M - m0)) {
+          case 1: int4_rows_avx512<1>(X, pp, sp, mp, Kp, n0, n1, N, yb); break;
+          case 2: int4_rows_avx512<2>(X, pp, sp, mp, Kp, n0, n1, N, yb); break;
+          case 3: int4_rows_avx512<3>(X, pp, sp, mp, Kp, n0, n1, N, yb); break;
+          default: int4_rows_avx512<4>(X, pp, sp, mp, Kp, n0, n1, N, yb); break;
+        }
+      }
+    });
+    return y.to(x.scalar_type());
+  }
+#endif
+  int4_scalar(xp, M, K, pp, sp, mp, N, Kp, group_size, yp);
+  return y.to(x.scalar_type());
+}
+
+// ================================================================== int8
+#if LMLAB_X86
+// int8: w ^ 0x80 = w + 128 read as unsigned, so vpdpbusd(w + 128, q) = Σ w·q + 128·Σq; the second term does
+// not depend on the weight row: it is removed once per row of x (`bias`) after the float accumulation.
+template <int MB>
+LMLAB_AVX512_INLINE void int8_chunk(__m512 (&acc)[MB], __m512i w, const int8_t* xq, const float* dxl, int64_t Kpad,
+                                    int64_t chunks, int64_t c) {
+  __m512i wu = _mm512_xor_si512(w, _mm512_set1_epi8((char)0x80));
+  for (int m = 0; m < MB; ++m) {
+    __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, _mm512_loadu_si512(xq + m * Kpad + c * 64));
+    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(dxl + (m * chunks + c) * 16), acc[m]);
+  }
+}
+
+template <int MB>
+LMLAB_AVX512 void int8_rows_avx512(const int8_t* xq, const float* dxl, const float* bias, int64_t Kpad,
+                                   const int8_t* w, const float* scale, int64_t K, int64_t n0, int64_t n1,
+                                   int64_t N, float* y) {
+  const int64_t full = K / 64, tail = K % 64, chunks = Kpad / 64;
+  const __mmask64 tail_bytes = tail ? (((__mmask64)1 << tail) - 1) : 0;
+  const int64_t ahead = rows_ahead(K);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* row = w + n * K;
+    if (n + ahead < n1) prefetch(row + ahead * K, K);
+    __m512 acc[MB];
+    for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < full; ++c) int8_chunk<MB>(acc, _mm512_loadu_si512(row + c * 64), xq, dxl, Kpad, chunks, c);
+    // tail: masked-off weight bytes read 0 (+128 after the xor) but meet x's zero padding
+    if (tail) int8_chunk<MB>(acc, _mm512_maskz_loadu_epi8(tail_bytes, row + full * 64), xq, dxl, Kpad, chunks, full);
+    for (int m = 0; m < MB; ++m) y[m * N + n] = scale[n] * (_mm512_reduce_add_ps(acc[m]) - bias[m]);
+  }
+}
+#endif
+
+at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scale) {
+  TORCH_CHECK(x.dim() == 2 && qweight.dim() == 2 && scale.dim() == 1, "int8_gemv: x, qweight 2-D, scale 1-D");
+  TORCH_CHECK(qweight.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat, "int8_gemv: int8 weight, float32 scale");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "int8_gemv: x float32 or bfloat16");
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
+  TORCH_CHECK(qweight.size(1) == K && scale.size(0) == N, "int8_gemv: shapes");
+  at::Tensor xf = as_float(x), q = qweight.contiguous(), s = scale.contiguous();
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  if (N == 0 || M == 0) return y.to(x.scalar_type());
+  const int8_t* wp = q.data_ptr<int8_t>();
+  const float *sp = s.data_ptr<float>(), *xp = xf.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+#if LMLAB_X86
+  if (has_avx512_vnni() && !force_scalar()) {
+    QuantX qx = quantize_x(xp, M, K, 64);
+    const int64_t chunks = qx.Kpad / 64;
+    std::vector<float> dxl(M * chunks * 16), bias(M, 0.f);
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t c = 0; c < chunks; ++c)
+        for (int64_t l = 0; l < 16; ++l) dxl[(m * chunks + c) * 16 + l] = qx.dx[m * qx.G + c * 2 + l / 8];
+      for (int64_t g = 0; g < qx.G; ++g) bias[m] += 128.f * qx.qsum[m * qx.G + g];  // 128·Σ_g dx[g]·Σq[g]
+    }
+    at::parallel_for(0, N, grain_rows(K), [&](int64_t n0, int64_t n1) {
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int8_t* xq = qx.q.data() + m0 * qx.Kpad;
+        const float *dl = dxl.data() + m0 * chunks * 16, *b = bias.data() + m0;
+        float* yb = yp + m0 * N;
+        switch (std::min<int64_t>(4, M - m0)) {
+          case 1: int8_rows_avx512<1>(xq, dl, b, qx.Kpad, wp, sp, K, n0, n1, N, yb); break;
+          case 2: int8_rows_avx512<2>(xq, dl, b, qx.Kpad, wp, sp, K, n0, n1, N, yb); break;
+          case 3: int8_rows_avx512<3>(xq, dl, b, qx.Kpad, wp, sp, K, n0, n1, N, yb); break;
+          default: int8_rows_avx512<4>(xq, dl, b, qx.Kpad, wp, sp, K, n0, n1, N, yb); break;
+        }
+      }
+    });
+    return y.to(x.scalar_type());
+  }
+#endif
+  at::parallel_for(0, N, grain_rows(K), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m = 0; m < M; ++m) {
+        float acc = 0.f;
+        for (int64_t k = 0; k < K; ++k) acc += (float)wp[n * K + k] * xp[m * K + k];
+        yp[m * N + n] = sp[n] * acc;
+      }
+  });
+  return y.to(x.scalar_type());
+}
+
+// ================================================================== bfloat16 and float32
+#if LMLAB_X86
+LMLAB_AVX512 inline __m512bh load_bf16(const at::BFloat16* p, __mmask32 mk) {
+  return (__m512bh)_mm512_maskz_loadu_epi16(mk, p);
+}
+
+// x: M × K bfloat16; 4 rows of W per step
+LMLAB_AVX512 void bf16_rows_avx512(const at::BFloat16* x, int64_t M, const at::BFloat16* w, int64_t K,
+                                   int64_t n0, int64_t n1, int64_t N, float* y) {
+  const int64_t steps = (K + 31) / 32;
+  const __mmask32 tail = (K % 32) ? (__mmask32)((1u << (K % 32)) - 1) : ~(__mmask32)0;
+  const int64_t ahead = (rows_ahead(2 * K) + 3) / 4 * 4;
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    const at::BFloat16 *r0 = w + n * K, *r1 = r0 + K, *r2 = r1 + K, *r3 = r2 + K;
+    if (n + ahead + 4 <= n1) prefetch(w + (n + ahead) * K, 8 * K);
+    for (int64_t m = 0; m < M; ++m) {
+      const at::BFloat16* xr = x + m * K;
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t i = 0; i < steps; ++i) {
+        __mmask32 mk = i == steps - 1 ? tail : ~(__mmask32)0;
+        __m512bh xv = load_bf16(xr + i * 32, mk);
+        a0 = _mm512_dpbf16_ps(a0, load_bf16(r0 + i * 32, mk), xv);
+        a1 = _mm512_dpbf16_ps(a1, load_bf16(r1 + i * 32, mk), xv);
+        a2 = _mm512_dpbf16_ps(a2, load_bf16(r2 + i * 32, mk), xv);
+        a3 = _mm512_dpbf16_ps(a3, load_bf16(r3 + i * 32, mk), xv);
+      }
+      y[m * N + n] = _mm512_reduce_add_ps(a0);
+      y[m * N + n + 1] = _mm512_reduce_add_ps(a1);
+      y[m * N + n + 2] = _mm512_reduce_add_ps(a2);
+      y[m * N + n + 3] = _mm512_reduce_add_ps(a3);
+    }
+  }
+  for (; n < n1; ++n)
+    for (int64_t m = 0; m < M; ++m) {
+      __m512 a = _mm512_setzero_ps();
+      for (int64_t i = 0; i < steps; ++i) {
+        __mmask32 mk = i == steps - 1 ? tail : ~(__mmask32)0;
+        a = _mm512_dpbf16_ps(a, load_bf16(w + n * K + i * 32, mk), load_bf16(x + m * K + i * 32, mk));
+      }
+      y[m * N + n] = _mm512_reduce_add_ps(a);
+    }
+}
+
+LMLAB_AVX512 void f32_rows_avx512(const float* x, int64_t M, const float* w, int64_t K, int64_t n0, int64_t n1,
+                                  int64_t N, float* y) {
+  const int64_t steps = (K + 15) / 16;
+  const __mmask16 tail = (K % 16) ? (__mmask16)((1u << (K % 16)) - 1) : (__mmask16)0xFFFF;
+  const int64_t ahead = (rows_ahead(4 * K) + 3) / 4 * 4;
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    const float *r0 = w + n * K, *r1 = r0 + K, *r2 = r1 + K, *r3 = r2 + K;
+    if (n + ahead + 4 <= n1) prefetch(w + (n + ahead) * K, 16 * K);
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = x + m * K;
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t i = 0; i < steps; ++i) {
+        __mmask16 mk = i == steps - 1 ? tail : (__mmask16)0xFFFF;
+        __m512 xv = _mm512_maskz_loadu_ps(mk, xr + i * 16);
+        a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, r0 + i * 16), xv, a0);
+        a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, r1 + i * 16), xv, a1);
+        a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, r2 + i * 16), xv, a2);
+        a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, r3 + i * 16), xv, a3);
+      }
+      y[m * N + n] = _mm512_reduce_add_ps(a0);
+      y[m * N + n + 1] = _mm512_reduce_add_ps(a1);
+      y[m * N + n + 2] = _mm512_reduce_add_ps(a2);
+      y[m * N + n + 3] = _mm512_reduce_add_ps(a3);
+    }
+  }
+  for (; n < n1; ++n)
+    for (int64_t m = 0; m < M; ++m) {
+      __m512 a = _mm512_setzero_ps();
+      for (int64_t i = 0; i < steps; ++i) {
+        __mmask16 mk = i == steps - 1 ? tail : (__mmask16)0xFFFF;
+        a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, w + n * K + i * 16), _mm512_maskz_loadu_ps(mk, x + m * K + i * 16), a);
+      }
+      y[m * N + n] = _mm512_reduce_add_ps(a);
+    }
+}
+#endif
+
+at::Tensor bf16_gemv(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && w.size(1) == x.size(1), "bf16_gemv: x M×K, w N×K");
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16, "bf16_gemv: w must be bfloat16");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "bf16_gemv: x float32 or bfloat16");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor xb = x.to(at::kBFloat16).contiguous(), wc = w.contiguous();
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  if (N == 0 || M == 0) return y.to(x.scalar_type());
+  const at::BFloat16 *xp = xb.data_ptr<at::BFloat16>(), *wp = wc.data_ptr<at::BFloat16>();
+  float* yp = y.data_ptr<float>();
+#if LMLAB_X86
+  if (has_avx512_bf16() && !force_scalar()) {
+    at::parallel_for(0, N, grain_rows(2 * K), [&](int64_t n0, int64_t n1) { bf16_rows_avx512(xp, M, wp, K, n0, n1, N, yp); });
+    return y.to(x.scalar_type());
+  }
+#endif
+  at::parallel_for(0, N, grain_rows(2 * K), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m = 0; m < M; ++m) {
+        float acc = 0.f;
+        for (int64_t k = 0; k < K; ++k) acc += (float)wp[n * K + k] * (float)xp[m * K + k];
+        yp[m * N + n] = acc;
+      }
+  });
+  return y.to(x.scalar_type());
+}
+
+at::Tensor f32_gemv(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && w.size(1) == x.size(1), "f32_gemv: x M×K, w N×K");
+  TORCH_CHECK(w.scalar_type() == at::kFloat, "f32_gemv: w must be float32");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "f32_gemv: x float32 or bfloat16");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor xf = as_float(x), wc = w.contiguous();
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  if (N == 0 || M == 0) return y.to(x.scalar_type());
+  const float *xp = xf.data_ptr<float>(), *wp = wc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+#if LMLAB_X86
+  if (has_avx512_vnni() && !force_scalar()) {
+    at::parallel_for(0, N, grain_rows(4 * K), [&](int64_t n0, int64_t n1) { f32_rows_avx512(xp, M, wp, K, n0, n1, N, yp); });
+    return y.to(x.scalar_type());
+  }
+#endif
+  at::parallel_for(0, N, grain_rows(4 * K), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m = 0; m < M; ++m) {
+        float acc = 0.f;
+        for (int64_t k = 0; k < K; ++k) acc += wp[n * K + k] * xp[m * K + k];
+        yp[m * N + n] = acc;
+      }
+  });
+  return y.to(x.scalar_type());
+}
+
+// which code path the integer kernels take here: "avx512" or "scalar"
+std::string isa() { return has_avx512_vnni() && !force_scalar() ? "avx512" : "scalar"; }
+
+}  // namespace
+
+TORCH_LIBRARY(lmlab, m) {
+  m.def("int4_gemv(Tensor x, Tensor packed, Tensor scale, Tensor minimum, int group_size) -> Tensor");
+  m.def("int8_gemv(Tensor x, Tensor qweight, Tensor scale) -> Tensor");
+  m.def("bf16_gemv(Tensor x, Tensor w) -> Tensor");
+  m.def("f32_gemv(Tensor x, Tensor w) -> Tensor");
+  m.def("isa() -> str", &isa);
+}
+
+TORCH_LIBRARY_IMPL(lmlab, CPU, m) {
+  m.impl("int4_gemv", &int4_gemv);
+  m.impl("int8_gemv", &int8_gemv);
+  m.impl("bf16_gemv", &bf16_gemv);
+  m.impl("f32_gemv", &f32_gemv);
+}

@@ -1,0 +1,262 @@
+"""lmlab.inference.native: the C++ matrix-vector kernels against de-quantize + F.linear.
+
+Tolerances (relative error of the whole output, ‖got − want‖ / ‖want‖):
+  * the integer kernels' fast path quantizes x to int8 per group of 32 columns (an error of about 0.5 %
+    of the output, measured for Gaussian x): QUANT_TOL = 2e-2;
+  * bfloat16 weights with x rounded to bfloat16: BF16_TOL = 1e-2;
+  * exact float32 arithmetic (scalar paths, f32 kernel): EXACT_TOL = 1e-5;
+  * a bfloat16 output adds its own rounding (2⁻⁹ relative): + 4e-3.
+A real bug (nibbles swapped, a group's scale taken from its neighbour, a dropped tail) gives errors of
+tens of percent: test_a_broken_kernel_fails_the_check shows that for swapped nibbles.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmlab.inference import native
+from lmlab.inference.quantize import dequantize_int4, dequantize_int8, quantize_int4, quantize_int8
+from lmlab.utils import device as device_utils
+
+QUANT_TOL, BF16_TOL, EXACT_TOL, BF16_OUT = 2e-2, 1e-2, 1e-5, 4e-3
+SHAPES = [(960, 576), (77, 1536), (45, 96), (19, 32), (130, 200)]  # N×K: real ones, and awkward N and K
+
+
+
+@pytest.fixture
+def built():
+    """Builds the kernels on first use (into the real $LMLAB_HOME/kernels cache); skips where they cannot be."""
+    if not native.available():
+        pytest.skip(f"native kernels not available: {native._state.get('error')}")
+
+
+needs_native = pytest.mark.usefixtures("built")
+
+
+@pytest.fixture(params=["fast", "scalar"])
+def path(request, monkeypatch):
+    """Each kernel on its fast path (where this CPU has one) and on its scalar fallback."""
+    if request.param == "scalar":
+        monkeypatch.setenv(native.SCALAR_ENV, "1")
+    else:
+        monkeypatch.delenv(native.SCALAR_ENV, raising=False)
+    return request.param
+
+
+def rel_err(got, want):
+    return ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12)).item()
+
+
+def tol(path, dtype, fast_tol):
+    exact = EXACT_TOL if dtype == torch.float32 else BF16_OUT
+    return (fast_tol if path == "fast" and torch.ops.lmlab.isa() == "avx512" else exact) + \
+        (BF16_OUT if dtype == torch.bfloat16 else 0)
+
+
+def inputs(N, K, M, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=gen) * 0.05 + 0.01 * torch.randn(N, 1, generator=gen)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    return w, x
+
+
+def int4_check(w, x, path, group_size=32):
+    packed, scale, minimum = quantize_int4(w, group_size)
+    want = F.linear(x.float(), dequantize_int4(packed, scale, minimum, w.shape[1]))
+    got = torch.ops.lmlab.int4_gemv(x, packed, scale, minimum, group_size)
+    assert got.dtype == x.dtype and got.shape == want.shape
+    err = rel_err(got, want)
+    assert err <= tol(path, x.dtype, QUANT_TOL), err
+    return err
+
+
+@needs_native
+@pytest.mark.parametrize("N,K", SHAPES)
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4(N, K, M, dtype, path):
+    int4_check(*inputs(N, K, M, dtype), path)
+
+
+@needs_native
+@pytest.mark.parametrize("M", [5, 16])
+def test_more_rows_than_one_block(M, path):
+    """x rows go through the kernels in blocks of 4: full and partial blocks, up to QuantLinear.native_rows."""
+    w, x = inputs(70, 576, M, torch.float32)
+    int4_check(w, x, path)
+    q, scale = quantize_int8(w)
+    assert rel_err(torch.ops.lmlab.int8_gemv(x, q, scale), F.linear(x, dequantize_int8(q, scale))) <= \
+        tol(path, torch.float32, QUANT_TOL)
+    for row in range(M):  # each row equals its own one-row product (blocks do not mix rows)
+        torch.testing.assert_close(torch.ops.lmlab.int8_gemv(x[row:row + 1], q, scale)[0],
+                                   torch.ops.lmlab.int8_gemv(x, q, scale)[row])
+
+
+@needs_native
+@pytest.mark.parametrize("group_size", [64, 128])
+def test_int4_other_group_sizes_take_the_scalar_path(group_size, path):
+    w, x = inputs(70, 576, 2, torch.float32)
+    packed, scale, minimum = quantize_int4(w, group_size)
+    want = F.linear(x, dequantize_int4(packed, scale, minimum, 576))
+    assert rel_err(torch.ops.lmlab.int4_gemv(x, packed, scale, minimum, group_size), want) <= EXACT_TOL
+
+
+@needs_native
+@pytest.mark.parametrize("N,K", SHAPES)
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8(N, K, M, dtype, path):
+    w, x = inputs(N, K, M, dtype)
+    q, scale = quantize_int8(w)
+    want = F.linear(x.float(), dequantize_int8(q, scale))
+    got = torch.ops.lmlab.int8_gemv(x, q, scale)
+    assert got.dtype == dtype and rel_err(got, want) <= tol(path, dtype, QUANT_TOL)
+
+
+@needs_native
+@pytest.mark.parametrize("N,K", SHAPES)
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bf16(N, K, M, dtype, path):
+    w, x = inputs(N, K, M, dtype)
+    wb = w.bfloat16()
+    want = F.linear(x.float(), wb.float())
+    got = torch.ops.lmlab.bf16_gemv(x, wb)
+    assert got.dtype == dtype and rel_err(got, want) <= BF16_TOL + (BF16_OUT if dtype == torch.bfloat16 else 0)
+
+
+@needs_native
+@pytest.mark.parametrize("N,K", SHAPES)
+@pytest.mark.parametrize("M", [1, 3])
+def test_f32(N, K, M, path):
+    w, x = inputs(N, K, M, torch.float32)
+    assert rel_err(torch.ops.lmlab.f32_gemv(x, w), F.linear(x, w)) <= EXACT_TOL
+
+
+@needs_native
+def test_a_broken_kernel_fails_the_check(path):
+    """The tolerance catches a real bug: the kernel fed swapped nibbles misses by far more than QUANT_TOL."""
+    w, x = inputs(960, 576, 1, torch.float32)
+    packed, scale, minimum = quantize_int4(w, 32)
+    want = F.linear(x, dequantize_int4(packed, scale, minimum, 576))
+    swapped = (packed >> 4) | (packed << 4)
+    assert rel_err(torch.ops.lmlab.int4_gemv(x, swapped, scale, minimum, 32), want) > 10 * QUANT_TOL
+    shifted = torch.roll(scale, 1, dims=1)  # each group scaled by its neighbour's scale
+    assert rel_err(torch.ops.lmlab.int4_gemv(x, packed, shifted, minimum, 32), want) > 10 * QUANT_TOL
+
+
+@needs_native
+def test_bad_shapes_raise():
+    w, x = inputs(16, 64, 1, torch.float32)
+    packed, scale, minimum = quantize_int4(w, 32)
+    with pytest.raises(RuntimeError):
+        torch.ops.lmlab.int4_gemv(torch.randn(1, 128), packed, scale, minimum, 32)
+    with pytest.raises(RuntimeError):
+        torch.ops.lmlab.f32_gemv(x, w.bfloat16())
+
+
+@needs_native
+def test_torch_compile_traces_through_the_ops():
+    w, x = inputs(96, 576, 1, torch.float32)
+    packed, scale, minimum = quantize_int4(w, 32)
+    q, s = quantize_int8(w)
+
+    def step(x):
+        return torch.ops.lmlab.int4_gemv(x, packed, scale, minimum, 32).relu() + torch.ops.lmlab.int8_gemv(x, q, s)
+
+    compiled = torch.compile(step, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), step(x))
+
+
+# --------------------------------------------------------------------------- real weights
+@pytest.mark.slow
+@needs_native
+def test_real_smollm2_weights(smollm2, path):
+    """Every distinct weight shape of SmolLM2-135M, int4 (group 32) and int8, with a real activation scale."""
+    model, _ = smollm2
+    seen = {}
+    for name, p in model.named_parameters():
+        if p.dim() == 2 and "emb" not in name and tuple(p.shape) not in seen:
+            seen[tuple(p.shape)] = (name, p.detach().float())
+    assert len(seen) >= 4, sorted(seen)
+    gen = torch.Generator().manual_seed(1)
+    for shape, (name, w) in seen.items():
+        x = torch.randn(1, w.shape[1], generator=gen) * torch.rand(w.shape[1], generator=gen) * 3  # uneven columns
+        int4_check(w, x, path)
+        q, scale = quantize_int8(w)
+        err = rel_err(torch.ops.lmlab.int8_gemv(x, q, scale), F.linear(x, dequantize_int8(q, scale)))
+        assert err <= tol(path, torch.float32, QUANT_TOL), (name, err)
+
+
+# --------------------------------------------------------------------------- no compiler
+def test_missing_compiler_gives_one_notice_and_no_kernels(monkeypatch, tmp_path, capsys):
+    """Without a compiler the kernels are simply absent: one notice line, available() False, nothing raises."""
+    monkeypatch.setenv(native.ENV_CXX, str(tmp_path / "no-such-g++"))
+    monkeypatch.setenv("LMLAB_HOME", str(tmp_path))
+    monkeypatch.setattr(device_utils, "NOTES", [])
+    monkeypatch.setattr(native, "_state", {})
+    assert native.available() is False and native.available() is False
+    err = capsys.readouterr().err
+    assert err.count("lmlab: ") == 1 and "native CPU kernels are not available" in err
+    assert not (tmp_path / "kernels").exists() or not list((tmp_path / "kernels").iterdir())
+
+
+def test_failed_build_gives_one_notice(monkeypatch, tmp_path, capsys):
+    """A compiler that fails: one notice, no library left behind (the temp file is removed)."""
+    fake = tmp_path / "fake-cxx"
+    fake.write_text("#!/bin/sh\necho 'fake-cxx 1.0'\n[ \"$1\" = --version ] && exit 0\necho 'error: broken' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv(native.ENV_CXX, str(fake))
+    monkeypatch.setenv("LMLAB_HOME", str(tmp_path))
+    monkeypatch.setattr(device_utils, "NOTES", [])
+    monkeypatch.setattr(native, "_state", {})
+    assert native.available() is False
+    err = capsys.readouterr().err
+    assert err.count("lmlab: ") == 1 and "broken" in err
+    assert list((tmp_path / "kernels").iterdir()) == []
+
+
+def test_switched_off(monkeypatch, capsys):
+    monkeypatch.setenv(native.ENV, "off")
+    monkeypatch.setattr(native, "_state", {})
+    assert native.available() is False and capsys.readouterr().err == ""
+
+
+# --------------------------------------------------------------------------- the quantized linears
+@needs_native
+@pytest.mark.parametrize("cls", ["int4", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_linears_prefer_the_native_kernel(cls, dtype, monkeypatch):
+    monkeypatch.delenv(native.SCALAR_ENV, raising=False)
+    from lmlab.inference.quantize import Int4Linear, Int8Linear
+
+    w, _ = inputs(200, 576, 1, torch.float32)
+    lin = Int4Linear(w, torch.randn(200)) if cls == "int4" else Int8Linear(w, torch.randn(200))
+    lin = lin.to(dtype)  # buffers keep their dtypes; only the bias follows
+    for rows in (1, 3, 20):  # 20 > native_rows: PyTorch's kernel (or the reference) takes over
+        x = torch.randn(rows, 576).to(dtype)
+        assert rel_err(lin(x), lin.reference(x)) <= QUANT_TOL + BF16_OUT
+    assert lin.route() == "native"
+
+
+@needs_native
+def test_quantized_linears_fall_back_without_native(monkeypatch):
+    from lmlab.inference.quantize import Int4Linear
+
+    monkeypatch.setattr(native, "available", lambda: False)
+    lin = Int4Linear(inputs(64, 576, 1, torch.float32)[0])
+    x = torch.randn(1, 576)
+    lin(x)
+    assert lin.route() in ("pytorch", "reference")
+    assert rel_err(lin(x), lin.reference(x)) <= 0.05
+
+
+@needs_native
+def test_compiled_quantized_linear_calls_the_native_kernel():
+    from lmlab.inference.quantize import Int4Linear
+
+    lin = Int4Linear(inputs(64, 576, 1, torch.float32)[0])
+    x = torch.randn(1, 576)
+    want = lin(x)  # prepares the route eagerly, as lmlab's compiled step does (warm-up)
+    assert lin.route() == "native"
+    got = torch.compile(lin, backend="eager", fullgraph=True)(x)
+    torch.testing.assert_close(got, want)
