@@ -5,11 +5,14 @@ On CPU the fastest way to do that depends on the CPU, the PyTorch build, the dty
 the weight's shape, and the plain GEMM (`F.linear`) is often not it. So for each weight shape of the
 model, in its real dtype and with the threads in use, `choose(model)` times the candidates
 
-    1 row     linear (F.linear)   mv (torch.mv)      packed (oneDNN, weight reordered once)
-    few rows  linear              W@xT (W @ xᵀ)      packed
+    1 row     linear (F.linear)   mv (torch.mv)      packed (oneDNN, weight reordered once)   native
+    few rows  linear              W@xT (W @ xᵀ)      packed                                   native
 
 and each RowLinear takes the fastest, but leaves `linear` only for a kernel at least 10% faster
 (MARGIN), so that noise cannot flip a choice. Prompt passes (more than FEW_ROWS rows) always use linear.
+`native` is lmlab's own matrix-vector kernel (lmlab.inference.native: float32 FMA or bfloat16 dot-product
+instructions, rows split over PyTorch's threads), a candidate where it could be built; like every candidate
+it must give F.linear's result on the weight (checked before timing) before it may be chosen.
 A packed route keeps a second, reordered copy of the weight (the plain one stays: the state dict, tied
 embeddings, adapters and export read it), so packing is skipped when the copies would take more than
 PACK_SHARE of the free memory.
@@ -72,9 +75,24 @@ def packed_linear(x2d: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | 
     return torch.ops.mkldnn._linear_pointwise(x2d, packed, bias, "none", [], "")
 
 
+def native_available(dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
+    """lmlab's own float32 / bfloat16 matrix-vector kernel (built on first use) for this dtype here."""
+    if torch.device(device).type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        return False
+    from lmlab.inference import native
+
+    return native.available()
+
+
+def native_linear(x2d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    op = torch.ops.lmlab.f32_gemv if weight.dtype == torch.float32 else torch.ops.lmlab.bf16_gemv
+    return op(x2d, weight)
+
+
 def candidates(dtype: torch.dtype, device: torch.device | str = "cpu") -> dict[str, tuple[str, ...]]:
     """Kernel names per row kind ("1", "few") that exist for this dtype and device."""
     extra = ("packed",) if packed_available(dtype, device) else ()
+    extra += ("native",) if native_available(dtype, device) else ()
     return {"1": ("linear", "mv") + extra, "few": ("linear", "W@xT") + extra}
 
 
@@ -110,12 +128,17 @@ class RowLinear(torch.nn.Linear):
                                   or torch.compiler.is_compiling()
                                   or (torch.is_grad_enabled() and self.weight.requires_grad)):
             route = "linear"
+        if route == "native" and (x.dtype != self.weight.dtype or x.device.type != "cpu"
+                                  or (torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad))):
+            route = "linear"  # no backward: autograd takes F.linear
         if route == "linear":
             return super().forward(x)
         x2 = x.reshape(rows, self.in_features)
         if route == "packed":
             return packed_linear(x2, self.packed, self.bias).reshape(*x.shape[:-1], self.out_features)
-        if route == "mv":
+        if route == "native":
+            y = native_linear(x2, self.weight)
+        elif route == "mv":
             y = torch.mv(self.weight, x2[0])
         else:  # "W@xT"
             y = (self.weight @ x2.t()).t()
@@ -161,10 +184,11 @@ def measure(weight: torch.Tensor, rows: int, kernels: tuple[str, ...]) -> dict[s
     w = weight.detach()
     x = torch.randn(rows, w.shape[1], generator=torch.Generator().manual_seed(0)).to(w.dtype)
     packed = pack(w) if "packed" in kernels else None
-    fns = {"linear": lambda: F.linear(x, w), "mv": lambda: torch.mv(w, x[0]), "W@xT": lambda: w @ x.t(),
-           "packed": lambda: packed_linear(x, packed, None)}
-    for k in kernels:
-        fns[k]()
+    fns = {"linear": lambda: F.linear(x, w), "mv": lambda: torch.mv(w, x[0]), "W@xT": lambda: (w @ x.t()).t(),
+           "packed": lambda: packed_linear(x, packed, None), "native": lambda: native_linear(x, w)}
+    want = fns["linear"]().float()
+    wrong = [k for k in kernels if k != "linear" and not _agrees(fns[k]().float().reshape(want.shape), want, w.dtype)]
+    kernels = tuple(k for k in kernels if k not in wrong)
     best = {k: float("inf") for k in kernels}
     start = time.perf_counter()
     for r in range(REPEATS):
@@ -174,7 +198,13 @@ def measure(weight: torch.Tensor, rows: int, kernels: tuple[str, ...]) -> dict[s
             best[k] = min(best[k], time.perf_counter() - t)
         if r + 1 >= MIN_REPEATS and time.perf_counter() - start > BUDGET_S:
             break
-    return {k: round(v * 1e3, 4) for k, v in best.items()}
+    return {**{k: round(v * 1e3, 4) for k, v in best.items()}, **{k: float("inf") for k in wrong}}
+
+
+def _agrees(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:
+    """A candidate's product against F.linear's: relative error within float32's or bfloat16's rounding."""
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    return bool(torch.isfinite(got).all() and (got - want).norm() <= tol * want.norm() + 1e-6)
 
 
 def pick(timings: dict[str, float]) -> str:
@@ -274,12 +304,13 @@ class KernelChoice:
                  + (f"\ncache file: {self.path}" if self.path else "")]
         if self.timings:
             names = sorted({n for t in self.timings.values() for k in t.values() for n in k},
-                           key=["linear", "mv", "W@xT", "packed"].index)
+                           key=["linear", "mv", "W@xT", "packed", "native"].index)
             head = f"{'shape':>12} {'rows':>5} " + " ".join(f"{n + ' ms':>10}" for n in names) + f" {'chosen':>8} {'from':>6}"
             lines.append(head)
             for shape, kinds in self.timings.items():
                 for kind, t in kinds.items():
-                    cells = " ".join(f"{t[n]:>10.3f}" if n in t else f"{'-':>10}" for n in names)
+                    cells = " ".join(f"{'-':>10}" if n not in t else f"{'wrong':>10}" if t[n] == float("inf")
+                                     else f"{t[n]:>10.3f}" for n in names)
                     lines.append(f"{shape:>12} {ROWS[kind]:>5} {cells} {self.chosen[shape][kind]:>8} "
                                  f"{'cache' if self.cached.get(shape) else 'run':>6}")
             lines.append(f"(a kernel other than linear is chosen only at <= {MARGIN:.0%} of linear's time; "
@@ -394,9 +425,9 @@ def quantized_choices(model: torch.nn.Module, threads: int | None = None) -> Ker
                           threads=threads or torch.get_num_threads(), source="chosen by the quantized layers")
     for m in layers:
         scheme = "int4" if isinstance(m, Int4Linear) else "int8"
-        fast = any(state is not None for state in m._fast.values())
-        kernel = f"{scheme}pack" if fast else "dequant+linear"
-        few = kernel if FEW < m.gemm_rows else "dequant+linear"
+        route = m.route()
+        kernel = {"native": f"native {scheme}", "pytorch": f"{scheme}pack"}.get(route, "dequant+linear")
+        few = kernel if FEW < m.gemm_rows and (route != "native" or FEW <= m.native_rows) else "dequant+linear"
         choice.quantized[f"{_shape(m)} {scheme}"] = {"1": kernel, "few": few,
                                                      "prompt": f"dequant+linear from {m.gemm_rows} rows"}
     return choice

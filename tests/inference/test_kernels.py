@@ -200,7 +200,7 @@ def test_quantized_layers_report_their_kernels(measured):
     assert measured == []  # quantized layers choose for themselves
     q = runner.kernels.quantized
     assert "512x64 int8" in q and set(q["512x64 int8"]) == {"1", "few", "prompt"}
-    assert q["512x64 int8"]["1"] in ("int8pack", "dequant+linear")
+    assert q["512x64 int8"]["1"] in ("native int8", "int8pack", "dequant+linear")
     assert "512x64 int8" in runner.kernels.summary() and "prompt passes" in runner.kernels.table()
 
 
@@ -232,7 +232,8 @@ def test_a_kernel_replaces_linear_only_by_the_margin(monkeypatch):
     assert kernels.pick({"linear": 1.0, "mv": 0.95}) == "linear"  # 5% faster: noise, keep linear
     assert kernels.pick({"linear": 1.0, "mv": 0.8, "packed": 0.85}) == "mv"
     assert kernels.pick({"linear": 0.5, "W@xT": 0.1, "packed": 0.2}) == "W@xT"
-    fake = {1: {"linear": 1.0, "mv": 1.5, "packed": 1.4}, kernels.FEW: {"linear": 2.0, "W@xT": 1.0, "packed": 3.0}}
+    fake = {1: {"linear": 1.0, "mv": 1.5, "packed": 1.4, "native": 1.2},
+            kernels.FEW: {"linear": 2.0, "W@xT": 1.0, "packed": 3.0, "native": 1.5}}
     monkeypatch.setattr(kernels, "measure", lambda w, rows, names: {n: fake[rows][n] for n in names})
     runner = prepared()
     lins = [m for m in runner.model.modules() if isinstance(m, RowLinear)]
@@ -242,7 +243,8 @@ def test_a_kernel_replaces_linear_only_by_the_margin(monkeypatch):
 def test_packing_is_skipped_when_memory_is_short(monkeypatch, capsys):
     if not kernels.packed_available(torch.float32):
         pytest.skip("no oneDNN prepacked linear here")
-    fake = {1: {"linear": 2.0, "mv": 1.9, "packed": 1.0}, kernels.FEW: {"linear": 2.0, "W@xT": 1.0, "packed": 0.5}}
+    fake = {1: {"linear": 2.0, "mv": 1.9, "packed": 1.0, "native": 1.9},
+            kernels.FEW: {"linear": 2.0, "W@xT": 1.0, "packed": 0.5, "native": 1.9}}
     monkeypatch.setattr(kernels, "measure", lambda w, rows, names: {n: fake[rows][n] for n in names})
     runner = prepared()
     lins = [m for m in runner.model.modules() if isinstance(m, RowLinear)]
@@ -252,3 +254,35 @@ def test_packing_is_skipped_when_memory_is_short(monkeypatch, capsys):
     lins = [m for m in runner.model.modules() if isinstance(m, RowLinear)]
     assert {(m.one_row, m.few_rows) for m in lins} == {("linear", "W@xT")} and runner.kernels.packed_bytes == 0
     assert "packing skipped" in runner.kernels.source and "not packing weights" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_native_route_matches_linear(dtype, tol):
+    if not kernels.native_available(dtype):
+        pytest.skip("lmlab's native kernels are not built here")
+    torch.manual_seed(0)
+    lin = RowLinear.sharing(torch.nn.Linear(96, 80)).to(dtype)
+    lin.set_route("native", "native")
+    with torch.inference_mode():
+        for rows in (1, 3, 16):
+            x = torch.randn(rows, 96).to(dtype)
+            want = F.linear(x.float(), lin.weight.float(), lin.bias.float())
+            got = lin(x)
+            assert got.dtype == dtype and got.shape == want.shape
+            assert ((got.float() - want).norm() / want.norm()).item() < tol, rows
+    x = torch.randn(1, 96, dtype=dtype, requires_grad=True)  # autograd takes F.linear (the op has no backward)
+    lin(x).sum().backward()
+    assert x.grad is not None
+
+
+def test_a_candidate_that_disagrees_with_linear_is_never_chosen(monkeypatch):
+    """measure() checks every candidate against F.linear before timing it; a wrong one gets an infinite time."""
+    monkeypatch.setattr(kernels, "native_linear", lambda x, w: F.linear(x, w) * 1.01)  # 1% off: a real bug
+    w = torch.randn(64, 32)
+    t = kernels.measure(w, 1, ("linear", "mv", "native"))
+    assert t["native"] == float("inf") and t["mv"] < float("inf") and t["linear"] < float("inf")
+    assert kernels.pick(t) != "native"
+    t = kernels.measure(w, kernels.FEW, ("linear", "W@xT", "native"))
+    assert t["native"] == float("inf") and t["W@xT"] < float("inf")
+    monkeypatch.setattr(kernels, "native_linear", lambda x, w: F.linear(x, w))
+    assert kernels.measure(w, 1, ("linear", "native"))["native"] < float("inf")
