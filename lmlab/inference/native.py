@@ -84,6 +84,8 @@ def build(cxx: str) -> Path:
     path = library_path(cxx)
     if path.is_file():
         return path
+    notice(f"building lmlab's native CPU kernels with {Path(cxx).name} (once per machine and PyTorch version; "
+           "up to a minute or two)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.stem + "-", suffix=".so.tmp", dir=path.parent)
     os.close(fd)
