@@ -73,8 +73,35 @@ bool has_avx512_bf16() {
 // Rows of W per task: enough bytes that a thread's share outweighs waking it.
 int64_t grain_rows(int64_t row_bytes) { return std::max<int64_t>(4, (int64_t)32768 / std::max<int64_t>(1, row_bytes)); }
 
-// x (M×K, float32 or bfloat16) as contiguous float32
-at::Tensor as_float(const at::Tensor& x) { return x.to(at::kFloat).contiguous(); }
+// x (M×K, float32 or bfloat16) as contiguous float32, converted here rather than through x.to(): a decoding
+// step makes over a hundred of these calls, and each trip through the dispatcher costs microseconds
+struct FloatX {
+  std::vector<float> buf;
+  const float* p = nullptr;
+  explicit FloatX(const at::Tensor& x) {
+    if (x.scalar_type() == at::kFloat && x.is_contiguous()) { p = x.data_ptr<float>(); return; }
+    at::Tensor xc = x.contiguous();
+    buf.resize(xc.numel());
+    if (xc.scalar_type() == at::kBFloat16) {
+      const at::BFloat16* src = xc.data_ptr<at::BFloat16>();
+      for (int64_t i = 0; i < xc.numel(); ++i) buf[i] = static_cast<float>(src[i]);
+    } else {
+      const float* src = xc.data_ptr<float>();
+      std::copy(src, src + xc.numel(), buf.begin());
+    }
+    p = buf.data();
+  }
+};
+
+// the float32 result y in x's dtype (bfloat16: rounded to nearest even, as Tensor.to does)
+at::Tensor like_x(const at::Tensor& y, const at::Tensor& x) {
+  if (x.scalar_type() == at::kFloat) return y;
+  at::Tensor out = at::empty(y.sizes(), x.options());
+  const float* src = y.data_ptr<float>();
+  at::BFloat16* dst = out.data_ptr<at::BFloat16>();
+  for (int64_t i = 0; i < y.numel(); ++i) dst[i] = at::BFloat16(src[i]);
+  return out;
+}
 
 // ------------------------------------------------------------------ x quantized to int8 per group of 32
 struct QuantX {
@@ -222,11 +249,12 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
   TORCH_CHECK(K <= Kp && Kp - K < group_size, "int4_gemv: x has ", K, " columns, weight ", Kp);
   TORCH_CHECK(scale.size(0) == N && scale.size(1) == Kp / group_size && minimum.sizes() == scale.sizes(),
               "int4_gemv: scale/minimum shape");
-  at::Tensor xf = as_float(x), p = packed.contiguous(), s = scale.contiguous(), mn = minimum.contiguous();
+  FloatX xf(x);
+  at::Tensor p = packed.contiguous(), s = scale.contiguous(), mn = minimum.contiguous();
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
-  if (N == 0 || M == 0) return y.to(x.scalar_type());
+  if (N == 0 || M == 0) return like_x(y, x);
   const uint8_t* pp = p.data_ptr<uint8_t>();
-  const float *sp = s.data_ptr<float>(), *mp = mn.data_ptr<float>(), *xp = xf.data_ptr<float>();
+  const float *sp = s.data_ptr<float>(), *mp = mn.data_ptr<float>(), *xp = xf.p;
   float* yp = y.data_ptr<float>();
 #if LMLAB_X86
   if (group_size == 32 && has_avx512_vnni() && !force_scalar()) {
@@ -259,11 +287,11 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
         }
       }
     });
-    return y.to(x.scalar_type());
+    return like_x(y, x);
   }
 #endif
   int4_scalar(xp, M, K, pp, sp, mp, N, Kp, group_size, yp);
-  return y.to(x.scalar_type());
+  return like_x(y, x);
 }
 
 // ================================================================== int8
@@ -306,11 +334,12 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "int8_gemv: x float32 or bfloat16");
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
   TORCH_CHECK(qweight.size(1) == K && scale.size(0) == N, "int8_gemv: shapes");
-  at::Tensor xf = as_float(x), q = qweight.contiguous(), s = scale.contiguous();
+  FloatX xf(x);
+  at::Tensor q = qweight.contiguous(), s = scale.contiguous();
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
-  if (N == 0 || M == 0) return y.to(x.scalar_type());
+  if (N == 0 || M == 0) return like_x(y, x);
   const int8_t* wp = q.data_ptr<int8_t>();
-  const float *sp = s.data_ptr<float>(), *xp = xf.data_ptr<float>();
+  const float *sp = s.data_ptr<float>(), *xp = xf.p;
   float* yp = y.data_ptr<float>();
 #if LMLAB_X86
   if (has_avx512_vnni() && !force_scalar()) {
@@ -335,7 +364,7 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
         }
       }
     });
-    return y.to(x.scalar_type());
+    return like_x(y, x);
   }
 #endif
   at::parallel_for(0, N, grain_rows(K), [&](int64_t n0, int64_t n1) {
@@ -346,7 +375,7 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
         yp[m * N + n] = sp[n] * acc;
       }
   });
-  return y.to(x.scalar_type());
+  return like_x(y, x);
 }
 
 // ================================================================== bfloat16 and float32
@@ -438,13 +467,13 @@ at::Tensor bf16_gemv(const at::Tensor& x, const at::Tensor& w) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   at::Tensor xb = x.to(at::kBFloat16).contiguous(), wc = w.contiguous();
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
-  if (N == 0 || M == 0) return y.to(x.scalar_type());
+  if (N == 0 || M == 0) return like_x(y, x);
   const at::BFloat16 *xp = xb.data_ptr<at::BFloat16>(), *wp = wc.data_ptr<at::BFloat16>();
   float* yp = y.data_ptr<float>();
 #if LMLAB_X86
   if (has_avx512_bf16() && !force_scalar()) {
     at::parallel_for(0, N, grain_rows(2 * K), [&](int64_t n0, int64_t n1) { bf16_rows_avx512(xp, M, wp, K, n0, n1, N, yp); });
-    return y.to(x.scalar_type());
+    return like_x(y, x);
   }
 #endif
   at::parallel_for(0, N, grain_rows(2 * K), [&](int64_t n0, int64_t n1) {
@@ -455,7 +484,7 @@ at::Tensor bf16_gemv(const at::Tensor& x, const at::Tensor& w) {
         yp[m * N + n] = acc;
       }
   });
-  return y.to(x.scalar_type());
+  return like_x(y, x);
 }
 
 at::Tensor f32_gemv(const at::Tensor& x, const at::Tensor& w) {
@@ -463,15 +492,16 @@ at::Tensor f32_gemv(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(w.scalar_type() == at::kFloat, "f32_gemv: w must be float32");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "f32_gemv: x float32 or bfloat16");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  at::Tensor xf = as_float(x), wc = w.contiguous();
+  FloatX xf(x);
+  at::Tensor wc = w.contiguous();
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
-  if (N == 0 || M == 0) return y.to(x.scalar_type());
-  const float *xp = xf.data_ptr<float>(), *wp = wc.data_ptr<float>();
+  if (N == 0 || M == 0) return like_x(y, x);
+  const float *xp = xf.p, *wp = wc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
 #if LMLAB_X86
   if (has_avx512_vnni() && !force_scalar()) {
     at::parallel_for(0, N, grain_rows(4 * K), [&](int64_t n0, int64_t n1) { f32_rows_avx512(xp, M, wp, K, n0, n1, N, yp); });
-    return y.to(x.scalar_type());
+    return like_x(y, x);
   }
 #endif
   at::parallel_for(0, N, grain_rows(4 * K), [&](int64_t n0, int64_t n1) {
@@ -482,7 +512,7 @@ at::Tensor f32_gemv(const at::Tensor& x, const at::Tensor& w) {
         yp[m * N + n] = acc;
       }
   });
-  return y.to(x.scalar_type());
+  return like_x(y, x);
 }
 
 // which code path the integer kernels take here: "avx512" or "scalar"
