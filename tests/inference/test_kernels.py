@@ -161,14 +161,16 @@ def test_every_route_gives_the_same_float32_logits(measured):
     assert len(measured) == 2 * SHAPES  # only the first prepare measured: forcing measures nothing
 
 
+@pytest.mark.parametrize("route", ["packed", "native"])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_packed_route_matches_linear(dtype, tol):
-    if not kernels.packed_available(dtype):
-        pytest.skip(f"no oneDNN prepacked linear for {dtype} here")
+def test_packed_and_native_routes_match_linear(route, dtype, tol):
+    available = kernels.packed_available if route == "packed" else kernels.native_available
+    if not available(dtype):
+        pytest.skip(f"no {route} kernel for {dtype} here")
     torch.manual_seed(0)
     lin = RowLinear.sharing(torch.nn.Linear(96, 80)).to(dtype)
-    lin.set_route("packed", "packed")
-    assert lin.packed is not None and lin.packed.dtype == dtype
+    lin.set_route(route, route)
+    assert route != "packed" or (lin.packed is not None and lin.packed.dtype == dtype)
     with torch.inference_mode():
         for rows in (1, 3, 16):
             x = torch.randn(rows, 96).to(dtype)
@@ -176,6 +178,9 @@ def test_packed_route_matches_linear(dtype, tol):
             got = lin(x)
             assert got.dtype == dtype and got.shape == want.shape
             assert ((got.float() - want).norm() / want.norm()).item() < tol, rows
+    x = torch.randn(1, 96, dtype=dtype, requires_grad=True)  # under autograd both routes take F.linear
+    lin(x).sum().backward()
+    assert x.grad is not None
 
 
 def test_packing_keeps_parameters_tied_and_the_state_dict_plain():
@@ -254,25 +259,6 @@ def test_packing_is_skipped_when_memory_is_short(monkeypatch, capsys):
     lins = [m for m in runner.model.modules() if isinstance(m, RowLinear)]
     assert {(m.one_row, m.few_rows) for m in lins} == {("linear", "W@xT")} and runner.kernels.packed_bytes == 0
     assert "packing skipped" in runner.kernels.source and "not packing weights" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_native_route_matches_linear(dtype, tol):
-    if not kernels.native_available(dtype):
-        pytest.skip("lmlab's native kernels are not built here")
-    torch.manual_seed(0)
-    lin = RowLinear.sharing(torch.nn.Linear(96, 80)).to(dtype)
-    lin.set_route("native", "native")
-    with torch.inference_mode():
-        for rows in (1, 3, 16):
-            x = torch.randn(rows, 96).to(dtype)
-            want = F.linear(x.float(), lin.weight.float(), lin.bias.float())
-            got = lin(x)
-            assert got.dtype == dtype and got.shape == want.shape
-            assert ((got.float() - want).norm() / want.norm()).item() < tol, rows
-    x = torch.randn(1, 96, dtype=dtype, requires_grad=True)  # autograd takes F.linear (the op has no backward)
-    lin(x).sum().backward()
-    assert x.grad is not None
 
 
 def test_a_candidate_that_disagrees_with_linear_is_never_chosen(monkeypatch):
