@@ -460,6 +460,19 @@ LMLAB_AVX512 void f32_rows_avx512(const float* x, int64_t M, const float* w, int
 }
 #endif
 
+// the plain path of the dense kernels: y[m, n] = Σ_k w[n, k]·x[m, k], accumulated in float32
+template <typename T>
+void dense_scalar(const T* xp, int64_t M, const T* wp, int64_t K, int64_t N, float* yp) {
+  at::parallel_for(0, N, grain_rows(sizeof(T) * K), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m = 0; m < M; ++m) {
+        float acc = 0.f;
+        for (int64_t k = 0; k < K; ++k) acc += static_cast<float>(wp[n * K + k]) * static_cast<float>(xp[m * K + k]);
+        yp[m * N + n] = acc;
+      }
+  });
+}
+
 at::Tensor bf16_gemv(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && w.size(1) == x.size(1), "bf16_gemv: x M×K, w N×K");
   TORCH_CHECK(w.scalar_type() == at::kBFloat16, "bf16_gemv: w must be bfloat16");
@@ -476,14 +489,7 @@ at::Tensor bf16_gemv(const at::Tensor& x, const at::Tensor& w) {
     return like_x(y, x);
   }
 #endif
-  at::parallel_for(0, N, grain_rows(2 * K), [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t m = 0; m < M; ++m) {
-        float acc = 0.f;
-        for (int64_t k = 0; k < K; ++k) acc += (float)wp[n * K + k] * (float)xp[m * K + k];
-        yp[m * N + n] = acc;
-      }
-  });
+  dense_scalar(xp, M, wp, K, N, yp);
   return like_x(y, x);
 }
 
@@ -504,14 +510,7 @@ at::Tensor f32_gemv(const at::Tensor& x, const at::Tensor& w) {
     return like_x(y, x);
   }
 #endif
-  at::parallel_for(0, N, grain_rows(4 * K), [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
-      for (int64_t m = 0; m < M; ++m) {
-        float acc = 0.f;
-        for (int64_t k = 0; k < K; ++k) acc += wp[n * K + k] * xp[m * K + k];
-        yp[m * N + n] = acc;
-      }
-  });
+  dense_scalar(xp, M, wp, K, N, yp);
   return like_x(y, x);
 }
 
