@@ -1,8 +1,9 @@
 """Speculative decoding: lmlab against plain lmlab and HF transformers, in one process and one run.
 
   1. the Qwen pair (Qwen2.5-Coder 0.5B draft, 1.5B target, the same dtype) on code and open prose prompts:
-     plain lmlab greedy, lmlab speculative (draft model, adaptive k <= --k), HF greedy and HF assisted
-     generation (assistant_model=); batch --batch speculative vs batch --batch plain.
+     plain lmlab greedy, lmlab speculative (draft model, adaptive k <= --k), the same with the draft alone
+     quantized (--draft-quantize, default int4: a cheaper draft step, the same output), HF greedy and HF
+     assisted generation (assistant_model=); batch --batch speculative vs batch --batch plain.
   2. SmolLM2-135M on input-grounded prompts (copy / rewrite / continue a given passage): plain lmlab,
      lmlab prompt lookup, HF greedy and HF prompt_lookup_num_tokens.
 For each speculative run: tokens/s, speed-up, acceptance rate, α (solved from tokens per pass), the measured
@@ -22,6 +23,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -144,21 +146,25 @@ def spec_line(name: str, n_tok: int, secs: float, plain_tps: float, stats, same:
             f"{off}  {'tokens = plain' if same else 'TOKENS DIFFER'}")
 
 
-def compare(title: str, runner, tok, prompts: list[str], spec: Speculation, args, hf_pair=None, hf_kw=None):
-    """Every prompt: lmlab plain vs lmlab speculative (+ HF plain vs HF speculative). Returns speed-ups."""
+def compare(title: str, runner, tok, prompts: list[str], specs: list[Speculation], args, hf_pair=None,
+            hf_kw=None):
+    """Every prompt: lmlab plain vs lmlab speculative, once per strategy in `specs` (+ HF plain vs HF
+    speculative). Returns the speed-ups of the first strategy."""
     log(f"\n== {title}")
     ratios = []
     for text in prompts:
         ids = tok.encode(text)
         log(f"- {text[:60]!r} ({len(ids)} prompt tokens)")
         plain, t_plain = lmlab_run(runner, [ids], args.max_new_tokens)
-        fast, t_fast = lmlab_run(runner, [ids], args.max_new_tokens, spec)
         n = len(plain.tokens[0])
         p_tps = n / t_plain
         log(f"  {'lmlab plain greedy':<34} {p_tps:7.2f} tok/s")
-        log(spec_line("lmlab " + spec.method, len(fast.tokens[0]), t_fast, p_tps, fast.spec,
-                      fast.tokens == plain.tokens))
-        ratios.append(p_tps and (len(fast.tokens[0]) / t_fast) / p_tps)
+        for i, spec in enumerate(specs):
+            fast, t_fast = lmlab_run(runner, [ids], args.max_new_tokens, spec)
+            log(spec_line("lmlab " + spec.method, len(fast.tokens[0]), t_fast, p_tps, fast.spec,
+                          fast.tokens == plain.tokens))
+            if i == 0:
+                ratios.append(p_tps and (len(fast.tokens[0]) / t_fast) / p_tps)
         if hf_pair is not None:
             hf_model, kw = hf_pair, hf_kw
             h_plain, th = hf_generate(hf_model, ids, args.max_new_tokens)
@@ -166,18 +172,20 @@ def compare(title: str, runner, tok, prompts: list[str], spec: Speculation, args
             log(f"  {'HF greedy':<34} {len(h_plain) / th:7.2f} tok/s  (x{(len(h_plain) / th) / p_tps:.2f} of lmlab plain)")
             log(f"  {'HF ' + next(iter(kw)):<34} {len(h_fast) / tf:7.2f} tok/s  x{th / tf:5.2f} over HF greedy  "
                 f"{'tokens = HF greedy' if h_fast == h_plain else 'tokens differ from HF greedy'}")
-    log(f"  speed-up over plain lmlab: {', '.join(f'x{r:.2f}' for r in ratios)}")
+    log(f"  speed-up over plain lmlab ({specs[0].method}): {', '.join(f'x{r:.2f}' for r in ratios)}")
     return ratios
 
 
-def batched(runner, tok, prompts: list[str], spec: Speculation, args) -> None:
+def batched(runner, tok, prompts: list[str], specs: list[Speculation], args) -> None:
     ids = [tok.encode(p) for p in prompts[:args.batch]]
     plain, tp = lmlab_run(runner, ids, args.max_new_tokens)
-    fast, tf = lmlab_run(runner, ids, args.max_new_tokens, spec)
-    n_p, n_f = sum(map(len, plain.tokens)), sum(map(len, fast.tokens))
-    log(f"\n== batch {len(ids)}: plain {n_p / tp:.2f} tok/s, speculative {n_f / tf:.2f} tok/s "
-        f"(x{(n_f / tf) / (n_p / tp):.2f}; acceptance {fast.spec.acceptance_rate:.2f}, "
-        f"{'tokens = plain' if fast.tokens == plain.tokens else 'TOKENS DIFFER'})")
+    n_p = sum(map(len, plain.tokens))
+    log(f"\n== batch {len(ids)}: plain {n_p / tp:.2f} tok/s")
+    for spec in specs:
+        fast, tf = lmlab_run(runner, ids, args.max_new_tokens, spec)
+        n_f = sum(map(len, fast.tokens))
+        log(f"  {spec.method}: {n_f / tf:.2f} tok/s (x{(n_f / tf) / (n_p / tp):.2f}; acceptance "
+            f"{fast.spec.acceptance_rate:.2f}, {'tokens = plain' if fast.tokens == plain.tokens else 'TOKENS DIFFER'})")
 
 
 def qwen_part(folder: Path, args, run: RunConfig) -> None:
@@ -188,14 +196,19 @@ def qwen_part(folder: Path, args, run: RunConfig) -> None:
     if not args.skip_hf:  # four models at once: float32 needs ~17 GB of memory, bfloat16 half that
         hf_target = load_hf(folder / TARGET, run.dtype, t_model, tok)
         hf_draft = load_hf(folder / DRAFT, run.dtype, d_model, tok)
-    target, draft = prepare(t_model, run), prepare(d_model, run)
-    spec = Speculation(draft=draft, k=args.k, adaptive=not args.fixed_k, draft_name="qwen2.5-coder-0.5b")
+    target = prepare(t_model, run)
+    specs = [Speculation(draft=prepare(d_model, run), k=args.k, adaptive=not args.fixed_k,
+                         draft_name=f"qwen2.5-coder-0.5b ({run.quantize or run.dtype})")]
+    if args.draft_quantize and args.draft_quantize != run.quantize:  # the same draft, quantized: cheaper steps
+        d_model, _ = load_checkpoint(str(folder / DRAFT), dtype="float32", device="cpu")
+        specs.append(Speculation(draft=prepare(d_model, replace(run, quantize=args.draft_quantize)), k=args.k,
+                                 adaptive=not args.fixed_k, draft_name=f"qwen2.5-coder-0.5b ({args.draft_quantize})"))
     hf_kw = {"assistant_model": hf_draft}
     n = args.prompts
-    compare("code prompts", target, tok, CODE[:n], spec, args, hf_target, hf_kw)
-    compare("open prose prompts", target, tok, PROSE[:n], spec, args, hf_target, hf_kw)
+    compare("code prompts", target, tok, CODE[:n], specs, args, hf_target, hf_kw)
+    compare("open prose prompts", target, tok, PROSE[:n], specs, args, hf_target, hf_kw)
     if args.batch:
-        batched(target, tok, (CODE[:2] + PROSE[:2] + CODE[2:] + PROSE[2:]), spec, args)
+        batched(target, tok, (CODE[:2] + PROSE[:2] + CODE[2:] + PROSE[2:]), specs, args)
 
 
 def lookup_part(args, run: RunConfig) -> None:
@@ -207,10 +220,10 @@ def lookup_part(args, run: RunConfig) -> None:
     runner = prepare(model, run)
     spec = Speculation(prompt_lookup=args.lookup_n, k=args.lookup_k, adaptive=not args.fixed_k)
     prompts = [t.format(p=p) for t, p in zip(GROUNDED, PASSAGES)][:args.prompts]
-    compare("input-grounded prompts", runner, tok, prompts, spec, args, hf_model,
+    compare("input-grounded prompts", runner, tok, prompts, [spec], args, hf_model,
             {"prompt_lookup_num_tokens": args.lookup_k})
     if args.batch:
-        batched(runner, tok, [t.format(p=p) for t in GROUNDED for p in PASSAGES], spec, args)
+        batched(runner, tok, [t.format(p=p) for t in GROUNDED for p in PASSAGES], [spec], args)
 
 
 def main() -> None:
@@ -224,12 +237,17 @@ def main() -> None:
     ap.add_argument("--fixed-k", action="store_true", help="always draft k (no adaptive k, no switching off)")
     ap.add_argument("--batch", type=int, default=4, help="batch size of the batched comparison (0 = skip)")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--quantize", default=None, choices=["int8", "int4"], help="both models' weights (lmlab)")
+    ap.add_argument("--draft-quantize", default="int4", choices=["int8", "int4", "none"],
+                    help="also run lmlab with the draft alone quantized (none: skip that run)")
+    ap.add_argument("--compile", action="store_true", help="lmlab's compiled decoding step")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-qwen", action="store_true")
     ap.add_argument("--skip-lookup", action="store_true")
     args = ap.parse_args()
-    run = RunConfig(dtype=args.dtype, threads=args.threads)
+    run = RunConfig(dtype=args.dtype, quantize=args.quantize, compile=args.compile, threads=args.threads)
+    args.draft_quantize = None if args.draft_quantize == "none" else args.draft_quantize
     log(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.max_new_tokens} new tokens, greedy")
     if not args.skip_qwen:
         folder = pair_dir(args.pair)

@@ -103,12 +103,14 @@ class RowLinear(torch.nn.Linear):
 
     The weight stays the layer's Parameter (tied weights stay tied, the state dict is unchanged); the
     `packed` route adds a oneDNN copy of it, made by `set_route`, held as a plain attribute (not in the
-    state dict) and dropped by .to()/.float()/... (the layer then falls back to F.linear). A weight changed
-    in place after packing needs set_route again. Under autograd or torch.compile the packed route is
+    state dict) and dropped by .to()/.float()/... A weight changed in place after packing needs set_route
+    again. Where the packed route cannot run (torch.compile traces no oneDNN packed op, no copy, another
+    dtype or device) the layer takes `unpacked`, the fastest measured kernel of the rest; under autograd,
     F.linear."""
 
     one_row = "mv"
     few_rows = "linear"
+    unpacked = ("linear", "linear")  # (one row, few rows) kernels standing in for a packed route
     packed: torch.Tensor | None = None
 
     @classmethod
@@ -125,8 +127,9 @@ class RowLinear(torch.nn.Linear):
         rows = x.numel() // self.in_features
         route = self.one_row if rows == 1 else self.few_rows if rows <= FEW_ROWS else "linear"
         if route == "packed" and (self.packed is None or self.packed.dtype != x.dtype or x.device.type != "cpu"
-                                  or torch.compiler.is_compiling()
-                                  or (torch.is_grad_enabled() and self.weight.requires_grad)):
+                                  or torch.compiler.is_compiling()):
+            route = self.unpacked[rows > 1]
+        if route == "packed" and torch.is_grad_enabled() and self.weight.requires_grad:
             route = "linear"
         if route == "native" and (x.dtype != self.weight.dtype or x.device.type != "cpu"
                                   or (torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad))):
@@ -146,10 +149,13 @@ class RowLinear(torch.nn.Linear):
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def set_route(self, one_row: str | None = None, few_rows: str | None = None) -> None:
-        """Take these kernels (None: keep); packs the weight when a route needs it, drops the copy when none does."""
+    def set_route(self, one_row: str | None = None, few_rows: str | None = None,
+                  unpacked: tuple[str, str] | None = None) -> None:
+        """Take these kernels (None: keep); packs the weight when a route needs it, drops the copy when none does.
+        `unpacked`: the (one row, few rows) kernels to take where a packed route cannot run."""
         self.one_row = one_row or self.one_row
         self.few_rows = few_rows or self.few_rows
+        self.unpacked = unpacked or self.unpacked
         if "packed" in (self.one_row, self.few_rows):
             if self.packed is None or self.packed.dtype != self.weight.dtype:
                 self.packed = pack(self.weight)
@@ -387,6 +393,8 @@ def choose(model: torch.nn.Module, threads: int | None = None, force: dict | Non
         choice.source = "cache hit"
     elif measured < len(shapes):
         choice.source = f"cache hit + measured {measured} new shape(s)"
+    unpacked = {s: tuple(pick({n: v for n, v in kt[k].items() if n != "packed"}) for k in ("1", "few"))
+                for s, kt in choice.timings.items()}
     for s, kt in choice.timings.items():
         choice.chosen[s] = {k: pick(t) for k, t in kt.items()}
     extra = sum(w.numel() * w.element_size() for w in {id(m.weight): m.weight for m in lins}.values()
@@ -396,11 +404,11 @@ def choose(model: torch.nn.Module, threads: int | None = None, force: dict | Non
         notice(f"kernel choice: not packing weights (the copies would take {extra / 2**20:.0f} MiB of "
                f"{free / 2**20:.0f} MiB free)")
         choice.source += ", packing skipped (memory)"
-        for s, kt in choice.timings.items():
-            choice.chosen[s] = {k: pick({n: v for n, v in t.items() if n != "packed"}) for k, t in kt.items()}
+        for s, (one, few) in unpacked.items():
+            choice.chosen[s] = {"1": one, "few": few}
     for lin in lins:
         c = choice.chosen[_shape(lin)]
-        lin.set_route(c["1"], c["few"])
+        lin.set_route(c["1"], c["few"], unpacked[_shape(lin)])
     choice.packed_bytes = _packed_bytes(lins)
     return choice
 

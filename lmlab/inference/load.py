@@ -12,7 +12,7 @@ there leaves the eager model. Nothing assumes a CPU: the same calls run on CUDA.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -85,7 +85,7 @@ def prepare(model: torch.nn.Module, run: RunConfig | None = None) -> Runner:
     if run.compile:
         runner.decode_step = compile_step(model)
         if runner.kernels is not None and runner.kernels.packed_bytes:
-            runner.kernels.source += "; the compiled step runs packed layers as F.linear"
+            runner.kernels.source += "; the compiled step runs packed layers on their fastest unpacked kernel"
     return runner
 
 
@@ -109,29 +109,37 @@ def add_speculation_args(p) -> None:
     p.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
                    help="draft by prompt lookup: the longest recent n-gram (n <= N) seen earlier proposes what followed")
     p.add_argument("--no-adapt", action="store_true", help="always draft --speculate tokens (no switching off)")
+    p.add_argument("--draft-quantize", default=None, choices=list(SCHEMES),
+                   help="quantize the draft only (the target keeps --quantize): a cheaper draft, the same output")
 
 
 def load_speculation(target: Runner, target_tok, *, draft: str | None = None, speculate: int | None = None,
                      prompt_lookup: int = 0, adapt: bool = True, run: RunConfig | None = None,
-                     target_name: str = "target") -> Speculation | None:
+                     draft_quantize: str | None = None, target_name: str = "target") -> Speculation | None:
     """The Speculation that --draft/--speculate/--prompt-lookup ask for (None: plain decoding). The draft is
-    loaded with the target's RunConfig (dtype, quantization, compiled step, device) and checked against the
-    target: decoder-only, the same vocabulary and tokenizer."""
+    loaded with the target's RunConfig (dtype, quantization, compiled step, device), its quantization
+    replaced by `draft_quantize` when given, and checked against the target: decoder-only, the same
+    vocabulary and tokenizer. Greedy output stays the target's whatever the draft is."""
+    if draft is None and (speculate is not None or draft_quantize) and not prompt_lookup:
+        raise LmlabError(f"{'--speculate' if speculate is not None else '--draft-quantize'} needs --draft MODEL"
+                         f"{' or --prompt-lookup N' if speculate is not None else ''}")
     if draft is None and not prompt_lookup:
-        if speculate is not None:
-            raise LmlabError("--speculate needs --draft MODEL or --prompt-lookup N")
         return None
     k = DEFAULT_K if speculate is None else speculate
     if draft is not None and prompt_lookup:
         Speculation(draft=draft, prompt_lookup=prompt_lookup, k=k)  # raises the one-line conflict error
     if prompt_lookup:
+        if draft_quantize:
+            raise LmlabError("--draft-quantize needs --draft MODEL (prompt lookup has no draft model)")
         return Speculation(prompt_lookup=prompt_lookup, k=k, adaptive=adapt)
     Speculation(draft=draft, k=k)  # validate k before loading anything
     model, tok = load_checkpoint(draft, dtype="float32", device="cpu")
     check_pair(target.cfg, model.cfg, target_tok, tok, draft_name=draft, target_name=target_name)
-    return Speculation(draft=prepare(model, run), k=k, adaptive=adapt, draft_name=draft)
+    draft_run = replace(run or RunConfig(), quantize=draft_quantize) if draft_quantize else run
+    return Speculation(draft=prepare(model, draft_run), k=k, adaptive=adapt, draft_name=draft)
 
 
 def speculation_options(args) -> dict:
     """load_speculation's keyword arguments from parsed add_speculation_args options."""
-    return dict(draft=args.draft, speculate=args.speculate, prompt_lookup=args.prompt_lookup, adapt=not args.no_adapt)
+    return dict(draft=args.draft, speculate=args.speculate, prompt_lookup=args.prompt_lookup, adapt=not args.no_adapt,
+                draft_quantize=args.draft_quantize)

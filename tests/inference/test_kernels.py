@@ -183,6 +183,21 @@ def test_packed_and_native_routes_match_linear(route, dtype, tol):
     assert x.grad is not None
 
 
+def test_a_compiled_packed_layer_runs_its_fastest_unpacked_kernel(monkeypatch):
+    """torch.compile cannot trace the packed op: the layer takes the kernel measured fastest after it."""
+    if not kernels.packed_available(torch.float32):
+        pytest.skip("no oneDNN prepacked linear here")
+    lin = RowLinear.sharing(torch.nn.Linear(64, 48))
+    lin.set_route("packed", "packed", unpacked=("mv", "W@xT"))
+    used = []
+    monkeypatch.setattr(torch, "mv", lambda w, x: used.append("mv") or F.linear(x, w))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with torch.inference_mode():
+        x = torch.randn(1, 64)
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias))
+    assert used == ["mv"]
+
+
 def test_packing_keeps_parameters_tied_and_the_state_dict_plain():
     runner = prepared()
     model = runner.model
@@ -254,6 +269,7 @@ def test_packing_is_skipped_when_memory_is_short(monkeypatch, capsys):
     runner = prepared()
     lins = [m for m in runner.model.modules() if isinstance(m, RowLinear)]
     assert {(m.one_row, m.few_rows) for m in lins} == {("packed", "packed")} and runner.kernels.packed_bytes > 0
+    assert {m.unpacked for m in lins} == {("linear", "W@xT")}  # what a compiled step runs instead of packed
     monkeypatch.setattr(kernels, "free_memory", lambda device: 1000)
     runner = prepared()
     lins = [m for m in runner.model.modules() if isinstance(m, RowLinear)]

@@ -347,17 +347,20 @@ def test_cli_draft_and_prompt_lookup_with_run_options(tmp_path, capsys, monkeypa
     code, plain, err = lmlab_cli(capsys, monkeypatch, *base)
     assert code == 0, err
     for opts in (["--draft", str(tiny), "--speculate", "3", "--no-adapt"], ["--prompt-lookup", "2"],
+                 ["--draft", str(tiny), "--draft-quantize", "int4", "--speculate", "3", "--no-adapt"],
                  ["--draft", str(tiny), "--quantize", "int8", "--dtype", "bfloat16"]):
         code, out, err = lmlab_cli(capsys, monkeypatch, *base, "--stats", *opts)
         assert code == 0, (opts, err)
         assert "acceptance rate" in err and "tokens per pass" in err, opts
-        if "--quantize" not in opts:
+        if "--quantize" not in opts:  # a quantized draft changes which drafts are accepted, not the output
             assert out == plain, opts
     code, out, err = lmlab_cli(capsys, monkeypatch, "chat", "-m", str(tiny), "--prompt-lookup", "2",
                                "--max-new-tokens", "4", "--temperature", "0", "--stats", stdin="hello\n")
     assert code == 0 and "acceptance rate" in err, err
     for opts, needle in ((["--draft", str(tiny), "--prompt-lookup", "2"], "not both"),
-                         (["--prompt-lookup", "2", "--speculate", "0"], "k=0")):
+                         (["--prompt-lookup", "2", "--speculate", "0"], "k=0"),
+                         (["--draft-quantize", "int4"], "--draft-quantize needs --draft"),
+                         (["--prompt-lookup", "2", "--draft-quantize", "int8"], "--draft-quantize needs --draft")):
         code, out, err = lmlab_cli(capsys, monkeypatch, *base, *opts)
         lines = [ln for ln in err.strip().splitlines() if ln.strip()]
         assert code == 1 and len(lines) == 1 and needle in lines[0], err
