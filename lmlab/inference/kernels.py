@@ -128,7 +128,7 @@ class RowLinear(torch.nn.Linear):
         route = self.one_row if rows == 1 else self.few_rows if rows <= FEW_ROWS else "linear"
         if route == "packed" and (self.packed is None or self.packed.dtype != x.dtype or x.device.type != "cpu"
                                   or torch.compiler.is_compiling()):
-            route = self.unpacked[rows > 1]
+            route = self.unpacked[0] if rows == 1 else self.unpacked[1]  # (rows > 1 is symbolic when compiling)
         if route == "packed" and torch.is_grad_enabled() and self.weight.requires_grad:
             route = "linear"
         if route == "native" and (x.dtype != self.weight.dtype or x.device.type != "cpu"
