@@ -125,11 +125,15 @@ def test_positions_past_the_window_are_a_clear_error():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["tiny-llama", "baby-gpt"])
-def test_compiled_decoding_gives_the_eager_tokens(name):
+@pytest.mark.parametrize("name, scheme", [("tiny-llama", None), ("baby-gpt", None), ("tiny-llama", "int4")])
+def test_compiled_decoding_gives_the_eager_tokens(name, scheme):
     """The compiled step (static cache, mask from validity) against the eager forward: one prompt at two
-    lengths (two cache sizes, one graph) and a left-padded batch whose rows finish at different steps."""
+    lengths (two cache sizes, one graph; batch 1 runs the ahead-of-time package) and a left-padded batch
+    (torch.compile) whose rows finish at different steps."""
     model = model_for(name)
+    if scheme:
+        quantize_model(model, scheme)
+        Runner(model).warm()
     prompt = [5, 17, 3, 42, 9, 11, 8]
     prompts = prompts_of([9, 3, 14], model.cfg.vocab_size)
     cfg = GenerationConfig(max_new_tokens=12, temperature=0.0)
@@ -144,6 +148,7 @@ def test_compiled_decoding_gives_the_eager_tokens(name):
         pytest.skip(f"torch.compile unavailable here: {devices.NOTES[-1] if devices.NOTES else ''}")
     try:
         runner = Runner(model, step)
+        assert step.aot is not None, devices.NOTES[-1:]
         assert tokens(runner) == eager
         assert runner.compiled, devices.NOTES[-1:]
         assert len({len(t) for t in eager[2]}) > 1 or len(set(map(tuple, eager[2]))) > 1

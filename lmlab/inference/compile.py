@@ -1,16 +1,26 @@
-"""A torch.compile'd decoding step (gpt-fast style): static preallocated cache written in place, the
-attention mask built from the cache's validity (lmlab.model.masks.decode_step), and no shape that changes
-from step to step, so one graph serves every step and every cache length. Inductor fuses norms, rotary,
-residuals and activations; the matrix-vector products stay the fastest kernels PyTorch has.
+"""A compiled decoding step (gpt-fast style): static preallocated cache written in place, the attention mask
+built from the cache's validity (lmlab.model.masks.decode_step), and no shape that changes from step to
+step, so one graph serves every step and every cache length. Inductor fuses norms, rotary, residuals and
+activations; the matrix-vector products stay the kernels chosen for each layer.
+
+Two compilers serve the one step function:
+  torch.compile    any batch; its Python wrapper and guard checks cost ~3 ms a step for a 30-layer model
+  AOTInductor      batch 1 (generation, chat, drafting): the step exported once and compiled ahead of time
+                   into a C++ wrapper with no guards, cached under $LMLAB_HOME/compiled by a hash of the
+                   exported graph; it holds no weights (it reads the model's own tensors)
 
 The step is an object the caller holds (a Runner keeps it); nothing is attached to the model.
 """
 from __future__ import annotations
 
+import hashlib
+import os
+
 import torch
 
 from lmlab.model import masks
 from lmlab.model.kv_cache import KVCache, StepView
+from lmlab.utils.atomic import atomic_path
 from lmlab.utils.device import notice
 
 
@@ -37,14 +47,69 @@ def first_line(e: Exception) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0][:120] if text else ''}"
 
 
+class _Step(torch.nn.Module):
+    """_step_graph as a module (what torch.export takes)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.m = model
+
+    def forward(self, ids, allowed, slot, positions, ks, vs):
+        return _step_graph(self.m, ids, allowed, slot, positions, ks, vs)
+
+
+AOT_ENV = "LMLAB_AOT"  # off: batch-1 steps take torch.compile too
+AOT_MIN_SLOTS = 2  # caches of fewer slots take torch.compile (export needs a size above 1)
+
+
+def aot_enabled() -> bool:
+    return os.environ.get(AOT_ENV, "").strip().lower() not in ("off", "0", "false", "no")
+
+
+def _aot_package(model: torch.nn.Module):
+    """The batch-1 step of `model`, exported and compiled by AOTInductor (or read from the cache), with the
+    model's own tensors loaded into it. Raises when any tensor the graph reads has no name in the model."""
+    from lmlab.hub import home
+    from lmlab.utils.device import cpu_flags
+
+    cache = model.make_cache(1, 16)
+    start, positions = cache.append(1, None)
+    example = (torch.zeros(1, 1, dtype=torch.long, device=model.device), masks.decode_step(cache.valid, start),
+               torch.full((1,), start, dtype=torch.long, device=model.device), positions, list(cache.k), list(cache.v))
+    slots = torch.export.Dim("slots", min=AOT_MIN_SLOTS, max=1 << 20)
+    layers = len(cache.k)
+    dims = {"ids": None, "allowed": {3: slots}, "slot": None, "positions": None,
+            "ks": [{2: slots}] * layers, "vs": [{2: slots}] * layers}
+    with torch.inference_mode():
+        ep = torch.export.export(_Step(model), example, dynamic_shapes=dims, strict=False)
+    tensors = {**ep.state_dict, **ep.constants}
+    key = "\n".join([ep.graph_module.print_readable(print_output=False), str(ep.graph_signature), torch.__version__,
+                     " ".join(sorted(cpu_flags())), str(model.device)])
+    path = home() / "compiled" / f"step-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt2"
+    if not path.is_file():
+        notice("compiling the decoding step ahead of time (once per model, dtype and machine; a minute or two)")
+        with atomic_path(path, suffix=".pt2") as tmp, torch.inference_mode():
+            torch._inductor.aoti_compile_and_package(
+                ep, package_path=str(tmp), inductor_configs={"aot_inductor.package_constants_in_so": False})
+    package = torch._inductor.aoti_load_package(str(path))
+    names = package.get_constant_fqns()
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise RuntimeError(f"the compiled step reads {len(missing)} unnamed tensor(s), e.g. {missing[0]}")
+    package.load_constants({n: tensors[n] for n in names}, check_full_update=True, user_managed=True)
+    return package
+
+
 class DecodeStep:
     """Logits B×1×V for one new token per row on top of a KVCache. Falls back to the eager forward (for
-    good, with a notice) the first time the compiler cannot handle a call."""
+    good, with a notice) the first time the compiler cannot handle a call. `aot`: the AOTInductor package
+    for batch 1, or None (torch.compile for every batch)."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.fn = torch.compile(_step_graph, fullgraph=True, backend=_inductor_keeping_mv)
         self.failed = False
+        self.aot = None
 
     @staticmethod
     def supports(model: torch.nn.Module) -> bool:
@@ -55,6 +120,8 @@ class DecodeStep:
         start, positions = cache.append(1, attention_mask)
         allowed = masks.decode_step(cache.valid, start)
         slot = torch.full((1,), start, dtype=torch.long, device=ids.device)
+        if self.aot is not None and ids.shape[0] == 1 and cache.max_len >= AOT_MIN_SLOTS:
+            return self.aot(ids, allowed, slot, positions, list(cache.k), list(cache.v))
         for t in (allowed, *cache.k, *cache.v):  # one graph for every cache length
             torch._dynamo.maybe_mark_dynamic(t, t.dim() - 2 if t is not allowed else 3)
         try:
@@ -88,11 +155,41 @@ def compile_step(model: torch.nn.Module) -> DecodeStep | None:
     if not DecodeStep.supports(model):
         notice("compiled decoding covers decoder-only models without relative position bias; running eagerly")
         return None
+    step = DecodeStep(model)
+    if aot_enabled():
+        try:
+            step.aot = _checked_aot(model)
+        except Exception as e:  # noqa: BLE001 - any failure leaves torch.compile in charge
+            notice(f"ahead-of-time compiled step unavailable ({first_line(e)}); batch 1 takes torch.compile")
+    if step.aot is not None:
+        return step  # torch.compile compiles on the first call of another batch size
     try:
-        step = DecodeStep(model)
         _trial(step, model)
         return step
     except Exception as e:  # the compiler needs a C++ toolchain (CPU) or Triton (GPU)
         notice(f"torch.compile failed ({first_line(e)}); running eagerly")
         torch._dynamo.reset()
         return None
+
+
+@torch.inference_mode()
+def _checked_aot(model: torch.nn.Module):
+    """The AOTInductor package, used only when a few greedy steps through it give the eager forward's tokens
+    and logits (within 2% of their norm: bfloat16 rounds differently in fused code)."""
+    package = _aot_package(model)
+    device = model.device
+    prompt = torch.tensor([[1, 2]], device=device)
+    eager_cache, cache = model.make_cache(1, 8), model.make_cache(1, 8)
+    model(prompt, cache=eager_cache, last_logits_only=True)
+    model(prompt, cache=cache, last_logits_only=True)
+    tok = torch.ones(1, 1, dtype=torch.long, device=device)
+    for _ in range(4):
+        want = model(tok, cache=eager_cache)[:, -1].float()
+        start, positions = cache.append(1, None)
+        got = package(tok, masks.decode_step(cache.valid, start), torch.full((1,), start, device=device),
+                      positions, list(cache.k), list(cache.v))[:, -1].float()
+        if (got - want).norm() > 0.02 * want.norm() or not torch.equal(got.argmax(-1), want.argmax(-1)):
+            raise RuntimeError(f"its logits differ from the eager forward's (relative error "
+                               f"{((got - want).norm() / want.norm()).item():.2g})")
+        tok = want.argmax(-1, keepdim=True)
+    return package

@@ -134,7 +134,7 @@ class QuantLinear(nn.Module):
             native_state = None
             if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and self._native_ok() \
                     and native.available():
-                native_state = self._checked(lambda d, t: (torch.int8, NATIVE, torch_state, self._native_args()),
+                native_state = self._checked(lambda d, t: (torch.int8, NATIVE, torch_state, self._native_buffers()),
                                              x.device, x.dtype)
             self._fast[key] = native_state or torch_state
         return self._fast[key]
@@ -150,6 +150,19 @@ class QuantLinear(nn.Module):
 
     def _native_ok(self) -> bool:  # whether lmlab's native kernel has a fast path for this layer
         return False
+
+    def _native_buffers(self) -> tuple[str, ...]:
+        """The native op's weight arguments as names of this layer's buffers: its own where they already are
+        in the op's layout, else non-persistent `native_argN` copies (named, so that an exported graph reads
+        them as the layer's tensors, see lmlab.inference.compile)."""
+        own, names = dict(self.named_buffers(recurse=False)), []
+        for i, t in enumerate(self._native_args()):
+            name = next((n for n, b in own.items() if b is t), None)
+            if name is None:
+                name = f"native_arg{i}"
+                self.register_buffer(name, t, persistent=False)
+            names.append(name)
+        return tuple(names)
 
     def _native_args(self) -> tuple:
         raise NotImplementedError
@@ -169,7 +182,7 @@ class QuantLinear(nn.Module):
     def _dispatch(self, state, x: torch.Tensor) -> torch.Tensor:
         if state[1] is NATIVE:
             if x.shape[0] <= self.native_rows:
-                return self._native(state[3], x)
+                return self._native(tuple(getattr(self, n) for n in state[3]), x)
             if state[2] is None:
                 return F.linear(x, self.dequantize(x.dtype))
             state = state[2]
@@ -205,6 +218,8 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):  # .to(device/dtype) invalidates prepared kernels
         self._fast = {}
+        for name in [n for n in self._buffers if n.startswith("native_arg")]:
+            del self._buffers[name]
         return super()._apply(fn, recurse)
 
 
@@ -320,5 +335,5 @@ def weight_bytes(model: nn.Module) -> int:
     total = 0
     for m in model.modules():
         if isinstance(m, (nn.Linear, QuantLinear)):
-            total += sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
+            total += sum(t.numel() * t.element_size() for t in m.state_dict().values())  # no kernel copies
     return total
