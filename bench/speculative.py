@@ -7,7 +7,8 @@
   2. SmolLM2-135M on input-grounded prompts (copy / rewrite / continue a given passage): plain lmlab,
      lmlab prompt lookup, HF greedy and HF prompt_lookup_num_tokens.
 For each speculative run: tokens/s, speed-up, acceptance rate, α (solved from tokens per pass), the measured
-cost ratio c, and the analytical speed-up (1 - α^(k+1)) / ((1 - α)(k·c + 1)) for the mean k drafted.
+cost ratio c, the analytical speed-up (1 - α^(k+1)) / ((1 - α)(k·c + 1)) for the mean k drafted, and the
+measured cost of a verification pass in plain steps (the formula takes it as 1).
 Greedy everywhere: lmlab's speculative tokens are checked against its plain tokens.
 
     python bench/speculative.py                               # the full run (quiet machine: ~30+ min on CPU)
@@ -138,12 +139,15 @@ def analytical(stats) -> tuple[float, int, float, float]:
 
 
 def spec_line(name: str, n_tok: int, secs: float, plain_tps: float, stats, same: bool) -> str:
+    """One speculative run. `verify` is the mean verification pass in plain decoding steps (the plain run's
+    seconds per token): the analytical figure assumes 1, so above 1 is where the achieved speed-up goes."""
     tps = n_tok / secs
     alpha, k, c, s = analytical(stats)
+    verify = (stats.target_s / stats.passes) * plain_tps if stats.passes else 0.0
     off = "; switched off" if stats.switched_off else ""
     return (f"  {name:<34} {tps:7.2f} tok/s  x{tps / plain_tps:5.2f}  acc {stats.acceptance_rate:.2f}  "
-            f"α {alpha:.2f}  c {c:.3f}  k {k}  expected x{s:.2f}  achieved/expected {tps / plain_tps / s:.0%}"
-            f"{off}  {'tokens = plain' if same else 'TOKENS DIFFER'}")
+            f"α {alpha:.2f}  c {c:.3f}  k {k}  expected x{s:.2f}  achieved/expected {tps / plain_tps / s:.0%}  "
+            f"verify pass = {verify:.2f} plain steps{off}  {'tokens = plain' if same else 'TOKENS DIFFER'}")
 
 
 def compare(title: str, runner, tok, prompts: list[str], specs: list[Speculation], args, hf_pair=None,

@@ -71,7 +71,8 @@ def _cli_fallback_fails(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _kernel_cache_in_tmp(monkeypatch, tmp_path_factory):
-    """Kernel timings that tests measure (prepare() in this process) go to a session folder, not to the real
-    $LMLAB_HOME/kernels (tests/inference/test_kernels.py puts the real location back under a tmp home)."""
+    """Kernel timings that tests measure (prepare() in this process) and compiled steps go to a session folder,
+    not to the real $LMLAB_HOME/kernels and /compiled (tests/inference/test_kernels.py puts the real location back under a tmp home)."""
     folder = tmp_path_factory.getbasetemp() / "kernel-cache"
     monkeypatch.setattr("lmlab.inference.kernels.cache_dir", lambda: folder)
+    monkeypatch.setattr("lmlab.inference.compile.cache_dir", lambda: folder / "compiled")
