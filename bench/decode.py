@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in goal_lines(rows, lc, len(long_prompt)):
         log("  " + line)
     if devices.NOTES:
-        log("fallbacks taken: " + "; ".join(devices.NOTES))
+        log("notices (fallbacks, builds): " + "; ".join(devices.NOTES))
     return 0 if ok else 1
 
 

@@ -84,6 +84,9 @@ def prepare(model: torch.nn.Module, run: RunConfig | None = None) -> Runner:
         runner.kernels = quantized_choices(model)
     if run.compile:
         runner.decode_step = compile_step(model)
+        if runner.kernels is not None and runner.decode_step is not None:
+            runner.kernels.source += ("; decoding step compiled ahead of time for batch 1" if runner.decode_step.aot
+                                      is not None else "; decoding step compiled by torch.compile")
         if runner.kernels is not None and runner.kernels.packed_bytes:
             runner.kernels.source += "; the compiled step runs packed layers on their fastest unpacked kernel"
     return runner
