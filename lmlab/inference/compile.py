@@ -101,7 +101,9 @@ def _aot_package(model: torch.nn.Module):
     missing = [n for n in names if n not in tensors]
     if missing:
         raise RuntimeError(f"the compiled step reads {len(missing)} unnamed tensor(s), e.g. {missing[0]}")
-    package.load_constants({n: tensors[n] for n in names}, check_full_update=True, user_managed=True)
+    held = {n: tensors[n] for n in names}
+    package.load_constants(held, check_full_update=True, user_managed=True)
+    package.lmlab_tensors = held  # the package reads these by pointer: they live as long as it does
     return package
 
 
