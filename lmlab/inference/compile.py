@@ -20,8 +20,9 @@ import torch
 
 from lmlab.model import masks
 from lmlab.model.kv_cache import KVCache, StepView
+from lmlab.inference.quantize import QuantLinear
 from lmlab.utils.atomic import atomic_path
-from lmlab.utils.device import notice
+from lmlab.utils.device import cpu_flags, notice
 
 
 def _step_graph(model, ids, allowed, slot, positions, ks, vs):
@@ -75,8 +76,6 @@ def cache_dir():
 def _aot_package(model: torch.nn.Module):
     """The batch-1 step of `model`, exported and compiled by AOTInductor (or read from the cache), with the
     model's own tensors loaded into it. Raises when any tensor the graph reads has no name in the model."""
-    from lmlab.utils.device import cpu_flags
-
     cache = model.make_cache(1, 16)
     start, positions = cache.append(1, None)
     example = (torch.zeros(1, 1, dtype=torch.long, device=model.device), masks.decode_step(cache.valid, start),
@@ -193,8 +192,6 @@ def _checked_aot(model: torch.nn.Module):
     model(prompt, cache=eager_cache, last_logits_only=True)
     model(prompt, cache=cache, last_logits_only=True)
     tok = torch.ones(1, 1, dtype=torch.long, device=device)
-    from lmlab.inference.quantize import QuantLinear
-
     exact = next(model.parameters()).dtype == torch.float32 and not any(
         isinstance(m, QuantLinear) for m in model.modules())
     for _ in range(4):

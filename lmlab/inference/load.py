@@ -123,17 +123,16 @@ def load_speculation(target: Runner, target_tok, *, draft: str | None = None, sp
     loaded with the target's RunConfig (dtype, quantization, compiled step, device), its quantization
     replaced by `draft_quantize` when given, and checked against the target: decoder-only, the same
     vocabulary and tokenizer. Greedy output stays the target's whatever the draft is."""
-    if draft is None and (speculate is not None or draft_quantize) and not prompt_lookup:
-        raise LmlabError(f"{'--speculate' if speculate is not None else '--draft-quantize'} needs --draft MODEL"
-                         f"{' or --prompt-lookup N' if speculate is not None else ''}")
+    if draft_quantize and draft is None:
+        raise LmlabError("--draft-quantize needs --draft MODEL (prompt lookup has no draft model)")
     if draft is None and not prompt_lookup:
+        if speculate is not None:
+            raise LmlabError("--speculate needs --draft MODEL or --prompt-lookup N")
         return None
     k = DEFAULT_K if speculate is None else speculate
     if draft is not None and prompt_lookup:
         Speculation(draft=draft, prompt_lookup=prompt_lookup, k=k)  # raises the one-line conflict error
     if prompt_lookup:
-        if draft_quantize:
-            raise LmlabError("--draft-quantize needs --draft MODEL (prompt lookup has no draft model)")
         return Speculation(prompt_lookup=prompt_lookup, k=k, adaptive=adapt)
     Speculation(draft=draft, k=k)  # validate k before loading anything
     model, tok = load_checkpoint(draft, dtype="float32", device="cpu")
