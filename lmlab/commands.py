@@ -149,6 +149,8 @@ def _generate(m, tok, prompts: list[str], cfg, *, stream: bool = True, stats: bo
             print(_spec_report(outs[0].spec, len(outs)), file=sys.stderr)
         if getattr(m, "kernels", None) is not None:
             print(m.kernels.summary(), file=sys.stderr)
+        if getattr(m, "compiled", False):
+            print(m.decode_step.describe(), file=sys.stderr)
     return [o.text for o in outs]
 
 

@@ -148,11 +148,42 @@ def test_compiled_decoding_gives_the_eager_tokens(name, scheme):
         pytest.skip(f"torch.compile unavailable here: {devices.NOTES[-1] if devices.NOTES else ''}")
     try:
         runner = Runner(model, step)
-        assert step.aot is not None, devices.NOTES[-1:]
+        assert step.aot.get("one") is not None, devices.NOTES[-1:]
         assert tokens(runner) == eager
         assert runner.compiled, devices.NOTES[-1:]
         assert len({len(t) for t in eager[2]}) > 1 or len(set(map(tuple, eager[2]))) > 1
         assert not [k for k in vars(model) if "step" in k or k.startswith("_lmlab")]  # nothing hung on the model
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_compiled_few_token_step_gives_the_eager_logits():
+    """Verification passes of T = 2..16 tokens through the compiled step (batch 1: the few-token ahead-of-time
+    package; a left-padded batch of 2 with a padding query: torch.compile) against the eager forward, every
+    position, causal order inside the T new tokens included."""
+    model = model_for("tiny-llama")
+    step = compile_step(model, few=True)
+    if step is None:
+        pytest.skip(f"torch.compile unavailable here: {devices.NOTES[-1] if devices.NOTES else ''}")
+    try:
+        assert step.aot.get("few") is not None, devices.NOTES[-1:]
+        runner, eager = Runner(model, step), Runner(model)
+        gen = torch.Generator().manual_seed(0)
+        for B in (1, 2):
+            prompt = torch.randint(0, model.cfg.vocab_size, (B, 7), generator=gen)
+            caches = model.make_cache(B, 48), model.make_cache(B, 48)
+            for r, c in zip((eager, runner), caches):
+                r.prefill(prompt, c)
+            for T in (2, 5, 16, 3):
+                ids = torch.randint(0, model.cfg.vocab_size, (B, T), generator=gen)
+                mask = None if B == 1 else torch.ones(B, T, dtype=torch.bool).index_fill_(1, torch.tensor([0]), False)
+                mask = None if mask is None else mask | (torch.arange(B) == 0)[:, None]  # row 1 starts with a pad
+                want, got = (r.logits_all(ids, c, mask) for r, c in zip((eager, runner), caches))
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+                for c in caches:
+                    c.truncate(c.length - T // 2)  # keep part of the pass, as a verdict does
+        assert runner.compiled, devices.NOTES[-1:]
     finally:
         torch._dynamo.reset()
 

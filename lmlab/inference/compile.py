@@ -1,13 +1,15 @@
 """A compiled decoding step (gpt-fast style): static preallocated cache written in place, the attention mask
 built from the cache's validity (lmlab.model.masks.decode_step), and no shape that changes from step to
-step, so one graph serves every step and every cache length. Inductor fuses norms, rotary, residuals and
+step, so one graph serves every step and every cache length. The same step takes a few tokens per row
+(T <= FEW_QUERIES: a speculative verification pass, a draft catching up), as a second graph. Inductor fuses norms, rotary, residuals and
 activations; the matrix-vector products stay the kernels chosen for each layer.
 
 Two compilers serve the one step function:
   torch.compile    any batch; its Python wrapper and guard checks cost ~3 ms a step for a 30-layer model
   AOTInductor      batch 1 (generation, chat, drafting): the step exported once and compiled ahead of time
                    into a C++ wrapper with no guards, cached under $LMLAB_HOME/compiled by a hash of the
-                   exported graph; it holds no weights (it reads the model's own tensors)
+                   exported graph; it holds no weights (it reads the model's own tensors). One package for
+                   one token, and with `few=True` (speculative decoding) one for 2..FEW_QUERIES tokens
 
 The step is an object the caller holds (a Runner keeps it); nothing is attached to the model.
 """
@@ -19,6 +21,7 @@ import os
 import torch
 
 from lmlab.model import masks
+from lmlab.model.attention import FEW_QUERIES
 from lmlab.model.kv_cache import KVCache, StepView
 from lmlab.inference.quantize import QuantLinear
 from lmlab.utils.atomic import atomic_path
@@ -26,7 +29,8 @@ from lmlab.utils.device import cpu_flags, notice
 
 
 def _step_graph(model, ids, allowed, slot, positions, ks, vs):
-    """One token per row through a decoder-only model over its whole static cache: the compiled function."""
+    """T tokens per row (written at slots `slot`) through a decoder-only model over its whole static cache:
+    the compiled function."""
     h = model.hidden_states(ids, attn_mask=allowed, cache=StepView(ks, vs, slot, positions))
     return model.logits(h)
 
@@ -63,6 +67,11 @@ AOT_ENV = "LMLAB_AOT"  # off: batch-1 steps take torch.compile too
 AOT_MIN_SLOTS = 2  # caches of fewer slots take torch.compile (export needs a size above 1)
 
 
+def min_slots(T: int) -> int:
+    """The fewest cache slots an ahead-of-time package for T tokens takes (smaller caches: torch.compile)."""
+    return AOT_MIN_SLOTS if T == 1 else FEW_QUERIES + 1
+
+
 def aot_enabled() -> bool:
     return os.environ.get(AOT_ENV, "").strip().lower() not in ("off", "0", "false", "no")
 
@@ -73,17 +82,27 @@ def cache_dir():
     return home() / "compiled"
 
 
-def _aot_package(model: torch.nn.Module):
-    """The batch-1 step of `model`, exported and compiled by AOTInductor (or read from the cache), with the
-    model's own tensors loaded into it. Raises when any tensor the graph reads has no name in the model."""
-    cache = model.make_cache(1, 16)
-    start, positions = cache.append(1, None)
-    example = (torch.zeros(1, 1, dtype=torch.long, device=model.device), masks.decode_step(cache.valid, start),
-               torch.full((1,), start, dtype=torch.long, device=model.device), positions, list(cache.k), list(cache.v))
-    slots = torch.export.Dim("slots", min=AOT_MIN_SLOTS, max=1 << 20)
+def _inputs(cache, T: int, attention_mask=None):
+    """Claim T slots of `cache` and return the step's inputs after ids: (mask, slots, positions, keys, values)."""
+    start, positions = cache.append(T, attention_mask)
+    allowed = masks.decode_step(cache.valid, start, T)
+    slot = torch.arange(start, start + T, dtype=torch.long, device=cache.valid.device)
+    return allowed, slot, positions, list(cache.k), list(cache.v)
+
+
+def _aot_package(model: torch.nn.Module, T: int = 1):
+    """The batch-1 step of `model` for one token (T = 1) or 2..FEW_QUERIES tokens (T > 1: an example count),
+    exported and compiled by AOTInductor (or read from the cache), with the model's own tensors loaded into
+    it. Raises when any tensor the graph reads has no name in the model."""
+    cache = model.make_cache(1, min_slots(T) + T)
+    example = (torch.zeros(1, T, dtype=torch.long, device=model.device), *_inputs(cache, T))
+    slots = torch.export.Dim("slots", min=min_slots(T), max=1 << 20)
     layers = len(cache.k)
     dims = {"ids": None, "allowed": {3: slots}, "slot": None, "positions": None,
             "ks": [{2: slots}] * layers, "vs": [{2: slots}] * layers}
+    if T > 1:
+        tokens = torch.export.Dim("tokens", min=2, max=FEW_QUERIES)
+        dims.update(ids={1: tokens}, allowed={2: tokens, 3: slots}, slot={0: tokens}, positions={1: tokens})
     with torch.inference_mode():
         ep = torch.export.export(_Step(model), example, dynamic_shapes=dims, strict=False)
     tensors = {**ep.state_dict, **ep.constants}
@@ -107,31 +126,62 @@ def _aot_package(model: torch.nn.Module):
 
 
 class DecodeStep:
-    """Logits B×1×V for one new token per row on top of a KVCache. Falls back to the eager forward (for
-    good, with a notice) the first time the compiler cannot handle a call. `aot`: the AOTInductor package
-    for batch 1, or None (torch.compile for every batch)."""
+    """Logits B×T×V for T new tokens per row (1, or up to FEW_QUERIES for a verification pass) on top of a
+    KVCache. Falls back to the eager forward (for good, with a notice) the first time the compiler cannot
+    handle a call. `aot`: the AOTInductor packages for batch 1 by token count ("one", "few"); a call no
+    package covers takes torch.compile."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.fn = torch.compile(_step_graph, fullgraph=True, backend=_inductor_keeping_mv)
         self.failed = False
-        self.aot = None
+        self.aot: dict = {}
 
     @staticmethod
     def supports(model: torch.nn.Module) -> bool:
         return model.cfg.arch == "decoder" and model.cfg.pos != "relative"
 
+    @staticmethod
+    def covers(T: int) -> bool:
+        return 1 <= T <= FEW_QUERIES
+
+    def add_few(self) -> None:
+        """The ahead-of-time package for 2..FEW_QUERIES tokens per row (speculative verification passes, a
+        draft catching up), once; without it (or batch > 1) such calls take torch.compile."""
+        if "few" in self.aot or not aot_enabled():
+            return
+        try:
+            self.aot["few"] = _checked_aot(self.model, 4)
+        except Exception as e:  # noqa: BLE001 - any failure leaves torch.compile in charge
+            self.aot["few"] = None
+            notice(f"ahead-of-time compiled verification step unavailable ({first_line(e)}); "
+                   "it takes torch.compile")
+
+    def describe(self) -> str:
+        """Which compiler runs which steps (for --stats)."""
+        done = [kind for kind in ("one", "few") if self.aot.get(kind) is not None]
+        if not done:
+            return "decoding step compiled by torch.compile"
+        what = {"one": "one-token", "few": "few-token"}
+        return (f"{' and '.join(what[k] for k in done)} step{'s' if len(done) > 1 else ''} compiled ahead of time "
+                "for batch 1, others by torch.compile")
+
     @torch.inference_mode()  # one graph, whoever calls (decoding never needs gradients)
     def __call__(self, ids: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        start, positions = cache.append(1, attention_mask)
-        allowed = masks.decode_step(cache.valid, start)
-        slot = torch.full((1,), start, dtype=torch.long, device=ids.device)
-        if self.aot is not None and ids.shape[0] == 1 and cache.max_len >= AOT_MIN_SLOTS:
-            return self.aot(ids, allowed, slot, positions, list(cache.k), list(cache.v))
-        for t in (allowed, *cache.k, *cache.v):  # one graph for every cache length
+        B, T = ids.shape
+        start = cache.length
+        inputs = _inputs(cache, T, attention_mask)
+        package = self.aot.get("one" if T == 1 else "few") if B == 1 and cache.max_len >= min_slots(T) else None
+        if package is not None:
+            return package(ids, *inputs)
+        allowed, slot, positions, ks, vs = inputs
+        for t in (allowed, *ks, *vs):  # one graph for every cache length
             torch._dynamo.maybe_mark_dynamic(t, t.dim() - 2 if t is not allowed else 3)
+        if T > 1:  # and one for every count of tokens above 1
+            for t, dim in ((ids, 1), (allowed, 2), (slot, 0), (positions, 1)):
+                torch._dynamo.maybe_mark_dynamic(t, dim)
         try:
-            return self.fn(self.model, ids, allowed, slot, positions, cache.k, cache.v)
+            return self.fn(self.model, ids, *inputs)
         except Exception as e:  # a shape the compiler could not handle: undo the claim, decode eagerly
             cache.truncate(start)
             notice(f"compiled decoding step failed ({first_line(e)}); decoding eagerly")
@@ -151,10 +201,11 @@ def _trial(step: DecodeStep, model: torch.nn.Module, steps: int = 2) -> None:
         raise RuntimeError("the trial step fell back to eager decoding")
 
 
-def compile_step(model: torch.nn.Module) -> DecodeStep | None:
+def compile_step(model: torch.nn.Module, few: bool = False) -> DecodeStep | None:
     """A compiled decoding step for `model`, or None (with a notice) when the compiler is unavailable, the
-    model is not covered (decoder-only without relative position bias), or a trial step fails. Prompts and
-    scoring stay eager: their matrix products already run at full speed."""
+    model is not covered (decoder-only without relative position bias), or a trial step fails. few: also
+    the ahead-of-time package for 2..FEW_QUERIES tokens (speculative decoding; see DecodeStep.add_few).
+    Prompts and scoring stay eager: their matrix products already run at full speed."""
     if not hasattr(torch, "compile"):
         notice("torch.compile is not available in this PyTorch; running eagerly")
         return None
@@ -164,10 +215,12 @@ def compile_step(model: torch.nn.Module) -> DecodeStep | None:
     step = DecodeStep(model)
     if aot_enabled():
         try:
-            step.aot = _checked_aot(model)
+            step.aot["one"] = _checked_aot(model, 1)
         except Exception as e:  # noqa: BLE001 - any failure leaves torch.compile in charge
             notice(f"ahead-of-time compiled step unavailable ({first_line(e)}); batch 1 takes torch.compile")
-    if step.aot is not None:
+    if few:
+        step.add_few()
+    if any(package is not None for package in step.aot.values()):
         return step  # torch.compile compiles on the first call of another batch size
     try:
         _trial(step, model)
@@ -179,29 +232,30 @@ def compile_step(model: torch.nn.Module) -> DecodeStep | None:
 
 
 @torch.inference_mode()
-def _checked_aot(model: torch.nn.Module):
-    """The AOTInductor package, used only when a few greedy steps through it agree with the eager forward: for
-    dense float32 weights the same tokens and logits within 0.1% of their norm; otherwise logits within 25%
-    of their norm, since 16-bit dtypes round after every eager op but not inside fused code, and int8
-    kernels quantize activations whose rounding then flips (measured: 11% for SmolLM2 bfloat16, 0.9% for
-    int8, whose compiled tokens equal torch.compile's; unrelated logits are ~100% off)."""
-    package = _aot_package(model)
+def _checked_aot(model: torch.nn.Module, T: int = 1):
+    """The AOTInductor package for T tokens (T > 1: the few-token package), used only when a few greedy
+    steps through it agree with the eager forward at every position: for dense float32 weights the same
+    tokens and logits within 0.1% of their norm; otherwise logits within 25% of their norm, since 16-bit
+    dtypes round after every eager op but not inside fused code, and int8 kernels quantize activations whose
+    rounding then flips (measured: 11% for SmolLM2 bfloat16, 0.9% for int8, whose compiled tokens equal
+    torch.compile's; unrelated logits are ~100% off)."""
+    package = _aot_package(model, T)
     device = model.device
     prompt = torch.tensor([[1, 2]], device=device)
-    eager_cache, cache = model.make_cache(1, 8), model.make_cache(1, 8)
+    size = 2 + 4 * T + min_slots(T)
+    eager_cache, cache = model.make_cache(1, size), model.make_cache(1, size)
     model(prompt, cache=eager_cache, last_logits_only=True)
     model(prompt, cache=cache, last_logits_only=True)
     tok = torch.ones(1, 1, dtype=torch.long, device=device)
     exact = next(model.parameters()).dtype == torch.float32 and not any(
         isinstance(m, QuantLinear) for m in model.modules())
     for _ in range(4):
-        want = model(tok, cache=eager_cache)[:, -1].float()
-        start, positions = cache.append(1, None)
-        got = package(tok, masks.decode_step(cache.valid, start), torch.full((1,), start, device=device),
-                      positions, list(cache.k), list(cache.v))[:, -1].float()
+        feed = torch.cat([tok, torch.arange(2, T + 1, device=device)[None]], 1)
+        want = model(feed, cache=eager_cache).float()
+        got = package(feed, *_inputs(cache, T)).float()
         if (got - want).norm() > (1e-3 if exact else 0.25) * want.norm() \
                 or (exact and not torch.equal(got.argmax(-1), want.argmax(-1))):
             raise RuntimeError(f"its logits differ from the eager forward's (relative error "
                                f"{((got - want).norm() / want.norm()).item():.2g})")
-        tok = want.argmax(-1, keepdim=True)
+        tok = want[:, -1].argmax(-1, keepdim=True)
     return package

@@ -84,9 +84,6 @@ def prepare(model: torch.nn.Module, run: RunConfig | None = None) -> Runner:
         runner.kernels = quantized_choices(model)
     if run.compile:
         runner.decode_step = compile_step(model)
-        if runner.kernels is not None and runner.decode_step is not None:
-            runner.kernels.source += ("; decoding step compiled ahead of time for batch 1" if runner.decode_step.aot
-                                      is not None else "; decoding step compiled by torch.compile")
         if runner.kernels is not None and runner.kernels.packed_bytes:
             runner.kernels.source += "; the compiled step runs packed layers on their fastest unpacked kernel"
     return runner
@@ -133,12 +130,19 @@ def load_speculation(target: Runner, target_tok, *, draft: str | None = None, sp
     if draft is not None and prompt_lookup:
         Speculation(draft=draft, prompt_lookup=prompt_lookup, k=k)  # raises the one-line conflict error
     if prompt_lookup:
-        return Speculation(prompt_lookup=prompt_lookup, k=k, adaptive=adapt)
+        spec = Speculation(prompt_lookup=prompt_lookup, k=k, adaptive=adapt)
+        if target.decode_step is not None:
+            target.decode_step.add_few()  # verification passes
+        return spec
     Speculation(draft=draft, k=k)  # validate k before loading anything
     model, tok = load_checkpoint(draft, dtype="float32", device="cpu")
     check_pair(target.cfg, model.cfg, target_tok, tok, draft_name=draft, target_name=target_name)
     draft_run = replace(run or RunConfig(), quantize=draft_quantize) if draft_quantize else run
-    return Speculation(draft=prepare(model, draft_run), k=k, adaptive=adapt, draft_name=draft)
+    draft_runner = prepare(model, draft_run)
+    for runner in (target, draft_runner):  # verification passes; the draft catching up after a full accept
+        if runner.decode_step is not None:
+            runner.decode_step.add_few()
+    return Speculation(draft=draft_runner, k=k, adaptive=adapt, draft_name=draft)
 
 
 def speculation_options(args) -> dict:

@@ -74,8 +74,8 @@ class Runner:
 
     def step(self, ids: torch.Tensor, cache, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """B×V logits after feeding ids (B×T, usually T = 1) on top of `cache`: the compiled step when there
-        is one and T = 1, else the eager forward."""
-        if ids.shape[1] == 1 and self.compiled:
+        is one and it covers T, else the eager forward."""
+        if self.compiled and self.decode_step.covers(ids.shape[1]):
             return self.decode_step(ids, cache, attention_mask)[:, -1]
         with torch.inference_mode():
             h = self.model.hidden_states(ids, attention_mask=attention_mask, cache=cache)
@@ -83,7 +83,10 @@ class Runner:
 
     @torch.inference_mode()
     def logits_all(self, ids: torch.Tensor, cache, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """B×T×V logits of every position of ids fed on top of `cache` (speculative verification)."""
+        """B×T×V logits of every position of ids fed on top of `cache` (speculative verification): the
+        compiled step when there is one and it covers T, else the eager forward."""
+        if self.compiled and self.decode_step.covers(ids.shape[1]):
+            return self.decode_step(ids, cache, attention_mask)
         h = self.model.hidden_states(ids, attention_mask=attention_mask, cache=cache)
         return self.model.logits(h)
 

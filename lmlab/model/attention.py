@@ -12,6 +12,8 @@ from lmlab.model.masks import Sparse
 from lmlab.model.positions import apply_rotary
 from lmlab.model.sparse_attention import attend
 
+FEW_QUERIES = 16  # compiled steps of at most this many queries per row take the written-out attention
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, cross: bool = False):
@@ -57,25 +59,32 @@ class Attention(nn.Module):
             y = attend(q, k, v, mask.pattern, key_valid=mask.key_valid, scale=self.scale, dropout=self.dropout,
                        training=self.training)
             return self.out(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
-        if T == 1 and mask is not None and mask.dtype == torch.bool and torch.compiler.is_compiling():
-            return self.out(self._one_query(q, k, v, mask).reshape(B, 1, self.n_head * self.head_dim))
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
-            dropout_p=self.dropout if self.training else 0.0, scale=self.scale,
-            enable_gqa=self.n_kv_head != self.n_head)
+        if (mask is not None and mask.dtype == torch.bool and T <= FEW_QUERIES and not self.training
+                and torch.compiler.is_compiling()):
+            y = self._few_queries(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,
+                dropout_p=self.dropout if self.training else 0.0, scale=self.scale,
+                enable_gqa=self.n_kv_head != self.n_head)
         return self.out(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
-    def _one_query(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """Attention of one query per row (a compiled decoding step) written out, so the compiler fuses the
-        mask, the softmax and both products into a few loops over the cache instead of calling the flash
-        kernel, whose set-up dominates at one query (measured: 55 µs a layer for SmolLM2 on 2 CPU cores).
-        q B×H×1×D, k/v B×KV×S×D, allowed B×1×1×S (bool) → B×H×D."""
-        B, H, _, D = q.shape
+    def _few_queries(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """Attention of a few queries per row (a compiled decoding step or verification pass) written out, so
+        the compiler fuses the mask, the softmax and both products into a few loops over the cache instead of
+        calling the flash kernel, whose set-up dominates at one query (measured: 55 µs a layer for SmolLM2 on
+        2 CPU cores). q B×H×T×D, k/v B×KV×S×D, allowed B×1×T×S (bool) → B×H×T×D."""
+        B, H, T, D = q.shape
         KV = k.shape[1]
         scale = self.scale if self.scale is not None else D ** -0.5
-        qg = q.reshape(B, KV, H // KV, D).float()  # the query heads that share each key/value head
-        scores = torch.einsum("bkgd,bksd->bkgs", qg, k.float()) * scale
-        scores = scores.masked_fill(~allowed.view(B, 1, 1, -1), float("-inf"))
-        y = torch.einsum("bkgs,bksd->bkgd", scores.softmax(-1), v.float())
-        return y.reshape(B, H, D).to(q.dtype)
-
+        if T == 1:  # (one query per row: a step; kept apart, its graph is the fastest measured)
+            qg = q.reshape(B, KV, H // KV, D).float()  # the query heads that share each key/value head
+            scores = torch.einsum("bkgd,bksd->bkgs", qg, k.float()) * scale
+            scores = scores.masked_fill(~allowed.view(B, 1, 1, -1), float("-inf"))
+            y = torch.einsum("bkgs,bksd->bkgd", scores.softmax(-1), v.float())
+            return y.reshape(B, H, 1, D).to(q.dtype)
+        qg = q.reshape(B, KV, H // KV, T, D).float()
+        scores = torch.einsum("bkgtd,bksd->bkgts", qg, k.float()) * scale
+        scores = scores.masked_fill(~allowed.view(B, 1, 1, T, -1), float("-inf"))
+        y = torch.einsum("bkgts,bksd->bkgtd", scores.softmax(-1), v.float())
+        return y.reshape(B, H, T, D).to(q.dtype)

@@ -2,7 +2,7 @@
 (a padding query) is always allowed its own slot, so no softmax row is empty.
 
   self_attention   padding, causal order and a caller's own pattern (prefix LM), for any slots of a cache
-  decode_step      one new token per row over a whole static cache (the compiled decoding step)
+  decode_step      T new tokens per row over a whole static cache (the compiled step: decoding, verifying)
   cross            a decoder's view of the encoder's (padded) output
   packed           eval's packed rows: groups side by side, each continuation sees its context and itself
   add_bias         a float bias (T5's relative positions) with a boolean mask folded in
@@ -71,12 +71,17 @@ def self_attention(B: int, T: int, start: int, device: torch.device | str, *, ca
     return allowed | (k_slot == q_slot)
 
 
-def decode_step(valid: torch.Tensor, slot: int | torch.Tensor) -> torch.Tensor:
-    """B×1×1×S mask for one new query per row at `slot`, over slots `valid` (B×S): every valid slot is
-    earlier than the new one, and the new slot itself is always visible."""
-    allowed = valid[:, None, None, :].clone()
-    allowed[..., slot] = True
-    return allowed
+def decode_step(valid: torch.Tensor, start: int | torch.Tensor, T: int = 1) -> torch.Tensor:
+    """B×1×T×S mask for T new queries per row at slots start..start+T-1 (a decoding step, T = 1, or a
+    verification pass) over a whole static cache whose validity is `valid` (B×S, the new slots included):
+    each query sees the valid slots up to its own, and always its own slot."""
+    if T == 1:
+        allowed = valid[:, None, None, :].clone()
+        allowed[..., start] = True
+        return allowed
+    k_slot = torch.arange(valid.shape[1], device=valid.device)[None, :]
+    q_slot = torch.arange(T, device=valid.device)[:, None] + start
+    return ((k_slot <= q_slot) & valid[:, None, None, :]) | (k_slot == q_slot)
 
 
 def cross(memory_valid: torch.Tensor | None) -> torch.Tensor | None:

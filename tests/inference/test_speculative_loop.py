@@ -14,7 +14,9 @@ from lmlab.errors import LmlabError
 from lmlab.inference import drafting
 from lmlab.inference import speculative as spec_mod
 from lmlab.inference.drafting import Speculation, ensure_room
+from lmlab.inference.compile import compile_step
 from lmlab.inference.generate import generate_tokens
+from lmlab.inference.runner import Runner
 from lmlab.inference.sampling import GenerationConfig, probabilities, process_logits
 from lmlab.model import KVCache
 from test_generation import margin_model, prompts_of
@@ -279,6 +281,30 @@ def test_cli_options_conflict_and_k(pair):
 
 
 # --------------------------------------------------------------------------- real models (slow)
+@pytest.mark.slow
+def test_compiled_verification_passes_give_the_plain_tokens(pair):
+    """A compiled target (its verification passes through the few-token step: the ahead-of-time package at
+    batch 1, torch.compile for the batch) drafting for itself and by prompt lookup: plain greedy tokens."""
+    target, _ = pair
+    step = compile_step(target, few=True)
+    if step is None:
+        pytest.skip("torch.compile unavailable here")
+    try:
+        few, calls = step.aot.get("few"), []
+        assert few is not None
+        step.aot["few"] = lambda *a: calls.append(a[0].shape[1]) or few(*a)
+        runner = Runner(target, step)
+        prompts = prompts_of([3, 11, 40], target.cfg.vocab_size) + [[5, 6, 7, 5, 6, 7, 5, 6]]
+        cfg = GenerationConfig(max_new_tokens=20, **GREEDY)
+        plain = run(target, prompts, cfg).tokens
+        for sp in (Speculation(draft=runner, k=4, adaptive=False), Speculation(prompt_lookup=2, k=6, adaptive=False)):
+            assert run(runner, prompts, cfg, sp).tokens == plain
+            assert [run(runner, [p], cfg, sp).tokens[0] for p in prompts] == plain
+        assert runner.compiled and calls and max(calls) > 2
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.slow
 def test_smollm2_prompt_lookup_equals_plain_greedy(smollm2):
     model, tok = smollm2
