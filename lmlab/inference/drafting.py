@@ -254,6 +254,14 @@ def speculative_step(target: Runner, cache, last: torch.Tensor, drafter, lengths
     return StepResult(verdict, lengths, draft_steps, t1 - t0, t2 - t1)
 
 
+def compile_few(*runners: Runner) -> None:
+    """For each compiled runner, its few-token step (verification passes; a draft catching up after a fully
+    accepted pass), built once (ahead of time at batch 1: a minute or two the first time on a machine)."""
+    for runner in runners:
+        if runner.compiled:
+            runner.decode_step.add_few()
+
+
 def draft_runner(spec: Speculation, target: Runner) -> Runner:
     """The draft as a Runner on the target's device."""
     runner = as_runner(spec.draft)

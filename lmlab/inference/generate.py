@@ -205,10 +205,12 @@ def _decode_speculative(runner: Runner, cache, logits: torch.Tensor, budgets: li
         seen[rows, last] = True
     first = last.tolist()
     watch.see_rows([[t] for t in first], made)
+    drafting.compile_few(runner)
     if spec.prompt_lookup:
         drafter = drafting.LookupDrafter(prompts, spec.prompt_lookup, first, spec.k)
     else:
         draft = drafting.draft_runner(spec, runner)
+        drafting.compile_few(draft)
         draft_cache, _ = _prefill(draft, prompts, pad_id, _room(budgets, spec.k), chunk)
         drafter = drafting.ModelDrafter(draft, draft_cache, first, pad_id)
     control = DraftController(spec.k) if spec.adaptive else None

@@ -19,7 +19,7 @@ import torch
 from lmlab.checkpoints import load as load_checkpoint
 from lmlab.errors import LmlabError
 from lmlab.inference.compile import compile_step
-from lmlab.inference.drafting import DEFAULT_K, Speculation, check_pair
+from lmlab.inference.drafting import DEFAULT_K, Speculation, check_pair, compile_few
 from lmlab.inference.kernels import choose as choose_kernels
 from lmlab.inference.kernels import quantized_choices, use_row_linears
 from lmlab.inference.quantize import SCHEMES, quantization_route, quantize_model
@@ -131,17 +131,14 @@ def load_speculation(target: Runner, target_tok, *, draft: str | None = None, sp
         Speculation(draft=draft, prompt_lookup=prompt_lookup, k=k)  # raises the one-line conflict error
     if prompt_lookup:
         spec = Speculation(prompt_lookup=prompt_lookup, k=k, adaptive=adapt)
-        if target.decode_step is not None:
-            target.decode_step.add_few()  # verification passes
+        compile_few(target)
         return spec
     Speculation(draft=draft, k=k)  # validate k before loading anything
     model, tok = load_checkpoint(draft, dtype="float32", device="cpu")
     check_pair(target.cfg, model.cfg, target_tok, tok, draft_name=draft, target_name=target_name)
     draft_run = replace(run or RunConfig(), quantize=draft_quantize) if draft_quantize else run
     draft_runner = prepare(model, draft_run)
-    for runner in (target, draft_runner):  # verification passes; the draft catching up after a full accept
-        if runner.decode_step is not None:
-            runner.decode_step.add_few()
+    compile_few(target, draft_runner)
     return Speculation(draft=draft_runner, k=k, adaptive=adapt, draft_name=draft)
 
 

@@ -91,18 +91,22 @@ class Runner:
         return self.model.logits(h)
 
     @torch.inference_mode()
-    def warm(self, steps: int = 2) -> None:
-        """A couple of tiny passes: fast kernels chosen and checked, lazy buffers built."""
+    def warm(self, steps: int = 2, batch: int = 1, tokens: tuple[int, ...] = ()) -> None:
+        """A couple of tiny passes: fast kernels chosen and checked, lazy buffers built; with a compiled step,
+        its graphs for `batch` rows built too. tokens: also one pass of each of these token counts (a
+        verification pass of k+1: with more than one row torch.compile builds a graph per kernel choice)."""
         model, device = self.model, self.device
         if model.cfg.arch == "encoder":
-            model.hidden_states(torch.zeros(1, 2, dtype=torch.long, device=device))
+            model.hidden_states(torch.zeros(batch, 2, dtype=torch.long, device=device))
             return
-        zeros = torch.zeros(1, 2, dtype=torch.long, device=device)
+        zeros = torch.zeros(batch, 2, dtype=torch.long, device=device)
         encoder = {"encoder_input_ids": zeros} if model.cfg.arch == "encoder-decoder" else {}
-        cache = self.new_cache(1, steps + 2)
+        cache = self.new_cache(batch, steps + 2 + sum(tokens))
         self.prefill(zeros, cache, **encoder)
         for _ in range(steps):
-            self.step(zeros[:, :1], cache)
+            self.step(torch.zeros(batch, 1, dtype=torch.long, device=device), cache)  # (strides as the loop's)
+        for T in tokens:
+            self.logits_all(torch.zeros(batch, T, dtype=torch.long, device=device), cache)
 
 
 def as_runner(model) -> Runner:
