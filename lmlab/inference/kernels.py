@@ -221,9 +221,12 @@ def pick(timings: dict[str, float]) -> str:
 
 # --------------------------------------------------------------------------- the cache
 def fingerprint() -> dict:
-    """What makes timings from one machine meaningless on another."""
+    """What makes timings from one machine (or one version of lmlab's native kernels) meaningless on another."""
+    from lmlab.inference import native
+
     flags = hashlib.sha256(" ".join(sorted(cpu_flags())).encode()).hexdigest()[:16]
-    return {"cpu": cpu_name(), "flags": flags, "cores": os.cpu_count() or 1, "machine": platform.machine()}
+    return {"cpu": cpu_name(), "flags": flags, "cores": os.cpu_count() or 1, "machine": platform.machine(),
+            "native": native.source_hash()}
 
 
 def cache_dir() -> Path:

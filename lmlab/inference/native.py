@@ -54,6 +54,11 @@ def _compiler_version(cxx: str) -> str:
     return out.stdout.splitlines()[0] if out.stdout else cxx
 
 
+def source_hash() -> str:
+    """Which version of the kernels' source this is (measured timings of another version are stale)."""
+    return hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+
+
 def cache_dir() -> Path:
     from lmlab.hub import home
 

@@ -114,6 +114,17 @@ def test_untrusted_cache_is_remeasured_and_rewritten(home, measured, capsys, tam
     assert prepared().kernels.source == "cache hit" and measured == []  # the rewritten file is whole again
 
 
+def test_timings_of_other_native_kernels_are_remeasured(home, measured, monkeypatch):
+    """Timings measured with another version of lmlab's own kernels are stale: a changed source re-measures."""
+    from lmlab.inference import native
+
+    prepared()
+    monkeypatch.setattr(native, "source_hash", lambda: "0" * 16)
+    measured.clear()
+    runner = prepared()
+    assert len(measured) == 2 * SHAPES and runner.kernels.source == "measured"  # into a file of its own
+
+
 def test_environment_overrides(home, measured, monkeypatch):
     prepared()
     monkeypatch.setenv(kernels.ENV, "remeasure")

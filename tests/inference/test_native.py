@@ -78,10 +78,16 @@ def test_int4(N, K, M, dtype, path):
 
 
 @needs_native
-@pytest.mark.parametrize("M", [5, 16])
+@pytest.mark.parametrize("M", [5, 7, 16])
 def test_more_rows_than_one_block(M, path):
-    """x rows go through the kernels in blocks of 4: full and partial blocks, up to QuantLinear.native_rows."""
+    """x rows go through the kernels in blocks of 4 (the dense ones then 2, then 1): full and partial blocks,
+    up to QuantLinear.native_rows; W's 70 rows end in a partial block of 4 too."""
     w, x = inputs(70, 576, M, torch.float32)
+    assert rel_err(torch.ops.lmlab.f32_gemv(x, w), F.linear(x, w)) <= EXACT_TOL
+    wb = w.bfloat16()
+    assert rel_err(torch.ops.lmlab.bf16_gemv(x, wb), F.linear(x, wb.float())) <= BF16_TOL
+    for row in range(M):
+        torch.testing.assert_close(torch.ops.lmlab.f32_gemv(x[row:row + 1], w)[0], torch.ops.lmlab.f32_gemv(x, w)[row])
     int4_check(w, x, path)
     q, scale = quantize_int8(w)
     assert rel_err(torch.ops.lmlab.int8_gemv(x, q, scale), F.linear(x, dequantize_int8(q, scale))) <= \

@@ -19,7 +19,8 @@
 //         of the de-quantized weight with the quantized x).
 //   int8: vpdpbusd wants one unsigned operand: |q| (u8) times the weight with q's sign applied (s8).
 //         A 64-byte load holds 2 groups: lanes 0-7 and 8-15 take dx of each; y = scale[n]·Σ.
-// Float kernels: bf16 uses vdpbf16ps (x converted to bf16 once), float32 uses FMA; both 4 rows of W at a time.
+// Float kernels: bf16 uses vdpbf16ps (x converted to bf16 once), float32 uses FMA; both 4 rows of W at a time,
+// against up to 4 rows of x at once (16 accumulators), so a few-row product reads each piece of W once.
 // K tails use masked loads. Rows of W are split over PyTorch's own thread pool (at::parallel_for).
 //
 // Every kernel has a plain scalar version (exact float x, any group size), used when the CPU lacks the
@@ -385,6 +386,60 @@ LMLAB_AVX512 inline __m512bh load_bf16(const at::BFloat16* p, __mmask32 mk) {
 }
 
 // x: M × K bfloat16; 4 rows of W per step
+// R rows of x against the 4 rows of W at w (N×K; output columns n..n+3): 4·R accumulators, so each load of W
+// serves R rows of x (a verification pass of a few tokens reads W once and pays little more than one row).
+template <int R>
+LMLAB_AVX512 inline void bf16_block(const at::BFloat16* x, const at::BFloat16* w, int64_t K, int64_t steps,
+                                    __mmask32 tail, float* y, int64_t N) {
+  __m512 a[R][4];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) a[r][j] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < steps; ++i) {
+    const __mmask32 mk = i == steps - 1 ? tail : ~(__mmask32)0;
+    __m512bh wv[4];
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) wv[j] = load_bf16(w + j * K + i * 32, mk);
+  #pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+      const __m512bh xv = load_bf16(x + r * K + i * 32, mk);
+  #pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) a[r][j] = _mm512_dpbf16_ps(a[r][j], wv[j], xv);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) y[r * N + j] = _mm512_reduce_add_ps(a[r][j]);
+}
+
+template <int R>
+LMLAB_AVX512 inline void f32_block(const float* x, const float* w, int64_t K, int64_t steps, __mmask16 tail,
+                                   float* y, int64_t N) {
+  __m512 a[R][4];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) a[r][j] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < steps; ++i) {
+    const __mmask16 mk = i == steps - 1 ? tail : (__mmask16)0xFFFF;
+    __m512 wv[4];
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) wv[j] = _mm512_maskz_loadu_ps(mk, w + j * K + i * 16);
+  #pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_maskz_loadu_ps(mk, x + r * K + i * 16);
+  #pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) a[r][j] = _mm512_fmadd_ps(wv[j], xv, a[r][j]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) y[r * N + j] = _mm512_reduce_add_ps(a[r][j]);
+}
+
 LMLAB_AVX512 void bf16_rows_avx512(const at::BFloat16* x, int64_t M, const at::BFloat16* w, int64_t K,
                                    int64_t n0, int64_t n1, int64_t N, float* y) {
   const int64_t steps = (K + 31) / 32;
@@ -392,24 +447,12 @@ LMLAB_AVX512 void bf16_rows_avx512(const at::BFloat16* x, int64_t M, const at::B
   const int64_t ahead = (rows_ahead(2 * K) + 3) / 4 * 4;
   int64_t n = n0;
   for (; n + 4 <= n1; n += 4) {
-    const at::BFloat16 *r0 = w + n * K, *r1 = r0 + K, *r2 = r1 + K, *r3 = r2 + K;
+    const at::BFloat16* r0 = w + n * K;
     if (n + ahead + 4 <= n1) prefetch(w + (n + ahead) * K, 8 * K);
-    for (int64_t m = 0; m < M; ++m) {
-      const at::BFloat16* xr = x + m * K;
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (int64_t i = 0; i < steps; ++i) {
-        __mmask32 mk = i == steps - 1 ? tail : ~(__mmask32)0;
-        __m512bh xv = load_bf16(xr + i * 32, mk);
-        a0 = _mm512_dpbf16_ps(a0, load_bf16(r0 + i * 32, mk), xv);
-        a1 = _mm512_dpbf16_ps(a1, load_bf16(r1 + i * 32, mk), xv);
-        a2 = _mm512_dpbf16_ps(a2, load_bf16(r2 + i * 32, mk), xv);
-        a3 = _mm512_dpbf16_ps(a3, load_bf16(r3 + i * 32, mk), xv);
-      }
-      y[m * N + n] = _mm512_reduce_add_ps(a0);
-      y[m * N + n + 1] = _mm512_reduce_add_ps(a1);
-      y[m * N + n + 2] = _mm512_reduce_add_ps(a2);
-      y[m * N + n + 3] = _mm512_reduce_add_ps(a3);
-    }
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) bf16_block<4>(x + m * K, r0, K, steps, tail, y + m * N + n, N);
+    for (; m + 2 <= M; m += 2) bf16_block<2>(x + m * K, r0, K, steps, tail, y + m * N + n, N);
+    for (; m < M; ++m) bf16_block<1>(x + m * K, r0, K, steps, tail, y + m * N + n, N);
   }
   for (; n < n1; ++n)
     for (int64_t m = 0; m < M; ++m) {
@@ -429,24 +472,12 @@ LMLAB_AVX512 void f32_rows_avx512(const float* x, int64_t M, const float* w, int
   const int64_t ahead = (rows_ahead(4 * K) + 3) / 4 * 4;
   int64_t n = n0;
   for (; n + 4 <= n1; n += 4) {
-    const float *r0 = w + n * K, *r1 = r0 + K, *r2 = r1 + K, *r3 = r2 + K;
+    const float* r0 = w + n * K;
     if (n + ahead + 4 <= n1) prefetch(w + (n + ahead) * K, 16 * K);
-    for (int64_t m = 0; m < M; ++m) {
-      const float* xr = x + m * K;
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (int64_t i = 0; i < steps; ++i) {
-        __mmask16 mk = i == steps - 1 ? tail : (__mmask16)0xFFFF;
-        __m512 xv = _mm512_maskz_loadu_ps(mk, xr + i * 16);
-        a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, r0 + i * 16), xv, a0);
-        a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, r1 + i * 16), xv, a1);
-        a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, r2 + i * 16), xv, a2);
-        a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, r3 + i * 16), xv, a3);
-      }
-      y[m * N + n] = _mm512_reduce_add_ps(a0);
-      y[m * N + n + 1] = _mm512_reduce_add_ps(a1);
-      y[m * N + n + 2] = _mm512_reduce_add_ps(a2);
-      y[m * N + n + 3] = _mm512_reduce_add_ps(a3);
-    }
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) f32_block<4>(x + m * K, r0, K, steps, tail, y + m * N + n, N);
+    for (; m + 2 <= M; m += 2) f32_block<2>(x + m * K, r0, K, steps, tail, y + m * N + n, N);
+    for (; m < M; ++m) f32_block<1>(x + m * K, r0, K, steps, tail, y + m * N + n, N);
   }
   for (; n < n1; ++n)
     for (int64_t m = 0; m < M; ++m) {
