@@ -75,7 +75,7 @@ class Runner:
     def step(self, ids: torch.Tensor, cache, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """B×V logits after feeding ids (B×T, usually T = 1) on top of `cache`: the compiled step when there
         is one and it covers T, else the eager forward."""
-        if self.compiled and self.decode_step.covers(ids.shape[1]):
+        if self.compiled and self.decode_step.covers(*ids.shape):
             return self.decode_step(ids, cache, attention_mask)[:, -1]
         with torch.inference_mode():
             h = self.model.hidden_states(ids, attention_mask=attention_mask, cache=cache)
@@ -85,7 +85,7 @@ class Runner:
     def logits_all(self, ids: torch.Tensor, cache, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """B×T×V logits of every position of ids fed on top of `cache` (speculative verification): the
         compiled step when there is one and it covers T, else the eager forward."""
-        if self.compiled and self.decode_step.covers(ids.shape[1]):
+        if self.compiled and self.decode_step.covers(*ids.shape):
             return self.decode_step(ids, cache, attention_mask)
         h = self.model.hidden_states(ids, attention_mask=attention_mask, cache=cache)
         return self.model.logits(h)
