@@ -1,8 +1,9 @@
 """A compiled decoding step (gpt-fast style): static preallocated cache written in place, the attention mask
 built from the cache's validity (lmlab.model.masks.decode_step), and no shape that changes from step to
 step, so one graph serves every step and every cache length. The same step takes a few tokens per row
-(T <= FEW_QUERIES: a speculative verification pass, a draft catching up), as a second graph. Inductor fuses norms, rotary, residuals and
-activations; the matrix-vector products stay the kernels chosen for each layer.
+(T <= FEW_QUERIES: a speculative verification pass, a draft catching up) as a second graph, used for the
+token counts where it was measured faster than the eager forward. Inductor fuses norms, rotary, residuals
+and activations; the matrix-vector products stay the kernels chosen for each layer.
 
 Two compilers serve the one step function:
   torch.compile    any batch; its Python wrapper and guard checks cost ~3 ms a step for a 30-layer model

@@ -292,13 +292,13 @@ class DraftController:
     drafts after a rejection were never judged), with exponentially decaying counts; c and v
     from the step times. After `warmup` passes, speculation switches off when no k has
     S(k) >= 1; while off it re-probes after `probe_every` plain steps (doubling up to
-    `probe_max` after each failed probe) for `probe_passes` passes, and switches back on only
-    when S >= 1 + margin.
+    `probe_max` after each failed probe) for `probe_passes` passes of `probe_k` drafts (short, so
+    that a probe that fails costs little), and switches back on only when S >= 1 + margin.
     """
 
     def __init__(self, k_max: int, *, cost_ratio: float | None = None, alpha_prior: float = 0.6,
                  prior_weight: float = 4.0, decay: float = 0.9, warmup: int = 4, margin: float = 0.05,
-                 probe_every: int = 32, probe_max: int = 512, probe_passes: int = 2):
+                 probe_every: int = 32, probe_max: int = 512, probe_passes: int = 2, probe_k: int = 2):
         if k_max < 1:
             raise LmlabError(f"draft controller: k_max must be >= 1, got {k_max}")
         if not 0.0 <= alpha_prior <= 1.0 or not 0.0 < decay < 1.0:
@@ -307,7 +307,7 @@ class DraftController:
         self.k_max, self.decay, self.warmup, self.margin = k_max, decay, warmup, margin
         self.alpha_prior, self.prior_weight = alpha_prior, prior_weight
         self.probe_base, self.probe_max, self.probe_passes = probe_every, probe_max, probe_passes
-        self.probe_every = probe_every
+        self.probe_every, self.probe_k = probe_every, min(probe_k, k_max)
         self._acc, self._tried = alpha_prior * prior_weight, prior_weight
         self._draft_s, self._verify_s, self._plain_s = _Ema(decay), _Ema(decay), _Ema(decay)
         self._v = _Ema(decay)
@@ -341,7 +341,7 @@ class DraftController:
     def k(self) -> int:
         """The draft length for the next step; 0 means take a plain step."""
         if self.on or self._probing:
-            return self.k_max if self._probing else self.best()[0]
+            return self.probe_k if self._probing else self.best()[0]
         return 0
 
     # -- observations
