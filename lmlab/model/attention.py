@@ -77,7 +77,7 @@ class Attention(nn.Module):
         B, H, T, D = q.shape
         KV = k.shape[1]
         scale = self.scale if self.scale is not None else D ** -0.5
-        if T == 1:  # (one query per row: a step; kept apart, its graph is the fastest measured)
+        if T == 1:  # one query per row (a step): the graph the one-token step had before, unchanged
             qg = q.reshape(B, KV, H // KV, D).float()  # the query heads that share each key/value head
             scores = torch.einsum("bkgd,bksd->bkgs", qg, k.float()) * scale
             scores = scores.masked_fill(~allowed.view(B, 1, 1, -1), float("-inf"))
