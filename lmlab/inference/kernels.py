@@ -5,11 +5,14 @@ On CPU the fastest way to do that depends on the CPU, the PyTorch build, the dty
 the weight's shape, and the plain GEMM (`F.linear`) is often not it. So for each weight shape of the
 model, in its real dtype and with the threads in use, `choose(model)` times the candidates
 
-    1 row     linear (F.linear)   mv (torch.mv)      packed (oneDNN, weight reordered once)   native
-    few rows  linear              W@xT (W @ xᵀ)      packed                                   native
+    1 row         linear (F.linear)   mv (torch.mv)      packed (oneDNN, weight reordered once)   native
+    few rows      linear              W@xT (W @ xᵀ)      packed                                   native
+    prompt rows   linear                                 packed
 
 and each RowLinear takes the fastest, but leaves `linear` only for a kernel at least 10% faster
-(MARGIN), so that noise cannot flip a choice. Prompt passes (more than FEW_ROWS rows) always use linear.
+(MARGIN), so that noise cannot flip a choice. Prompt passes (more than FEW_ROWS rows; timed at PROMPT
+rows) matter for prefill and for scoring (evaluation): F.linear's float32 GEMM is MKL's, which on some CPUs
+(measured: AMD EPYC) runs at 0.4x of oneDNN's on the same product.
 `native` is lmlab's own matrix-vector kernel (lmlab.inference.native: float32 FMA or bfloat16 dot-product
 instructions, rows split over PyTorch's threads), a candidate where it could be built; like every candidate
 it must give F.linear's result on the weight (checked before timing) before it may be chosen.
@@ -44,9 +47,10 @@ from lmlab.utils.device import cpu_flags, cpu_name, dtype_name, free_memory, not
 
 FEW_ROWS = 16  # products with at most this many rows (decoding steps, verification passes) may be rerouted
 FEW = 4  # the row count the "few rows" kernels are timed at (a verification pass of 3 drafts + 1)
+PROMPT = 128  # the row count prompt-pass kernels are timed at (prefill runs chunks of up to 512)
 MARGIN = 0.9  # a kernel replaces linear only when it takes at most this fraction of linear's time
 SCHEMA = 1
-ROWS = {"1": 1, "few": FEW}
+ROWS = {"1": 1, "few": FEW, "prompt": PROMPT}
 ENV = "LMLAB_KERNELS"  # remeasure | nocache | off
 PACK_SHARE = 0.25  # packed copies (a second copy of each packed weight) may take at most this share of free memory
 
@@ -90,26 +94,29 @@ def native_linear(x2d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def candidates(dtype: torch.dtype, device: torch.device | str = "cpu") -> dict[str, tuple[str, ...]]:
-    """Kernel names per row kind ("1", "few") that exist for this dtype and device."""
-    extra = ("packed",) if packed_available(dtype, device) else ()
-    extra += ("native",) if native_available(dtype, device) else ()
-    return {"1": ("linear", "mv") + extra, "few": ("linear", "W@xT") + extra}
+    """Kernel names per row kind ("1", "few", "prompt") that exist for this dtype and device; "prompt" only
+    where there is something besides linear to time."""
+    packed = ("packed",) if packed_available(dtype, device) else ()
+    extra = packed + (("native",) if native_available(dtype, device) else ())
+    kinds = {"1": ("linear", "mv") + extra, "few": ("linear", "W@xT") + extra}
+    return {**kinds, "prompt": ("linear",) + packed} if packed else kinds
 
 
 # --------------------------------------------------------------------------- the layer
 class RowLinear(torch.nn.Linear):
-    """nn.Linear whose one-row and few-row products (decoding, verification passes) take the kernel named
-    by `one_row` and `few_rows` (see the module docstring); more rows always take F.linear.
+    """nn.Linear whose one-row, few-row and prompt products (decoding, verification passes, prefill) take
+    the kernel named by `one_row`, `few_rows` and `prompt_rows` (see the module docstring).
 
     The weight stays the layer's Parameter (tied weights stay tied, the state dict is unchanged); the
     `packed` route adds a oneDNN copy of it, made by `set_route`, held as a plain attribute (not in the
     state dict) and dropped by .to()/.float()/... A weight changed in place after packing needs set_route
     again. Where the packed route cannot run (torch.compile traces no oneDNN packed op, no copy, another
-    dtype or device) the layer takes `unpacked`, the fastest measured kernel of the rest; under autograd,
-    F.linear."""
+    dtype or device) the layer takes `unpacked`, the fastest measured kernel of the rest (for prompt rows,
+    F.linear); under autograd, F.linear."""
 
     one_row = "mv"
     few_rows = "linear"
+    prompt_rows = "linear"  # "linear" or "packed"
     unpacked = ("linear", "linear")  # (one row, few rows) kernels standing in for a packed route
     packed: torch.Tensor | None = None
 
@@ -125,10 +132,10 @@ class RowLinear(torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        route = self.one_row if rows == 1 else self.few_rows if rows <= FEW_ROWS else "linear"
+        route = self.one_row if rows == 1 else self.few_rows if rows <= FEW_ROWS else self.prompt_rows
         if route == "packed" and (self.packed is None or self.packed.dtype != x.dtype or x.device.type != "cpu"
-                                  or torch.compiler.is_compiling()):
-            route = self.unpacked[0] if rows == 1 else self.unpacked[1]  # (rows > 1 is symbolic when compiling)
+                                  or torch.compiler.is_compiling()):  # (rows > 1 is symbolic when compiling)
+            route = self.unpacked[0] if rows == 1 else self.unpacked[1] if rows <= FEW_ROWS else "linear"
         if route == "packed" and torch.is_grad_enabled() and self.weight.requires_grad:
             route = "linear"
         if route == "native" and (x.dtype != self.weight.dtype or x.device.type != "cpu"
@@ -150,13 +157,14 @@ class RowLinear(torch.nn.Linear):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def set_route(self, one_row: str | None = None, few_rows: str | None = None,
-                  unpacked: tuple[str, str] | None = None) -> None:
+                  unpacked: tuple[str, str] | None = None, prompt_rows: str | None = None) -> None:
         """Take these kernels (None: keep); packs the weight when a route needs it, drops the copy when none does.
         `unpacked`: the (one row, few rows) kernels to take where a packed route cannot run."""
         self.one_row = one_row or self.one_row
         self.few_rows = few_rows or self.few_rows
+        self.prompt_rows = prompt_rows or self.prompt_rows
         self.unpacked = unpacked or self.unpacked
-        if "packed" in (self.one_row, self.few_rows):
+        if "packed" in (self.one_row, self.few_rows, self.prompt_rows):
             if self.packed is None or self.packed.dtype != self.weight.dtype:
                 self.packed = pack(self.weight)
         else:
@@ -301,11 +309,13 @@ class KernelChoice:
     quantized: dict[str, dict[str, str]] = field(default_factory=dict)  # "OUTxIN scheme" → row kind → kernel
 
     def summary(self) -> str:
-        """One line for --stats: 'kernels: 576x576 mv/W@xT, ... (float32, 2 threads, cache hit)'."""
-        parts = [f"{s} {c['1']}/{c['few']}" for s, c in self.chosen.items()]
+        """One line for --stats: 'kernels (1 row/4 rows/prompt): 576x576 mv/W@xT/packed, ... (float32, 2 threads,
+        cache hit)'; quantized layers name the prompt kernel in `table` only."""
+        parts = [f"{s} {c['1']}/{c['few']}/{c.get('prompt', 'linear')}" for s, c in self.chosen.items()]
         parts += [f"{s} {c['1']}/{c['few']}" for s, c in self.quantized.items()]
         extra = f", packed copies {self.packed_bytes / 2**20:.1f} MiB" if self.packed_bytes else ""
-        return f"kernels (1 row/{FEW} rows): {', '.join(parts)} ({self.dtype}, {self.threads} threads, {self.source}{extra})"
+        return (f"kernels (1 row/{FEW} rows/prompt): {', '.join(parts)} ({self.dtype}, {self.threads} threads, "
+                f"{self.source}{extra})")
 
     def table(self) -> str:
         """The per-shape table `lmlab info --kernels` prints."""
@@ -323,7 +333,7 @@ class KernelChoice:
                     lines.append(f"{shape:>12} {ROWS[kind]:>5} {cells} {self.chosen[shape][kind]:>8} "
                                  f"{'cache' if self.cached.get(shape) else 'run':>6}")
             lines.append(f"(a kernel other than linear is chosen only at <= {MARGIN:.0%} of linear's time; "
-                         f"more than {FEW_ROWS} rows always use linear)")
+                         f"the {PROMPT}-row timings choose for every pass of more than {FEW_ROWS} rows)")
         if self.packed_bytes:
             lines.append(f"packed weight copies: {self.packed_bytes / 2**20:.1f} MiB")
         for shape, c in self.quantized.items():
@@ -354,8 +364,8 @@ def choose(model: torch.nn.Module, threads: int | None = None, force: dict | Non
         choice.source = "forced" if force is not None else "off" if how == "off" else f"not measured ({device.type})"
         for lin in lins:
             f = force.get(_shape(lin), force) if force is not None else {}
-            lin.set_route(f.get("1", "linear"), f.get("few", "linear"))
-            choice.chosen[_shape(lin)] = {"1": lin.one_row, "few": lin.few_rows}
+            lin.set_route(f.get("1", "linear"), f.get("few", "linear"), prompt_rows=f.get("prompt", "linear"))
+            choice.chosen[_shape(lin)] = {"1": lin.one_row, "few": lin.few_rows, "prompt": lin.prompt_rows}
         choice.packed_bytes = _packed_bytes(lins)
         return choice
 
@@ -408,10 +418,10 @@ def choose(model: torch.nn.Module, threads: int | None = None, force: dict | Non
                f"{free / 2**20:.0f} MiB free)")
         choice.source += ", packing skipped (memory)"
         for s, (one, few) in unpacked.items():
-            choice.chosen[s] = {"1": one, "few": few}
+            choice.chosen[s] = {"1": one, "few": few, "prompt": "linear"}
     for lin in lins:
         c = choice.chosen[_shape(lin)]
-        lin.set_route(c["1"], c["few"], unpacked[_shape(lin)])
+        lin.set_route(c["1"], c["few"], unpacked[_shape(lin)], c.get("prompt", "linear"))
     choice.packed_bytes = _packed_bytes(lins)
     return choice
 

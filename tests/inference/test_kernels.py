@@ -14,6 +14,7 @@ from test_generation import margin_model
 
 CACHE_DIR = kernels.cache_dir  # the real one: $LMLAB_HOME/kernels
 SHAPES = 5  # distinct weight shapes of tiny-llama: q/o, k/v, gate/up, down, lm_head
+KINDS = len(kernels.candidates(torch.float32))  # row kinds timed per shape: 1, few, and prompt where packed exists
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +53,7 @@ def cache_file(home):
 
 def test_cache_is_written_then_hit(home, measured):
     first = prepared()
-    assert len(measured) == 2 * SHAPES and first.kernels.source == "measured"
+    assert len(measured) == KINDS * SHAPES and first.kernels.source == "measured"
     path = cache_file(home)
     assert str(path) == first.kernels.path and path.name.startswith("float32-1t-")
     data = json.loads(path.read_text())
@@ -95,9 +96,9 @@ def _bad_timing(data):
 
 
 @pytest.mark.parametrize("tamper, remeasured, why", [
-    (_corrupt, 2 * SHAPES, "not valid JSON"), (_other_torch, 2 * SHAPES, "different torch"),
-    (_other_machine, 2 * SHAPES, "different fingerprint"), (_other_schema, 2 * SHAPES, "different schema"),
-    (_shape_missing, 2, None), (_bad_timing, 2, None)])
+    (_corrupt, KINDS * SHAPES, "not valid JSON"), (_other_torch, KINDS * SHAPES, "different torch"),
+    (_other_machine, KINDS * SHAPES, "different fingerprint"), (_other_schema, KINDS * SHAPES, "different schema"),
+    (_shape_missing, KINDS, None), (_bad_timing, KINDS, None)])
 def test_untrusted_cache_is_remeasured_and_rewritten(home, measured, capsys, tamper, remeasured, why):
     prepared()
     path = cache_file(home)
@@ -122,14 +123,14 @@ def test_timings_of_other_native_kernels_are_remeasured(home, measured, monkeypa
     monkeypatch.setattr(native, "source_hash", lambda: "0" * 16)
     measured.clear()
     runner = prepared()
-    assert len(measured) == 2 * SHAPES and runner.kernels.source == "measured"  # into a file of its own
+    assert len(measured) == KINDS * SHAPES and runner.kernels.source == "measured"  # into a file of its own
 
 
 def test_environment_overrides(home, measured, monkeypatch):
     prepared()
     monkeypatch.setenv(kernels.ENV, "remeasure")
     measured.clear()
-    assert prepared().kernels.source.startswith("re-measured") and len(measured) == 2 * SHAPES
+    assert prepared().kernels.source.startswith("re-measured") and len(measured) == KINDS * SHAPES
     monkeypatch.setenv(kernels.ENV, "off")
     measured.clear()
     runner = prepared()
@@ -147,11 +148,14 @@ def test_an_unwritable_cache_is_a_notice(home, capsys):
 
 
 def _logits(runner, prompt):
-    """Logits of a 5-token prompt (few rows), a 1-token step and a 4-token verification pass."""
+    """Logits of a 5-token prompt (few rows), a 1-token step, a 4-token verification pass, and of a fresh
+    prompt longer than FEW_ROWS (a prompt pass)."""
     cache = runner.new_cache(1, 16)
     ids = torch.tensor([prompt])
-    return torch.cat([runner.prefill(ids[:, :5], cache),
-                      runner.step(ids[:, 5:6], cache), runner.logits_all(ids[:, 6:10], cache)[0]])
+    out = torch.cat([runner.prefill(ids[:, :5], cache),
+                     runner.step(ids[:, 5:6], cache), runner.logits_all(ids[:, 6:10], cache)[0]])
+    long = torch.tensor([(prompt * 3)[: kernels.FEW_ROWS + 4]])
+    return torch.cat([out, runner.prefill(long, runner.new_cache(1, long.shape[1]))])
 
 
 def test_every_route_gives_the_same_float32_logits(measured):
@@ -161,15 +165,15 @@ def test_every_route_gives_the_same_float32_logits(measured):
     want = _logits(runner, prompt)
     names = kernels.candidates(torch.float32)
     assert "packed" in names["1"] or not kernels.packed_available(torch.float32)
-    for one, few in itertools.product(names["1"], names["few"]):
-        choice = kernels.choose(runner.model, force={"1": one, "few": few})
-        assert set(choice.chosen["64x64"].values()) == {one, few} and choice.source == "forced"
-        torch.testing.assert_close(_logits(runner, prompt), want, atol=1e-5, rtol=1e-5, msg=f"{one}/{few}")
+    for one, few, many in itertools.product(names["1"], names["few"], names.get("prompt", ("linear",))):
+        choice = kernels.choose(runner.model, force={"1": one, "few": few, "prompt": many})
+        assert set(choice.chosen["64x64"].values()) == {one, few, many} and choice.source == "forced"
+        torch.testing.assert_close(_logits(runner, prompt), want, atol=1e-5, rtol=1e-5, msg=f"{one}/{few}/{many}")
     kernels.choose(runner.model, force={"64x64": {"1": "mv", "few": "W@xT"}, "1": "linear", "few": "linear"})
     lins = [m for m in runner.model.modules() if isinstance(m, RowLinear)]
     assert {(m.one_row, m.few_rows) for m in lins if m.weight.shape == (64, 64)} == {("mv", "W@xT")}
     assert {(m.one_row, m.few_rows) for m in lins if m.weight.shape != (64, 64)} == {("linear", "linear")}
-    assert len(measured) == 2 * SHAPES  # only the first prepare measured: forcing measures nothing
+    assert len(measured) == KINDS * SHAPES  # only the first prepare measured: forcing measures nothing
 
 
 @pytest.mark.parametrize("route", ["packed", "native"])
@@ -180,10 +184,10 @@ def test_packed_and_native_routes_match_linear(route, dtype, tol):
         pytest.skip(f"no {route} kernel for {dtype} here")
     torch.manual_seed(0)
     lin = RowLinear.sharing(torch.nn.Linear(96, 80)).to(dtype)
-    lin.set_route(route, route)
+    lin.set_route(route, route, prompt_rows="packed" if route == "packed" else None)
     assert route != "packed" or (lin.packed is not None and lin.packed.dtype == dtype)
     with torch.inference_mode():
-        for rows in (1, 3, 16):
+        for rows in (1, 3, 16, 40):
             x = torch.randn(rows, 96).to(dtype)
             want = F.linear(x.float(), lin.weight.float(), lin.bias.float())
             got = lin(x)
@@ -256,7 +260,7 @@ def test_cli_info_kernels_and_generate_stats(home, tmp_path, capsys):
     assert "kernels for float32, 1 threads: cache hit" in out.out
     out = run("generate", "-m", str(tiny), "-p", "The quick", "--max-new-tokens", "3", "--temperature", "0",
               "--threads", "1", "--stats")
-    assert "kernels (1 row/4 rows):" in out.err and "cache hit" in out.err
+    assert "kernels (1 row/4 rows/prompt):" in out.err and "cache hit" in out.err
 
 
 def test_a_kernel_replaces_linear_only_by_the_margin(monkeypatch):
@@ -264,27 +268,32 @@ def test_a_kernel_replaces_linear_only_by_the_margin(monkeypatch):
     assert kernels.pick({"linear": 1.0, "mv": 0.8, "packed": 0.85}) == "mv"
     assert kernels.pick({"linear": 0.5, "W@xT": 0.1, "packed": 0.2}) == "W@xT"
     fake = {1: {"linear": 1.0, "mv": 1.5, "packed": 1.4, "native": 1.2},
-            kernels.FEW: {"linear": 2.0, "W@xT": 1.0, "packed": 3.0, "native": 1.5}}
+            kernels.FEW: {"linear": 2.0, "W@xT": 1.0, "packed": 3.0, "native": 1.5},
+            kernels.PROMPT: {"linear": 5.0, "packed": 4.8}}
     monkeypatch.setattr(kernels, "measure", lambda w, rows, names: {n: fake[rows][n] for n in names})
     runner = prepared()
     lins = [m for m in runner.model.modules() if isinstance(m, RowLinear)]
-    assert {(m.one_row, m.few_rows) for m in lins} == {("linear", "W@xT")} and all(m.packed is None for m in lins)
+    assert {(m.one_row, m.few_rows, m.prompt_rows) for m in lins} == {("linear", "W@xT", "linear")}
+    assert all(m.packed is None for m in lins)
 
 
 def test_packing_is_skipped_when_memory_is_short(monkeypatch, capsys):
     if not kernels.packed_available(torch.float32):
         pytest.skip("no oneDNN prepacked linear here")
     fake = {1: {"linear": 2.0, "mv": 1.9, "packed": 1.0, "native": 1.9},
-            kernels.FEW: {"linear": 2.0, "W@xT": 1.0, "packed": 0.5, "native": 1.9}}
+            kernels.FEW: {"linear": 2.0, "W@xT": 1.0, "packed": 0.5, "native": 1.9},
+            kernels.PROMPT: {"linear": 5.0, "packed": 2.0}}
     monkeypatch.setattr(kernels, "measure", lambda w, rows, names: {n: fake[rows][n] for n in names})
     runner = prepared()
     lins = [m for m in runner.model.modules() if isinstance(m, RowLinear)]
-    assert {(m.one_row, m.few_rows) for m in lins} == {("packed", "packed")} and runner.kernels.packed_bytes > 0
+    assert {(m.one_row, m.few_rows, m.prompt_rows) for m in lins} == {("packed", "packed", "packed")}
+    assert runner.kernels.packed_bytes > 0
     assert {m.unpacked for m in lins} == {("linear", "W@xT")}  # what a compiled step runs instead of packed
     monkeypatch.setattr(kernels, "free_memory", lambda device: 1000)
     runner = prepared()
     lins = [m for m in runner.model.modules() if isinstance(m, RowLinear)]
-    assert {(m.one_row, m.few_rows) for m in lins} == {("linear", "W@xT")} and runner.kernels.packed_bytes == 0
+    assert {(m.one_row, m.few_rows, m.prompt_rows) for m in lins} == {("linear", "W@xT", "linear")}
+    assert runner.kernels.packed_bytes == 0
     assert "packing skipped" in runner.kernels.source and "not packing weights" in capsys.readouterr().err
 
 
