@@ -5,6 +5,7 @@
 //   int8_gemv(x, qweight, scale)                       int8 N×K, one float32 scale per row: w = q·scale[n].
 //   bf16_gemv(x, w)                                    bfloat16 N×K.
 //   f32_gemv(x, w)                                     float32 N×K.
+// and attend_one (below): a decoding step's attention over the valid slots of its cache.
 //
 // The output has x's dtype (float32 or bfloat16); every kernel accumulates in float32.
 //
@@ -111,6 +112,35 @@ struct QuantX {
   std::vector<float> dx, qsum;   // M × G: group scale, dx·Σq
 };
 
+#if LMLAB_X86
+// One group (columns k0..k0+n-1, n <= 32) of one x row, vectorized: the same arithmetic as the scalar loop
+// below (127/amax, round to nearest even, clamp), so both give the same codes.
+LMLAB_AVX512 void quantize_group_avx512(const float* xr, int64_t n, int8_t* q, float* dx, float* qsum) {
+  const __mmask16 m0 = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+  const __mmask16 m1 = n <= 16 ? (__mmask16)0 : n >= 32 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - 16)) - 1);
+  const __m512 v0 = _mm512_maskz_loadu_ps(m0, xr), v1 = _mm512_maskz_loadu_ps(m1, xr + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+  const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+  const __m512 vid = _mm512_set1_ps(id);
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  __m512i q0 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v0, vid)), lo), hi);
+  __m512i q1 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v1, vid)), lo), hi);
+  _mm_storeu_si128((__m128i*)q, _mm512_cvtepi32_epi8(q0));
+  _mm_storeu_si128((__m128i*)(q + 16), _mm512_cvtepi32_epi8(q1));
+  *dx = d;
+  *qsum = d * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+}
+
+// int4's x operands: the codes' even and odd columns apart (the low and high byte of each 16-bit pair).
+LMLAB_AVX512 void deinterleave_avx512(const int8_t* q, int64_t bytes, int8_t* even, int8_t* odd) {
+  for (int64_t i = 0; i < bytes; i += 32) {
+    const __m512i w = _mm512_loadu_si512(q + 2 * i);
+    _mm256_storeu_si256((__m256i*)(even + i), _mm512_cvtepi16_epi8(w));
+    _mm256_storeu_si256((__m256i*)(odd + i), _mm512_cvtepi16_epi8(_mm512_srli_epi16(w, 8)));
+  }
+}
+#endif
+
 QuantX quantize_x(const float* x, int64_t M, int64_t K, int64_t align) {
   QuantX r;
   r.M = M;
@@ -123,6 +153,12 @@ QuantX quantize_x(const float* x, int64_t M, int64_t K, int64_t align) {
     const float* xr = x + m * K;
     for (int64_t g = 0; g * 32 < K; ++g) {
       int64_t k0 = g * 32, k1 = std::min(K, k0 + 32);
+#if LMLAB_X86
+      if (has_avx512_vnni() && !force_scalar()) {
+        quantize_group_avx512(xr + k0, k1 - k0, &r.q[m * r.Kpad + k0], &r.dx[m * r.G + g], &r.qsum[m * r.G + g]);
+        continue;
+      }
+#endif
       float amax = 0.f;
       for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(xr[k]));
       float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
@@ -237,6 +273,81 @@ LMLAB_AVX512 void int4_rows_avx512(const X4& X, const uint8_t* packed, const flo
     }
   }
 }
+
+// The totals of 4 accumulators (W rows r0..r3) as one 4-lane vector: two rounds of 128-bit shuffles fold
+// the 4×16 lanes into 4×4, then in-lane swaps finish each row's sum in lane 0 of its 128-bit quarter.
+LMLAB_AVX512_INLINE __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+  __m512 x = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0x44), _mm512_shuffle_f32x4(a0, a1, 0xEE));
+  __m512 y = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, 0x44), _mm512_shuffle_f32x4(a2, a3, 0xEE));
+  __m512 z = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xDD));
+  z = _mm512_add_ps(z, _mm512_permute_ps(z, 0x4E));
+  z = _mm512_add_ps(z, _mm512_permute_ps(z, 0xB1));
+  const __m512i firsts = _mm512_set_epi32(12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0, 12, 8, 4, 0);
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(firsts, z));
+}
+
+// As int4_rows_avx512, 4 weight rows at a time: x's operands are loaded once per chunk for 4 rows and the 4
+// row totals are reduced together (reduce4); a per-row horizontal sum was a third of the work at K = 576.
+// Rows past the last multiple of 4 take int4_rows_avx512.
+template <int MB>
+LMLAB_AVX512 void int4_rows4_avx512(const X4& X, const uint8_t* packed, const float* scale, const float* minimum,
+                                    int64_t Kp, int64_t n0, int64_t n1, int64_t N, float* y) {
+  const int64_t G = Kp / 32, bytes = Kp / 2, full = bytes / 64, tail = bytes % 64;
+  const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  const __m512i low = _mm512_set1_epi8(15);
+  const __mmask64 tail_bytes = tail ? (((__mmask64)1 << tail) - 1) : 0;
+  const __mmask16 tail_groups = (__mmask16)((1u << ((tail + 15) / 16)) - 1);
+  const int64_t ahead = std::max<int64_t>(4, rows_ahead(bytes + 8 * G) / 4 * 4);
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) {
+    if (n + ahead + 4 <= n1) {
+      prefetch(packed + (n + ahead) * bytes, 4 * bytes);
+      prefetch(scale + (n + ahead) * G, 16 * G);
+      prefetch(minimum + (n + ahead) * G, 16 * G);
+    }
+    __m512 acc[MB][4];
+    for (int m = 0; m < MB; ++m)
+      for (int r = 0; r < 4; ++r) acc[m][r] = _mm512_setzero_ps();
+    for (int64_t c = 0; c <= full; ++c) {
+      if (c == full && !tail) break;
+      const bool last = c == full;
+      __m512i lo[4], hi[4];
+      __m512 s[4];
+#pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r) {
+        const uint8_t* row = packed + (n + r) * bytes + c * 64;
+        const float* sc = scale + (n + r) * G + c * 4;
+        __m512i w = last ? _mm512_maskz_loadu_epi8(tail_bytes, row) : _mm512_loadu_si512(row);
+        lo[r] = _mm512_and_si512(w, low);
+        hi[r] = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
+        s[r] = _mm512_permutexvar_ps(spread, last ? _mm512_castps128_ps512(_mm_maskz_loadu_ps(tail_groups, sc))
+                                                  : _mm512_castps128_ps512(_mm_loadu_ps(sc)));
+      }
+#pragma GCC unroll 4
+      for (int m = 0; m < MB; ++m) {
+        const __m512i xe = _mm512_loadu_si512(X.xe + m * X.xbytes + c * 64);
+        const __m512i xo = _mm512_loadu_si512(X.xo + m * X.xbytes + c * 64);
+        const __m512 dx = _mm512_loadu_ps(X.dxl + (m * X.chunks + c) * 16);
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r) {
+          __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], xe);
+          d = _mm512_dpbusd_epi32(d, hi[r], xo);
+          acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(s[r], dx), acc[m][r]);
+        }
+      }
+    }
+    for (int m = 0; m < MB; ++m) {  // + Σ_g minimum[n,g]·dx[g]·Σq[g]
+      for (int64_t g = 0; g < G; g += 16) {
+        __mmask16 mk = G - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (G - g)) - 1);
+        const __m512 qs = _mm512_maskz_loadu_ps(mk, X.qsum + m * X.G + g);
+        for (int r = 0; r < 4; ++r)
+          acc[m][r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, minimum + (n + r) * G + g), qs, acc[m][r]);
+      }
+      _mm_storeu_ps(y + m * N + n, reduce4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]));
+    }
+  }
+  if (n < n1) int4_rows_avx512<MB>(X, packed, scale, minimum, Kp, n, n1, N, y);
+}
 #endif
 
 at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
@@ -265,10 +376,7 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
     std::vector<int8_t> xe(M * xbytes), xo(M * xbytes);
     std::vector<float> dxl(M * chunks * 16, 0.f);
     for (int64_t m = 0; m < M; ++m) {
-      for (int64_t i = 0; i < xbytes; ++i) {
-        xe[m * xbytes + i] = qx.q[m * qx.Kpad + 2 * i];
-        xo[m * xbytes + i] = qx.q[m * qx.Kpad + 2 * i + 1];
-      }
+      deinterleave_avx512(&qx.q[m * qx.Kpad], xbytes, &xe[m * xbytes], &xo[m * xbytes]);  // xbytes: 64s
       for (int64_t c = 0; c < chunks; ++c)
         for (int64_t l = 0; l < 16; ++l) {
           int64_t g = c * 4 + l / 4;
@@ -281,10 +389,10 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Te
              qx.qsum.data() + m0 * qx.G, xbytes, chunks, qx.G};
         float* yb = yp + m0 * N;
         switch (std::min<int64_t>(4, M - m0)) {
-          case 1: int4_rows_avx512<1>(X, pp, sp, mp, Kp, n0, n1, N, yb); break;
-          case 2: int4_rows_avx512<2>(X, pp, sp, mp, Kp, n0, n1, N, yb); break;
-          case 3: int4_rows_avx512<3>(X, pp, sp, mp, Kp, n0, n1, N, yb); break;
-          default: int4_rows_avx512<4>(X, pp, sp, mp, Kp, n0, n1, N, yb); break;
+          case 1: int4_rows4_avx512<1>(X, pp, sp, mp, Kp, n0, n1, N, yb); break;
+          case 2: int4_rows4_avx512<2>(X, pp, sp, mp, Kp, n0, n1, N, yb); break;
+          case 3: int4_rows4_avx512<3>(X, pp, sp, mp, Kp, n0, n1, N, yb); break;
+          default: int4_rows4_avx512<4>(X, pp, sp, mp, Kp, n0, n1, N, yb); break;
         }
       }
     });
@@ -545,6 +653,147 @@ at::Tensor f32_gemv(const at::Tensor& x, const at::Tensor& w) {
   return like_x(y, x);
 }
 
+// ================================================================== one-query attention
+// attend_one(q B×H×1×D, k/v B×KV×S×D, allowed B×S bool, scale) → B×H×1×D: the attention of a decoding
+// step over its static cache, reading only the slots `allowed` marks (the compiled step's cache holds every
+// slot up to max_len; the written-out attention reads all of them). Query heads h·KV/H share key/value
+// head h/(H/KV). float32 or bfloat16 q/k/v, computed in float32: scores, max-subtracted exp, weighted sum.
+template <typename T>
+void attend_scalar(const float* q, const T* k, const T* v, const int32_t* slots, int64_t L, int64_t G, int64_t D,
+                   float* scores, float* out) {
+  for (int64_t g = 0; g < G; ++g) {
+    float mx = -INFINITY, sum = 0.f;
+    for (int64_t j = 0; j < L; ++j) {
+      float d = 0.f;
+      for (int64_t i = 0; i < D; ++i) d += q[g * D + i] * static_cast<float>(k[slots[j] * D + i]);
+      scores[g * L + j] = d;
+      mx = std::max(mx, d);
+    }
+    for (int64_t j = 0; j < L; ++j) sum += scores[g * L + j] = std::exp(scores[g * L + j] - mx);
+    for (int64_t i = 0; i < D; ++i) out[g * D + i] = 0.f;
+    for (int64_t j = 0; j < L; ++j)
+      for (int64_t i = 0; i < D; ++i) out[g * D + i] += scores[g * L + j] / sum * static_cast<float>(v[slots[j] * D + i]);
+  }
+}
+
+#if LMLAB_X86
+LMLAB_AVX512_INLINE __m512 load_f32(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+LMLAB_AVX512_INLINE __m512 load_f32(const at::BFloat16* p, __mmask16 m) {  // bfloat16 = the top half of a float32
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+// e^x for x <= 0 (max-subtracted scores): 2^n · p(r), x = n·ln2 + r, |r| <= ln2/2, p of degree 6 (rel. error ~1e-7)
+LMLAB_AVX512_INLINE __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+template <typename T>
+LMLAB_AVX512 void attend_avx512(const float* q, const T* k, const T* v, const int32_t* slots, int64_t L, int64_t G,
+                                int64_t D, float* scores, float* out) {
+  const int64_t steps = (D + 15) / 16;
+  const __mmask16 tail = D % 16 ? (__mmask16)((1u << (D % 16)) - 1) : (__mmask16)0xFFFF;
+  for (int64_t j = 0; j < L; ++j) {  // each key row read once for the G query heads sharing it
+    const T* kr = k + slots[j] * D;
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 a = _mm512_setzero_ps();
+      for (int64_t i = 0; i < steps; ++i) {
+        const __mmask16 m = i == steps - 1 ? tail : (__mmask16)0xFFFF;
+        a = _mm512_fmadd_ps(load_f32(kr + i * 16, m), load_f32(q + g * D + i * 16, m), a);
+      }
+      scores[g * L + j] = _mm512_reduce_add_ps(a);
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* sc = scores + g * L;
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < L; j += 16) {
+      const __mmask16 m = L - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (L - j)) - 1);
+      mx = _mm512_mask_max_ps(mx, m, mx, _mm512_maskz_loadu_ps(m, sc + j));
+    }
+    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < L; j += 16) {
+      const __mmask16 m = L - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (L - j)) - 1);
+      const __m512 e = _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sc + j), top)));
+      _mm512_mask_storeu_ps(sc + j, m, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    const float inv = 1.f / _mm512_reduce_add_ps(sum);
+    for (int64_t i = 0; i < D; ++i) out[g * D + i] = 0.f;
+    for (int64_t j = 0; j < L; ++j) {
+      const T* vr = v + slots[j] * D;
+      const __m512 p = _mm512_set1_ps(sc[j] * inv);
+      for (int64_t i = 0; i < steps; ++i) {
+        const __mmask16 m = i == steps - 1 ? tail : (__mmask16)0xFFFF;
+        _mm512_mask_storeu_ps(out + g * D + i * 16, m,
+                              _mm512_fmadd_ps(p, load_f32(vr + i * 16, m), _mm512_maskz_loadu_ps(m, out + g * D + i * 16)));
+      }
+    }
+  }
+}
+#endif
+
+template <typename T>
+void attend_heads(const at::Tensor& qf, const at::Tensor& k, const at::Tensor& v, const at::Tensor& allowed,
+                  at::Tensor& out) {
+  const int64_t B = k.size(0), KV = k.size(1), S = k.size(2), D = k.size(3), H = qf.size(1), G = H / KV;
+  const bool* ok = allowed.data_ptr<bool>();
+  const float* qp = qf.data_ptr<float>();
+  const T *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
+  float* op = out.data_ptr<float>();
+  std::vector<std::vector<int32_t>> slots(B);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t s = 0; s < S; ++s)
+      if (ok[b * S + s]) slots[b].push_back((int32_t)s);
+  auto task = [&](int64_t t0, int64_t t1) {
+    std::vector<float> scores;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / KV, h = t % KV, L = (int64_t)slots[b].size();
+      scores.resize(G * std::max<int64_t>(L, 1));
+      const float* q = qp + (b * H + h * G) * D;
+      const T *kh = kp + (b * KV + h) * S * D, *vh = vp + (b * KV + h) * S * D;
+      float* o = op + (b * H + h * G) * D;
+#if LMLAB_X86
+      if (has_avx512_vnni() && !force_scalar()) {
+        attend_avx512(q, kh, vh, slots[b].data(), L, G, D, scores.data(), o);
+        continue;
+      }
+#endif
+      attend_scalar(q, kh, vh, slots[b].data(), L, G, D, scores.data(), o);
+    }
+  };
+  int64_t work = 0;
+  for (int64_t b = 0; b < B; ++b) work += (int64_t)slots[b].size() * KV * D;
+  if (work * G < (1 << 16)) task(0, B * KV);  // a few µs of work: waking threads would cost more
+  else at::parallel_for(0, B * KV, 1, task);
+}
+
+at::Tensor attend_one(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& allowed,
+                      double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(2) == 1, "attend_one: q B×H×1×D, k/v B×KV×S×D");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3) && q.size(1) % k.size(1) == 0, "attend_one: shapes");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type() && (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16),
+              "attend_one: k/v float32 or bfloat16");
+  TORCH_CHECK(allowed.scalar_type() == at::kBool && allowed.numel() == k.size(0) * k.size(2), "attend_one: allowed B×S bool");
+  at::Tensor qf = (q.to(at::kFloat) * scale).contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  at::Tensor ok = allowed.contiguous();
+  at::Tensor out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
+  if (k.scalar_type() == at::kFloat) attend_heads<float>(qf, kc, vc, ok, out);
+  else attend_heads<at::BFloat16>(qf, kc, vc, ok, out);
+  return out.to(q.scalar_type());
+}
+
 // which code path the integer kernels take here: "avx512" or "scalar"
 std::string isa() { return has_avx512_vnni() && !force_scalar() ? "avx512" : "scalar"; }
 
@@ -555,6 +804,7 @@ TORCH_LIBRARY(lmlab, m) {
   m.def("int8_gemv(Tensor x, Tensor qweight, Tensor scale) -> Tensor");
   m.def("bf16_gemv(Tensor x, Tensor w) -> Tensor");
   m.def("f32_gemv(Tensor x, Tensor w) -> Tensor");
+  m.def("attend_one(Tensor q, Tensor k, Tensor v, Tensor allowed, float scale) -> Tensor");
   m.def("isa() -> str", &isa);
 }
 
@@ -563,4 +813,5 @@ TORCH_LIBRARY_IMPL(lmlab, CPU, m) {
   m.impl("int8_gemv", &int8_gemv);
   m.impl("bf16_gemv", &bf16_gemv);
   m.impl("f32_gemv", &f32_gemv);
+  m.impl("attend_one", &attend_one);
 }
