@@ -10,7 +10,7 @@ Ops (CPU; x is M×K float32 or bfloat16, few rows; the output M×N has x's dtype
     torch.ops.lmlab.int4_gemv(x, packed, scale, minimum, group_size)   lmlab's int4 layout (quantize.py)
     torch.ops.lmlab.int8_gemv(x, qweight, scale)                       int8 weights, a scale per row
     torch.ops.lmlab.bf16_gemv(x, w) / torch.ops.lmlab.f32_gemv(x, w)   bfloat16 / float32 weights
-    torch.ops.lmlab.attend_one(q, k, v, allowed, scale)              one query per row over the allowed cache slots
+    torch.ops.lmlab.attend_cached(q, k, v, allowed, scale)           a few queries per row over the cache slots allowed
     torch.ops.lmlab.isa()                                              'avx512' or 'scalar'
 """
 from __future__ import annotations
@@ -117,7 +117,7 @@ def _register_fakes() -> None:
     torch.library.register_fake("lmlab::int8_gemv")(lambda x, qweight, scale: rows(x, qweight))
     torch.library.register_fake("lmlab::bf16_gemv")(rows)
     torch.library.register_fake("lmlab::f32_gemv")(rows)
-    torch.library.register_fake("lmlab::attend_one")(lambda q, k, v, allowed, scale: q.new_empty(q.shape))
+    torch.library.register_fake("lmlab::attend_cached")(lambda q, k, v, allowed, scale: q.new_empty(q.shape))
 
 
 def available() -> bool:

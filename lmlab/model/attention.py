@@ -16,9 +16,9 @@ FEW_QUERIES = 16  # compiled steps of at most this many queries per row take the
 
 
 def _native_attention() -> bool:
-    """Whether lmlab's native one-query attention (lmlab.inference.native: attend_one) is built here. A compiled
-    CPU step calls it: it reads only the cache slots in use, where the written-out attention reads every slot
-    of the static cache (measured for SmolLM2 int4 at 150 slots: 0.6 of a 3.5 ms step)."""
+    """Whether lmlab's native few-query attention (lmlab.inference.native: attend_cached) is built here. A
+    compiled CPU step calls it: it reads only the cache slots the mask allows, where the written-out attention
+    reads every slot of the static cache (measured for SmolLM2 int4 at 150 slots: 0.6 ms of a 3.5 ms step)."""
     from lmlab.inference import native
 
     return native.available()
@@ -86,8 +86,8 @@ class Attention(nn.Module):
         B, H, T, D = q.shape
         KV = k.shape[1]
         scale = self.scale if self.scale is not None else D ** -0.5
-        if T == 1 and q.device.type == "cpu" and _native_attention():  # only the valid slots are read
-            return torch.ops.lmlab.attend_one(q, k, v, allowed.reshape(B, -1), scale)
+        if q.device.type == "cpu" and _native_attention():  # only the allowed slots are read
+            return torch.ops.lmlab.attend_cached(q, k, v, allowed.reshape(B, T, -1), scale)
         if T == 1:  # one query per row (a step): the graph the one-token step had before, unchanged
             qg = q.reshape(B, KV, H // KV, D).float()  # the query heads that share each key/value head
             scores = torch.einsum("bkgd,bksd->bkgs", qg, k.float()) * scale

@@ -271,22 +271,25 @@ def test_compiled_quantized_linear_calls_the_native_kernel():
 
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("B,H,KV,S,D", [(1, 9, 3, 150, 64), (2, 4, 4, 37, 40), (3, 8, 2, 700, 64)])
-def test_one_query_attention_reads_only_the_allowed_slots(dtype, B, H, KV, S, D, path):
-    """attend_one against SDPA with the same boolean mask: allowed slots with holes (a padded row), and
-    garbage (NaN) in slots the mask excludes, which the kernel must never read. The largest case runs
-    threaded."""
-    gen = torch.Generator().manual_seed(B * S)
-    q = torch.randn(B, 1, H, D, generator=gen).to(dtype).transpose(1, 2)  # strided, as the model's view is
+@pytest.mark.parametrize("B,H,KV,T,S,D", [(1, 9, 3, 1, 150, 64), (2, 4, 4, 1, 37, 40), (3, 8, 2, 1, 700, 64),
+                                          (1, 9, 3, 5, 150, 64), (2, 6, 2, 16, 90, 40)])
+def test_cached_attention_reads_only_the_allowed_slots(dtype, B, H, KV, T, S, D, path):
+    """attend_cached against SDPA with the same boolean mask: T queries per row, each allowed its own slots
+    with holes (a padded row, causal queries), and garbage (NaN) in slots no query may see, which the kernel
+    must never read. The 700-slot case runs threaded."""
+    gen = torch.Generator().manual_seed(B * S + T)
+    q = torch.randn(B, T, H, D, generator=gen).to(dtype).transpose(1, 2)  # strided, as the model's view is
     k, v = (torch.randn(B, KV, S, D, generator=gen).to(dtype) for _ in range(2))
-    allowed = torch.rand(B, S, generator=gen) < 0.7
-    allowed[:, 0] = True
-    allowed[0, S // 2:] = False  # row 0: a cache filled only halfway
-    k[~allowed.view(B, 1, S, 1).expand_as(k)] = float("nan")
-    v[~allowed.view(B, 1, S, 1).expand_as(v)] = float("nan")
+    seen = torch.rand(B, 1, S, generator=gen) < 0.7
+    seen[:, :, :T] = True
+    seen[0, :, S // 2:] = False  # row 0: a cache filled only halfway
+    allowed = seen & (torch.arange(S).view(1, 1, S) <= (S // 2 - T + torch.arange(T)).view(1, T, 1))  # causal
+    anyone = allowed.any(1).view(B, 1, S, 1)
+    k[~anyone.expand_as(k)] = float("nan")
+    v[~anyone.expand_as(v)] = float("nan")
     scale = D ** -0.5
-    got = torch.ops.lmlab.attend_one(q, k, v, allowed, scale)
+    got = torch.ops.lmlab.attend_cached(q, k, v, allowed, scale)
     kk, vv = (t.nan_to_num(0).float().repeat_interleave(H // KV, 1) for t in (k, v))
-    want = F.scaled_dot_product_attention(q.float(), kk, vv, attn_mask=allowed.view(B, 1, 1, S), scale=scale)
+    want = F.scaled_dot_product_attention(q.float(), kk, vv, attn_mask=allowed.view(B, 1, T, S), scale=scale)
     assert got.dtype == dtype and got.shape == q.shape and torch.isfinite(got).all()
     assert rel_err(got, want) <= (1e-5 if dtype == torch.float32 else BF16_OUT), rel_err(got, want)

@@ -5,7 +5,7 @@
 //   int8_gemv(x, qweight, scale)                       int8 N×K, one float32 scale per row: w = q·scale[n].
 //   bf16_gemv(x, w)                                    bfloat16 N×K.
 //   f32_gemv(x, w)                                     float32 N×K.
-// and attend_one (below): a decoding step's attention over the valid slots of its cache.
+// and attend_cached (below): a decoding step's or verification pass's attention over the slots its mask allows.
 //
 // The output has x's dtype (float32 or bfloat16); every kernel accumulates in float32.
 //
@@ -654,25 +654,25 @@ at::Tensor f32_gemv(const at::Tensor& x, const at::Tensor& w) {
 }
 
 // ================================================================== one-query attention
-// attend_one(q B×H×1×D, k/v B×KV×S×D, allowed B×S bool, scale) → B×H×1×D: the attention of a decoding
-// step over its static cache, reading only the slots `allowed` marks (the compiled step's cache holds every
+// attend_cached(q B×H×T×D, k/v B×KV×S×D, allowed B×T×S bool, scale) → B×H×T×D: the attention of a decoding
+// step (T = 1) or verification pass (a few T) over its static cache, reading only the slots `allowed` marks (the compiled step's cache holds every
 // slot up to max_len; the written-out attention reads all of them). Query heads h·KV/H share key/value
 // head h/(H/KV). float32 or bfloat16 q/k/v, computed in float32: scores, max-subtracted exp, weighted sum.
 template <typename T>
-void attend_scalar(const float* q, const T* k, const T* v, const int32_t* slots, int64_t L, int64_t G, int64_t D,
-                   float* scores, float* out) {
+void attend_scalar(const float* q, int64_t qs, const T* k, const T* v, const int32_t* slots, int64_t L, int64_t G,
+                   int64_t D, float* scores, float* out) {  // head g's query at q + g·qs, its output at out + g·qs
   for (int64_t g = 0; g < G; ++g) {
     float mx = -INFINITY, sum = 0.f;
     for (int64_t j = 0; j < L; ++j) {
       float d = 0.f;
-      for (int64_t i = 0; i < D; ++i) d += q[g * D + i] * static_cast<float>(k[slots[j] * D + i]);
+      for (int64_t i = 0; i < D; ++i) d += q[g * qs + i] * static_cast<float>(k[slots[j] * D + i]);
       scores[g * L + j] = d;
       mx = std::max(mx, d);
     }
     for (int64_t j = 0; j < L; ++j) sum += scores[g * L + j] = std::exp(scores[g * L + j] - mx);
-    for (int64_t i = 0; i < D; ++i) out[g * D + i] = 0.f;
+    for (int64_t i = 0; i < D; ++i) out[g * qs + i] = 0.f;
     for (int64_t j = 0; j < L; ++j)
-      for (int64_t i = 0; i < D; ++i) out[g * D + i] += scores[g * L + j] / sum * static_cast<float>(v[slots[j] * D + i]);
+      for (int64_t i = 0; i < D; ++i) out[g * qs + i] += scores[g * L + j] / sum * static_cast<float>(v[slots[j] * D + i]);
   }
 }
 
@@ -699,8 +699,8 @@ LMLAB_AVX512_INLINE __m512 exp_ps(__m512 x) {
 }
 
 template <typename T>
-LMLAB_AVX512 void attend_avx512(const float* q, const T* k, const T* v, const int32_t* slots, int64_t L, int64_t G,
-                                int64_t D, float* scores, float* out) {
+LMLAB_AVX512 void attend_avx512(const float* q, int64_t qs, const T* k, const T* v, const int32_t* slots, int64_t L,
+                                int64_t G, int64_t D, float* scores, float* out) {
   const int64_t steps = (D + 15) / 16;
   const __mmask16 tail = D % 16 ? (__mmask16)((1u << (D % 16)) - 1) : (__mmask16)0xFFFF;
   for (int64_t j = 0; j < L; ++j) {  // each key row read once for the G query heads sharing it
@@ -709,7 +709,7 @@ LMLAB_AVX512 void attend_avx512(const float* q, const T* k, const T* v, const in
       __m512 a = _mm512_setzero_ps();
       for (int64_t i = 0; i < steps; ++i) {
         const __mmask16 m = i == steps - 1 ? tail : (__mmask16)0xFFFF;
-        a = _mm512_fmadd_ps(load_f32(kr + i * 16, m), load_f32(q + g * D + i * 16, m), a);
+        a = _mm512_fmadd_ps(load_f32(kr + i * 16, m), load_f32(q + g * qs + i * 16, m), a);
       }
       scores[g * L + j] = _mm512_reduce_add_ps(a);
     }
@@ -730,14 +730,14 @@ LMLAB_AVX512 void attend_avx512(const float* q, const T* k, const T* v, const in
       sum = _mm512_add_ps(sum, e);
     }
     const float inv = 1.f / _mm512_reduce_add_ps(sum);
-    for (int64_t i = 0; i < D; ++i) out[g * D + i] = 0.f;
+    float* o = out + g * qs;
+    for (int64_t i = 0; i < D; ++i) o[i] = 0.f;
     for (int64_t j = 0; j < L; ++j) {
       const T* vr = v + slots[j] * D;
       const __m512 p = _mm512_set1_ps(sc[j] * inv);
       for (int64_t i = 0; i < steps; ++i) {
         const __mmask16 m = i == steps - 1 ? tail : (__mmask16)0xFFFF;
-        _mm512_mask_storeu_ps(out + g * D + i * 16, m,
-                              _mm512_fmadd_ps(p, load_f32(vr + i * 16, m), _mm512_maskz_loadu_ps(m, out + g * D + i * 16)));
+        _mm512_mask_storeu_ps(o + i * 16, m, _mm512_fmadd_ps(p, load_f32(vr + i * 16, m), _mm512_maskz_loadu_ps(m, o + i * 16)));
       }
     }
   }
@@ -747,45 +747,50 @@ LMLAB_AVX512 void attend_avx512(const float* q, const T* k, const T* v, const in
 template <typename T>
 void attend_heads(const at::Tensor& qf, const at::Tensor& k, const at::Tensor& v, const at::Tensor& allowed,
                   at::Tensor& out) {
-  const int64_t B = k.size(0), KV = k.size(1), S = k.size(2), D = k.size(3), H = qf.size(1), G = H / KV;
+  const int64_t B = k.size(0), KV = k.size(1), S = k.size(2), D = k.size(3), H = qf.size(1), T_ = qf.size(2);
+  const int64_t G = H / KV;
   const bool* ok = allowed.data_ptr<bool>();
   const float* qp = qf.data_ptr<float>();
   const T *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
   float* op = out.data_ptr<float>();
-  std::vector<std::vector<int32_t>> slots(B);
-  for (int64_t b = 0; b < B; ++b)
+  std::vector<std::vector<int32_t>> slots(B * T_);  // per row and query: the slots it may see
+  for (int64_t r = 0; r < B * T_; ++r)
     for (int64_t s = 0; s < S; ++s)
-      if (ok[b * S + s]) slots[b].push_back((int32_t)s);
+      if (ok[r * S + s]) slots[r].push_back((int32_t)s);
   auto task = [&](int64_t t0, int64_t t1) {
     std::vector<float> scores;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / KV, h = t % KV, L = (int64_t)slots[b].size();
-      scores.resize(G * std::max<int64_t>(L, 1));
-      const float* q = qp + (b * H + h * G) * D;
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / KV, h = task % KV;
       const T *kh = kp + (b * KV + h) * S * D, *vh = vp + (b * KV + h) * S * D;
-      float* o = op + (b * H + h * G) * D;
+      for (int64_t t = 0; t < T_; ++t) {
+        const std::vector<int32_t>& sl = slots[b * T_ + t];
+        const int64_t L = (int64_t)sl.size();
+        scores.resize(G * std::max<int64_t>(L, 1));
+        const int64_t at = ((b * H + h * G) * T_ + t) * D;  // head h·G's query t; the next head is T_·D on
 #if LMLAB_X86
-      if (has_avx512_vnni() && !force_scalar()) {
-        attend_avx512(q, kh, vh, slots[b].data(), L, G, D, scores.data(), o);
-        continue;
-      }
+        if (has_avx512_vnni() && !force_scalar()) {
+          attend_avx512(qp + at, T_ * D, kh, vh, sl.data(), L, G, D, scores.data(), op + at);
+          continue;
+        }
 #endif
-      attend_scalar(q, kh, vh, slots[b].data(), L, G, D, scores.data(), o);
+        attend_scalar(qp + at, T_ * D, kh, vh, sl.data(), L, G, D, scores.data(), op + at);
+      }
     }
   };
   int64_t work = 0;
-  for (int64_t b = 0; b < B; ++b) work += (int64_t)slots[b].size() * KV * D;
+  for (const auto& sl : slots) work += (int64_t)sl.size() * KV * D;
   if (work * G < (1 << 16)) task(0, B * KV);  // a few µs of work: waking threads would cost more
   else at::parallel_for(0, B * KV, 1, task);
 }
 
-at::Tensor attend_one(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& allowed,
-                      double scale) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.size(2) == 1, "attend_one: q B×H×1×D, k/v B×KV×S×D");
-  TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3) && q.size(1) % k.size(1) == 0, "attend_one: shapes");
+at::Tensor attend_cached(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& allowed,
+                         double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes(), "attend_cached: q B×H×T×D, k/v B×KV×S×D");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3) && q.size(1) % k.size(1) == 0, "attend_cached: shapes");
   TORCH_CHECK(k.scalar_type() == v.scalar_type() && (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16),
-              "attend_one: k/v float32 or bfloat16");
-  TORCH_CHECK(allowed.scalar_type() == at::kBool && allowed.numel() == k.size(0) * k.size(2), "attend_one: allowed B×S bool");
+              "attend_cached: k/v float32 or bfloat16");
+  TORCH_CHECK(allowed.scalar_type() == at::kBool && allowed.numel() == q.size(0) * q.size(2) * k.size(2),
+              "attend_cached: allowed B×T×S bool");
   at::Tensor qf = (q.to(at::kFloat) * scale).contiguous(), kc = k.contiguous(), vc = v.contiguous();
   at::Tensor ok = allowed.contiguous();
   at::Tensor out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
@@ -804,7 +809,7 @@ TORCH_LIBRARY(lmlab, m) {
   m.def("int8_gemv(Tensor x, Tensor qweight, Tensor scale) -> Tensor");
   m.def("bf16_gemv(Tensor x, Tensor w) -> Tensor");
   m.def("f32_gemv(Tensor x, Tensor w) -> Tensor");
-  m.def("attend_one(Tensor q, Tensor k, Tensor v, Tensor allowed, float scale) -> Tensor");
+  m.def("attend_cached(Tensor q, Tensor k, Tensor v, Tensor allowed, float scale) -> Tensor");
   m.def("isa() -> str", &isa);
 }
 
@@ -813,5 +818,5 @@ TORCH_LIBRARY_IMPL(lmlab, CPU, m) {
   m.impl("int8_gemv", &int8_gemv);
   m.impl("bf16_gemv", &bf16_gemv);
   m.impl("f32_gemv", &f32_gemv);
-  m.impl("attend_one", &attend_one);
+  m.impl("attend_cached", &attend_cached);
 }
