@@ -659,20 +659,20 @@ at::Tensor f32_gemv(const at::Tensor& x, const at::Tensor& w) {
 // slot up to max_len; the written-out attention reads all of them). Query heads h·KV/H share key/value
 // head h/(H/KV). float32 or bfloat16 q/k/v, computed in float32: scores, max-subtracted exp, weighted sum.
 template <typename T>
-void attend_scalar(const float* q, int64_t qs, const T* k, const T* v, const int32_t* slots, int64_t L, int64_t G,
-                   int64_t D, float* scores, float* out) {  // head g's query at q + g·qs, its output at out + g·qs
+void attend_scalar(const float* q, const T* k, const T* v, const int32_t* slots, int64_t L, int64_t G, int64_t D,
+                   float* scores, float* out) {  // q, out: G heads × D (q scaled)
   for (int64_t g = 0; g < G; ++g) {
     float mx = -INFINITY, sum = 0.f;
     for (int64_t j = 0; j < L; ++j) {
       float d = 0.f;
-      for (int64_t i = 0; i < D; ++i) d += q[g * qs + i] * static_cast<float>(k[slots[j] * D + i]);
+      for (int64_t i = 0; i < D; ++i) d += q[g * D + i] * static_cast<float>(k[slots[j] * D + i]);
       scores[g * L + j] = d;
       mx = std::max(mx, d);
     }
     for (int64_t j = 0; j < L; ++j) sum += scores[g * L + j] = std::exp(scores[g * L + j] - mx);
-    for (int64_t i = 0; i < D; ++i) out[g * qs + i] = 0.f;
+    for (int64_t i = 0; i < D; ++i) out[g * D + i] = 0.f;
     for (int64_t j = 0; j < L; ++j)
-      for (int64_t i = 0; i < D; ++i) out[g * qs + i] += scores[g * L + j] / sum * static_cast<float>(v[slots[j] * D + i]);
+      for (int64_t i = 0; i < D; ++i) out[g * D + i] += scores[g * L + j] / sum * static_cast<float>(v[slots[j] * D + i]);
   }
 }
 
@@ -698,22 +698,34 @@ LMLAB_AVX512_INLINE __m512 exp_ps(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-template <typename T>
-LMLAB_AVX512 void attend_avx512(const float* q, int64_t qs, const T* k, const T* v, const int32_t* slots, int64_t L,
-                                int64_t G, int64_t D, float* scores, float* out) {
-  const int64_t steps = (D + 15) / 16;
+// STEPS = ⌈D/16⌉ vectors per head row (the last one masked by `tail`): scores 4 slots at a time, their sums
+// reduced together (reduce4); the output of each head accumulated in registers.
+template <typename T, int STEPS>
+LMLAB_AVX512 void attend_avx512(const float* q, const T* k, const T* v, const int32_t* slots, int64_t L, int64_t G,
+                                int64_t D, float* scores, float* out) {
   const __mmask16 tail = D % 16 ? (__mmask16)((1u << (D % 16)) - 1) : (__mmask16)0xFFFF;
-  for (int64_t j = 0; j < L; ++j) {  // each key row read once for the G query heads sharing it
-    const T* kr = k + slots[j] * D;
+  auto mask = [&](int i) { return i == STEPS - 1 ? tail : (__mmask16)0xFFFF; };
+  int64_t j = 0;
+  for (; j + 4 <= L; j += 4) {
+    const T* kr[4] = {k + slots[j] * D, k + slots[j + 1] * D, k + slots[j + 2] * D, k + slots[j + 3] * D};
     for (int64_t g = 0; g < G; ++g) {
-      __m512 a = _mm512_setzero_ps();
-      for (int64_t i = 0; i < steps; ++i) {
-        const __mmask16 m = i == steps - 1 ? tail : (__mmask16)0xFFFF;
-        a = _mm512_fmadd_ps(load_f32(kr + i * 16, m), load_f32(q + g * qs + i * 16, m), a);
+      __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+#pragma GCC unroll 8
+      for (int i = 0; i < STEPS; ++i) {
+        const __m512 qi = _mm512_maskz_loadu_ps(mask(i), q + g * D + i * 16);
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r) a[r] = _mm512_fmadd_ps(load_f32(kr[r] + i * 16, mask(i)), qi, a[r]);
       }
-      scores[g * L + j] = _mm512_reduce_add_ps(a);
+      _mm_storeu_ps(scores + g * L + j, reduce4(a[0], a[1], a[2], a[3]));
     }
   }
+  for (; j < L; ++j)
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 a = _mm512_setzero_ps();
+      for (int i = 0; i < STEPS; ++i)
+        a = _mm512_fmadd_ps(load_f32(k + slots[j] * D + i * 16, mask(i)), _mm512_maskz_loadu_ps(mask(i), q + g * D + i * 16), a);
+      scores[g * L + j] = _mm512_reduce_add_ps(a);
+    }
   for (int64_t g = 0; g < G; ++g) {
     float* sc = scores + g * L;
     __m512 mx = _mm512_set1_ps(-INFINITY);
@@ -729,57 +741,79 @@ LMLAB_AVX512 void attend_avx512(const float* q, int64_t qs, const T* k, const T*
       _mm512_mask_storeu_ps(sc + j, m, e);
       sum = _mm512_add_ps(sum, e);
     }
-    const float inv = 1.f / _mm512_reduce_add_ps(sum);
-    float* o = out + g * qs;
-    for (int64_t i = 0; i < D; ++i) o[i] = 0.f;
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+    __m512 o[STEPS];
+    for (int i = 0; i < STEPS; ++i) o[i] = _mm512_setzero_ps();
     for (int64_t j = 0; j < L; ++j) {
       const T* vr = v + slots[j] * D;
-      const __m512 p = _mm512_set1_ps(sc[j] * inv);
-      for (int64_t i = 0; i < steps; ++i) {
-        const __mmask16 m = i == steps - 1 ? tail : (__mmask16)0xFFFF;
-        _mm512_mask_storeu_ps(o + i * 16, m, _mm512_fmadd_ps(p, load_f32(vr + i * 16, m), _mm512_maskz_loadu_ps(m, o + i * 16)));
-      }
+      const __m512 p = _mm512_set1_ps(sc[j]);
+#pragma GCC unroll 8
+      for (int i = 0; i < STEPS; ++i) o[i] = _mm512_fmadd_ps(p, load_f32(vr + i * 16, mask(i)), o[i]);
     }
+    for (int i = 0; i < STEPS; ++i) _mm512_mask_storeu_ps(out + g * D + i * 16, mask(i), _mm512_mul_ps(o[i], inv));
+  }
+}
+
+template <typename T>
+LMLAB_AVX512 bool attend_fast(const float* q, const T* k, const T* v, const int32_t* slots, int64_t L, int64_t G,
+                              int64_t D, float* scores, float* out) {
+  switch ((D + 15) / 16) {
+    case 1: attend_avx512<T, 1>(q, k, v, slots, L, G, D, scores, out); return true;
+    case 2: attend_avx512<T, 2>(q, k, v, slots, L, G, D, scores, out); return true;
+    case 3: attend_avx512<T, 3>(q, k, v, slots, L, G, D, scores, out); return true;
+    case 4: attend_avx512<T, 4>(q, k, v, slots, L, G, D, scores, out); return true;
+    case 5: attend_avx512<T, 5>(q, k, v, slots, L, G, D, scores, out); return true;
+    case 6: attend_avx512<T, 6>(q, k, v, slots, L, G, D, scores, out); return true;
+    case 7: attend_avx512<T, 7>(q, k, v, slots, L, G, D, scores, out); return true;
+    case 8: attend_avx512<T, 8>(q, k, v, slots, L, G, D, scores, out); return true;
+    default: return false;  // heads over 128 wide: the scalar path
   }
 }
 #endif
 
+// q (B×H×T×D, any strides, last dim contiguous) and k/v (contiguous) of one dtype T; out B×H×T×D contiguous, T.
 template <typename T>
-void attend_heads(const at::Tensor& qf, const at::Tensor& k, const at::Tensor& v, const at::Tensor& allowed,
+void attend_heads(const at::Tensor& q, double scale, const at::Tensor& k, const at::Tensor& v, const at::Tensor& allowed,
                   at::Tensor& out) {
-  const int64_t B = k.size(0), KV = k.size(1), S = k.size(2), D = k.size(3), H = qf.size(1), T_ = qf.size(2);
+  const int64_t B = k.size(0), KV = k.size(1), S = k.size(2), D = k.size(3), H = q.size(1), T_ = q.size(2);
   const int64_t G = H / KV;
   const bool* ok = allowed.data_ptr<bool>();
-  const float* qp = qf.data_ptr<float>();
-  const T *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
-  float* op = out.data_ptr<float>();
-  std::vector<std::vector<int32_t>> slots(B * T_);  // per row and query: the slots it may see
-  for (int64_t r = 0; r < B * T_; ++r)
+  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  std::vector<int32_t> all(B * T_ * S);  // per row and query: the slots it may see, packed from its start
+  std::vector<int64_t> count(B * T_, 0);
+  int64_t work = 0;
+  for (int64_t r = 0; r < B * T_; ++r) {
     for (int64_t s = 0; s < S; ++s)
-      if (ok[r * S + s]) slots[r].push_back((int32_t)s);
+      if (ok[r * S + s]) all[r * S + count[r]++] = (int32_t)s;
+    work += count[r] * KV * D;
+  }
   auto task = [&](int64_t t0, int64_t t1) {
-    std::vector<float> scores;
+    std::vector<float> scores(G * std::max<int64_t>(S, 4)), qbuf(G * D), obuf(G * D);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / KV, h = task % KV;
       const T *kh = kp + (b * KV + h) * S * D, *vh = vp + (b * KV + h) * S * D;
       for (int64_t t = 0; t < T_; ++t) {
-        const std::vector<int32_t>& sl = slots[b * T_ + t];
-        const int64_t L = (int64_t)sl.size();
-        scores.resize(G * std::max<int64_t>(L, 1));
-        const int64_t at = ((b * H + h * G) * T_ + t) * D;  // head h·G's query t; the next head is T_·D on
-#if LMLAB_X86
-        if (has_avx512_vnni() && !force_scalar()) {
-          attend_avx512(qp + at, T_ * D, kh, vh, sl.data(), L, G, D, scores.data(), op + at);
-          continue;
+        for (int64_t g = 0; g < G; ++g) {  // this query's G heads, scaled, as float32
+          const T* src = qp + b * q.stride(0) + (h * G + g) * q.stride(1) + t * q.stride(2);
+          for (int64_t i = 0; i < D; ++i) qbuf[g * D + i] = static_cast<float>(src[i]) * (float)scale;
         }
+        const int32_t* sl = all.data() + (b * T_ + t) * S;
+        const int64_t L = count[b * T_ + t];
+        bool done = false;
+#if LMLAB_X86
+        if (has_avx512_vnni() && !force_scalar())
+          done = attend_fast(qbuf.data(), kh, vh, sl, L, G, D, scores.data(), obuf.data());
 #endif
-        attend_scalar(qp + at, T_ * D, kh, vh, sl.data(), L, G, D, scores.data(), op + at);
+        if (!done) attend_scalar(qbuf.data(), kh, vh, sl, L, G, D, scores.data(), obuf.data());
+        for (int64_t g = 0; g < G; ++g) {
+          T* dst = op + ((b * H + h * G + g) * T_ + t) * D;
+          for (int64_t i = 0; i < D; ++i) dst[i] = static_cast<T>(obuf[g * D + i]);
+        }
       }
     }
   };
-  int64_t work = 0;
-  for (const auto& sl : slots) work += (int64_t)sl.size() * KV * D;
-  if (work * G < (1 << 16)) task(0, B * KV);  // a few µs of work: waking threads would cost more
+  if (work * G < (1 << 21)) task(0, B * KV);  // under ~50 µs of work: waking threads costs more than it saves
   else at::parallel_for(0, B * KV, 1, task);
 }
 
@@ -791,12 +825,12 @@ at::Tensor attend_cached(const at::Tensor& q, const at::Tensor& k, const at::Ten
               "attend_cached: k/v float32 or bfloat16");
   TORCH_CHECK(allowed.scalar_type() == at::kBool && allowed.numel() == q.size(0) * q.size(2) * k.size(2),
               "attend_cached: allowed B×T×S bool");
-  at::Tensor qf = (q.to(at::kFloat) * scale).contiguous(), kc = k.contiguous(), vc = v.contiguous();
-  at::Tensor ok = allowed.contiguous();
-  at::Tensor out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
-  if (k.scalar_type() == at::kFloat) attend_heads<float>(qf, kc, vc, ok, out);
-  else attend_heads<at::BFloat16>(qf, kc, vc, ok, out);
-  return out.to(q.scalar_type());
+  at::Tensor qc = q.scalar_type() == k.scalar_type() && q.stride(3) == 1 ? q : q.to(k.scalar_type()).contiguous();
+  at::Tensor kc = k.contiguous(), vc = v.contiguous(), ok = allowed.contiguous();
+  at::Tensor out = at::empty(q.sizes(), q.options().dtype(k.scalar_type()));
+  if (k.scalar_type() == at::kFloat) attend_heads<float>(qc, scale, kc, vc, ok, out);
+  else attend_heads<at::BFloat16>(qc, scale, kc, vc, ok, out);
+  return out.scalar_type() == q.scalar_type() ? out : out.to(q.scalar_type());
 }
 
 // which code path the integer kernels take here: "avx512" or "scalar"
