@@ -17,8 +17,8 @@ rows) matter for prefill and for scoring (evaluation): F.linear's float32 GEMM i
 instructions, rows split over PyTorch's threads), a candidate where it could be built; like every candidate
 it must give F.linear's result on the weight (checked before timing) before it may be chosen.
 A packed route keeps a second, reordered copy of the weight (the plain one stays: the state dict, tied
-embeddings, adapters and export read it), so packing is skipped when the copies would take more than
-PACK_SHARE of the free memory.
+embeddings, adapters and export read it); when the copies would take more than PACK_SHARE of the free
+memory, the copies only prompt passes want are dropped first, then every copy.
 
 The timings are kept in `$LMLAB_HOME/kernels/<dtype>-<threads>t-<key>.json`, one file per machine
 (CPU model, flags, cores), PyTorch version, thread count and dtype, one entry per weight shape. A file is
@@ -410,15 +410,24 @@ def choose(model: torch.nn.Module, threads: int | None = None, force: dict | Non
                 for s, kt in choice.timings.items()}
     for s, kt in choice.timings.items():
         choice.chosen[s] = {k: pick(t) for k, t in kt.items()}
-    extra = sum(w.numel() * w.element_size() for w in {id(m.weight): m.weight for m in lins}.values()
-                if "packed" in choice.chosen[_shape_of(w)].values())
-    free = free_memory(device)
-    if extra and free is not None and extra > free * PACK_SHARE:
-        notice(f"kernel choice: not packing weights (the copies would take {extra / 2**20:.0f} MiB of "
+    weights = list({id(m.weight): m.weight for m in lins}.values())
+
+    def extra() -> int:  # bytes of the packed copies the choice asks for
+        return sum(w.numel() * w.element_size() for w in weights if "packed" in choice.chosen[_shape_of(w)].values())
+
+    free, wanted = free_memory(device), extra()
+    if free is not None and wanted > free * PACK_SHARE:  # prompt passes give up their copies first
+        for c in choice.chosen.values():
+            if "prompt" in c:
+                c["prompt"] = "linear"
+        what = "prompt passes unpacked"
+        if extra() > free * PACK_SHARE:
+            what = "packing skipped"
+            for s, (one, few) in unpacked.items():
+                choice.chosen[s] = {"1": one, "few": few, "prompt": "linear"}
+        notice(f"kernel choice: {what} (the packed copies would take {wanted / 2**20:.0f} MiB of "
                f"{free / 2**20:.0f} MiB free)")
-        choice.source += ", packing skipped (memory)"
-        for s, (one, few) in unpacked.items():
-            choice.chosen[s] = {"1": one, "few": few, "prompt": "linear"}
+        choice.source += f", {what} (memory)"
     for lin in lins:
         c = choice.chosen[_shape(lin)]
         lin.set_route(c["1"], c["few"], unpacked[_shape(lin)], c.get("prompt", "linear"))

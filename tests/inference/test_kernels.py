@@ -294,7 +294,23 @@ def test_packing_is_skipped_when_memory_is_short(monkeypatch, capsys):
     lins = [m for m in runner.model.modules() if isinstance(m, RowLinear)]
     assert {(m.one_row, m.few_rows, m.prompt_rows) for m in lins} == {("linear", "W@xT", "linear")}
     assert runner.kernels.packed_bytes == 0
-    assert "packing skipped" in runner.kernels.source and "not packing weights" in capsys.readouterr().err
+    assert "packing skipped" in runner.kernels.source and "packing skipped" in capsys.readouterr().err
+
+
+def test_prompt_passes_give_up_their_packed_copies_first(monkeypatch, capsys):
+    """Short of memory, the copies only prompt passes want go first; decoding keeps its kernels."""
+    if not kernels.packed_available(torch.float32):
+        pytest.skip("no oneDNN prepacked linear here")
+    fake = {1: {"linear": 2.0, "mv": 1.0, "packed": 1.5, "native": 1.9},
+            kernels.FEW: {"linear": 2.0, "W@xT": 1.0, "packed": 1.5, "native": 1.9},
+            kernels.PROMPT: {"linear": 5.0, "packed": 2.0}}
+    monkeypatch.setattr(kernels, "measure", lambda w, rows, names: {n: fake[rows][n] for n in names})
+    monkeypatch.setattr(kernels, "free_memory", lambda device: 1000)
+    runner = prepared()
+    lins = [m for m in runner.model.modules() if isinstance(m, RowLinear)]
+    assert {(m.one_row, m.few_rows, m.prompt_rows) for m in lins} == {("mv", "W@xT", "linear")}
+    assert runner.kernels.packed_bytes == 0 and "prompt passes unpacked" in runner.kernels.source
+    assert "prompt passes unpacked" in capsys.readouterr().err
 
 
 def test_a_candidate_that_disagrees_with_linear_is_never_chosen(monkeypatch):
