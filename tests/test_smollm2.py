@@ -78,3 +78,20 @@ def test_prepared_greedy_identical_on_every_kernel(smollm2_path, hf_model):
     for one, few in zip(names["1"], names["few"]):  # linear/linear, mv/W@xT, packed/packed
         kernels.choose(runner.model, force={"1": one, "few": few})
         assert ours() == theirs, (one, few)
+
+
+def test_prompt_pass_kernels_give_hf_logits(smollm2_path, hf_model):
+    """A prompt longer than FEW_ROWS takes the prompt-pass route: every candidate kernel (F.linear, oneDNN
+    packed) gives HF's float32 logits for the last position."""
+    from lmlab.inference import kernels
+    from lmlab.inference.load import RunConfig, load
+
+    runner, tok = load(str(smollm2_path), RunConfig(dtype="float32"))
+    ids = torch.tensor([tok.encode(PROMPT * 4)[: 4 * kernels.FEW_ROWS]])
+    assert ids.shape[1] > kernels.FEW_ROWS
+    with torch.no_grad():
+        want = hf_model(ids).logits[0, -1]
+    for many in kernels.candidates(torch.float32).get("prompt", ("linear",)):
+        kernels.choose(runner.model, force={"1": "linear", "few": "linear", "prompt": many})
+        got = runner.prefill(ids, runner.new_cache(1, ids.shape[1]))[0]
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=many)
