@@ -263,6 +263,16 @@ def test_cli_info_kernels_and_generate_stats(home, tmp_path, capsys):
     assert "kernels (1 row/4 rows/prompt):" in out.err and "cache hit" in out.err
 
 
+def prepared_with(monkeypatch, fake, free=None):
+    """prepared() with these timings (rows → kernel → ms) measured, and this much free memory; (runner, its
+    RowLinears)."""
+    monkeypatch.setattr(kernels, "measure", lambda w, rows, names: {n: fake[rows][n] for n in names})
+    if free is not None:
+        monkeypatch.setattr(kernels, "free_memory", lambda device: free)
+    runner = prepared()
+    return runner, [m for m in runner.model.modules() if isinstance(m, RowLinear)]
+
+
 def test_a_kernel_replaces_linear_only_by_the_margin(monkeypatch):
     assert kernels.pick({"linear": 1.0, "mv": 0.95}) == "linear"  # 5% faster: noise, keep linear
     assert kernels.pick({"linear": 1.0, "mv": 0.8, "packed": 0.85}) == "mv"
@@ -270,9 +280,7 @@ def test_a_kernel_replaces_linear_only_by_the_margin(monkeypatch):
     fake = {1: {"linear": 1.0, "mv": 1.5, "packed": 1.4, "native": 1.2},
             kernels.FEW: {"linear": 2.0, "W@xT": 1.0, "packed": 3.0, "native": 1.5},
             kernels.PROMPT: {"linear": 5.0, "packed": 4.8}}
-    monkeypatch.setattr(kernels, "measure", lambda w, rows, names: {n: fake[rows][n] for n in names})
-    runner = prepared()
-    lins = [m for m in runner.model.modules() if isinstance(m, RowLinear)]
+    runner, lins = prepared_with(monkeypatch, fake)
     assert {(m.one_row, m.few_rows, m.prompt_rows) for m in lins} == {("linear", "W@xT", "linear")}
     assert all(m.packed is None for m in lins)
 
@@ -283,15 +291,11 @@ def test_packing_is_skipped_when_memory_is_short(monkeypatch, capsys):
     fake = {1: {"linear": 2.0, "mv": 1.9, "packed": 1.0, "native": 1.9},
             kernels.FEW: {"linear": 2.0, "W@xT": 1.0, "packed": 0.5, "native": 1.9},
             kernels.PROMPT: {"linear": 5.0, "packed": 2.0}}
-    monkeypatch.setattr(kernels, "measure", lambda w, rows, names: {n: fake[rows][n] for n in names})
-    runner = prepared()
-    lins = [m for m in runner.model.modules() if isinstance(m, RowLinear)]
+    runner, lins = prepared_with(monkeypatch, fake)
     assert {(m.one_row, m.few_rows, m.prompt_rows) for m in lins} == {("packed", "packed", "packed")}
     assert runner.kernels.packed_bytes > 0
     assert {m.unpacked for m in lins} == {("linear", "W@xT")}  # what a compiled step runs instead of packed
-    monkeypatch.setattr(kernels, "free_memory", lambda device: 1000)
-    runner = prepared()
-    lins = [m for m in runner.model.modules() if isinstance(m, RowLinear)]
+    runner, lins = prepared_with(monkeypatch, fake, free=1000)
     assert {(m.one_row, m.few_rows, m.prompt_rows) for m in lins} == {("linear", "W@xT", "linear")}
     assert runner.kernels.packed_bytes == 0
     assert "packing skipped" in runner.kernels.source and "packing skipped" in capsys.readouterr().err
@@ -304,10 +308,7 @@ def test_prompt_passes_give_up_their_packed_copies_first(monkeypatch, capsys):
     fake = {1: {"linear": 2.0, "mv": 1.0, "packed": 1.5, "native": 1.9},
             kernels.FEW: {"linear": 2.0, "W@xT": 1.0, "packed": 1.5, "native": 1.9},
             kernels.PROMPT: {"linear": 5.0, "packed": 2.0}}
-    monkeypatch.setattr(kernels, "measure", lambda w, rows, names: {n: fake[rows][n] for n in names})
-    monkeypatch.setattr(kernels, "free_memory", lambda device: 1000)
-    runner = prepared()
-    lins = [m for m in runner.model.modules() if isinstance(m, RowLinear)]
+    runner, lins = prepared_with(monkeypatch, fake, free=1000)
     assert {(m.one_row, m.few_rows, m.prompt_rows) for m in lins} == {("mv", "W@xT", "linear")}
     assert runner.kernels.packed_bytes == 0 and "prompt passes unpacked" in runner.kernels.source
     assert "prompt passes unpacked" in capsys.readouterr().err
