@@ -199,3 +199,26 @@ def test_config_errors_name_the_field():
     with pytest.raises(LmlabError, match="known presets: .*smollm2-135m"):
         preset("no-such-model")
     assert preset("smollm2-135m", n_layer=2).n_kv_head == 3
+
+
+def test_bfloat16_prompt_attention_takes_the_native_kernel(monkeypatch):
+    """A bfloat16 causal prompt on CPU goes through lmlab's native causal_attention where it is vectorized,
+    and gives the logits PyTorch's attention gives; with gradients on it stays on PyTorch's (the op has no
+    backward)."""
+    from lmlab.inference import native
+
+    if not native.causal_attention_fast(32):
+        pytest.skip("no vectorized native causal attention here (AVX-512 BF16 and a compiler needed)")
+    model = make(pos="rope", norm="rmsnorm", mlp="swiglu", d_model=128, n_head=4, n_kv_head=2).bfloat16()
+    ids = torch.randint(0, 97, (2, 45))
+    real, calls = torch.ops.lmlab.causal_attention, []
+    monkeypatch.setattr(torch.ops.lmlab, "causal_attention", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        got = model(ids).float()
+        monkeypatch.setenv(native.ENV, "off")
+        want = model(ids).float()
+    assert len(calls) == model.cfg.n_layer
+    assert (got - want).abs().max() <= 0.03 * want.abs().max(), (got - want).abs().max()
+    monkeypatch.delenv(native.ENV)
+    model(ids).float().sum().backward()  # the native op would raise: it has no autograd
+    assert len(calls) == model.cfg.n_layer

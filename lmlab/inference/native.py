@@ -11,6 +11,8 @@ Ops (CPU; x is M×K float32 or bfloat16, few rows; the output M×N has x's dtype
     torch.ops.lmlab.int8_gemv(x, qweight, scale)                       int8 weights, a scale per row
     torch.ops.lmlab.bf16_gemv(x, w) / torch.ops.lmlab.f32_gemv(x, w)   bfloat16 / float32 weights
     torch.ops.lmlab.attend_cached(q, k, v, allowed, scale)           a few queries per row over the cache slots allowed
+    torch.ops.lmlab.causal_attention(q, k, v, scale)                 a bfloat16 prompt's causal attention (S ≥ T keys)
+    torch.ops.lmlab.causal_attention_fast(head_dim)                  whether that one is vectorized here
     torch.ops.lmlab.isa()                                              'avx512' or 'scalar'
 """
 from __future__ import annotations
@@ -118,6 +120,8 @@ def _register_fakes() -> None:
     torch.library.register_fake("lmlab::bf16_gemv")(rows)
     torch.library.register_fake("lmlab::f32_gemv")(rows)
     torch.library.register_fake("lmlab::attend_cached")(lambda q, k, v, allowed, scale: q.new_empty(q.shape))
+    torch.library.register_fake("lmlab::causal_attention")(
+        lambda q, k, v, scale: q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).transpose(1, 2))
 
 
 def available() -> bool:
@@ -150,6 +154,14 @@ def _load() -> bool:
     _state["error"] = why
     notice(f"lmlab's native CPU kernels are not available: {why}; using PyTorch's kernels")
     return False
+
+
+def causal_attention_fast(head_dim: int) -> bool:
+    """Whether causal_attention is vectorized here for heads this wide (AVX-512 BF16; else PyTorch's attention
+    is the faster choice). False while torch.compile traces: the op then stays out of compiled graphs."""
+    if torch.compiler.is_compiling() or not available():
+        return False
+    return bool(torch.ops.lmlab.causal_attention_fast(head_dim))
 
 
 def reset() -> None:

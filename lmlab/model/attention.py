@@ -24,6 +24,17 @@ def _native_attention() -> bool:
     return native.available()
 
 
+def _native_prompt_attention(q: torch.Tensor) -> bool:
+    """Whether a bfloat16 prompt's causal attention goes to lmlab's native kernel (causal_attention: vdpbf16ps for
+    both products; SmolLM2's 512-token layer 0.84 ms against 4.5 ms for PyTorch's flash attention on 2 AMD EPYC
+    cores). Inference only: the op has no backward."""
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or (torch.is_grad_enabled() and q.requires_grad):
+        return False
+    from lmlab.inference import native
+
+    return native.causal_attention_fast(q.shape[-1])
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, cross: bool = False):
         super().__init__()
@@ -71,6 +82,8 @@ class Attention(nn.Module):
         if (mask is not None and mask.dtype == torch.bool and T <= FEW_QUERIES and not self.training
                 and torch.compiler.is_compiling()):
             y = self._few_queries(q, k, v, mask)
+        elif mask is None and is_causal and _native_prompt_attention(q):
+            y = torch.ops.lmlab.causal_attention(q, k, v, self.scale if self.scale is not None else self.head_dim ** -0.5)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=is_causal and mask is None,

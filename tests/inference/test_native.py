@@ -293,3 +293,36 @@ def test_cached_attention_reads_only_the_allowed_slots(dtype, B, H, KV, T, S, D,
     want = F.scaled_dot_product_attention(q.float(), kk, vv, attn_mask=allowed.view(B, 1, T, S), scale=scale)
     assert got.dtype == dtype and got.shape == q.shape and torch.isfinite(got).all()
     assert rel_err(got, want) <= (1e-5 if dtype == torch.float32 else BF16_OUT), rel_err(got, want)
+
+
+@needs_native
+@pytest.mark.parametrize("B,H,KV,T,S,D", [(1, 9, 3, 512, 512, 64), (2, 4, 2, 37, 50, 32), (1, 6, 2, 5, 70, 128),
+                                          (1, 3, 3, 33, 33, 96), (1, 4, 2, 20, 26, 40)])
+def test_causal_attention_against_sdpa(B, H, KV, T, S, D, path):
+    """causal_attention against float32 SDPA with the bottom-right causal mask (query t sees keys 0..S−T+t):
+    bfloat16 q/k/v as the model's views (q a transposed projection, k/v the first S slots of a longer cache
+    whose later slots hold NaN, which no query may read). The 512-token case is SmolLM2's prompt and runs
+    threaded; D = 40 has no vectorized path and takes the scalar one."""
+    gen = torch.Generator().manual_seed(T * S + D)
+    q = torch.randn(B, T, H, D, generator=gen).bfloat16().transpose(1, 2)
+    cache_k, cache_v = (torch.full((B, KV, S + 9, D), float("nan")).bfloat16() for _ in range(2))
+    cache_k[:, :, :S], cache_v[:, :, :S] = (torch.randn(B, KV, S, D, generator=gen) for _ in range(2))
+    k, v = cache_k[:, :, :S], cache_v[:, :, :S]
+    scale = D ** -0.5
+    got = torch.ops.lmlab.causal_attention(q, k, v, scale)
+    allowed = torch.arange(S).view(1, S) <= (S - T + torch.arange(T)).view(T, 1)
+    want = F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(H // KV, 1),
+                                          v.float().repeat_interleave(H // KV, 1), attn_mask=allowed, scale=scale)
+    assert got.dtype == torch.bfloat16 and got.shape == q.shape and torch.isfinite(got).all()
+    assert rel_err(got, want) <= 2 * BF16_OUT, rel_err(got, want)
+    if path == "fast" and D != 40:
+        assert torch.ops.lmlab.causal_attention_fast(D) == device_utils.cpu_flags().issuperset({"avx512_bf16"})
+
+
+@needs_native
+def test_causal_attention_rejects_bad_input():
+    q = torch.randn(1, 4, 8, 64).bfloat16()
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        torch.ops.lmlab.causal_attention(q.float(), q.float(), q.float(), 0.125)
+    with pytest.raises(RuntimeError, match="S ≥ T"):
+        torch.ops.lmlab.causal_attention(q, q[:, :, :4], q[:, :, :4], 0.125)

@@ -5,7 +5,8 @@
 //   int8_gemv(x, qweight, scale)                       int8 N×K, one float32 scale per row: w = q·scale[n].
 //   bf16_gemv(x, w)                                    bfloat16 N×K.
 //   f32_gemv(x, w)                                     float32 N×K.
-// and attend_cached (below): a decoding step's or verification pass's attention over the slots its mask allows.
+// and attend_cached (below): a decoding step's or verification pass's attention over the slots its mask allows;
+// causal_attention: a bfloat16 prompt's causal attention (flash-style, vdpbf16ps).
 //
 // The output has x's dtype (float32 or bfloat16); every kernel accumulates in float32.
 //
@@ -833,6 +834,229 @@ at::Tensor attend_cached(const at::Tensor& q, const at::Tensor& k, const at::Ten
   return out.scalar_type() == q.scalar_type() ? out : out.to(q.scalar_type());
 }
 
+// ================================================================== causal attention of a prompt (bfloat16)
+// causal_attention(q B×H×T×D, k/v B×KV×S×D, scale) → B×H×T×D, S ≥ T: the T queries are the last T positions of
+// the S keys (a prompt, or a chunk of one after earlier chunks), query t seeing keys 0..S−T+t. bfloat16 in and
+// out; scores, softmax and the output accumulate in float32, the probabilities are rounded to bfloat16 for the
+// second product (as PyTorch's flash attention does). Flash-style, with vdpbf16ps for both products:
+//   K is repacked per head as blocks of 16 keys × D/2 column pairs (one 32-bit pair of each key per lane), so a
+//   broadcast pair of a query against one block gives 16 scores; V as pairs of keys interleaved per column, so
+//   a broadcast pair of probabilities against it adds two keys' worth to 16 output columns.
+//   R query rows (consecutive positions of one head) share every load of K and V; keys go by 32, with a
+//   running max, a vector of running sums and the rescaled output (online softmax).
+// Work is split over (row, head, tile of 32 queries) tasks ordered longest with shortest (causal tiles grow).
+template <typename T>
+void causal_scalar(const T* q, int64_t qs, const T* k, const T* v, int64_t kvs, int64_t T_, int64_t S, int64_t D,
+                   float scale, T* out, int64_t os) {  // one head: q rows at stride qs, k/v rows at kvs, out at os
+  std::vector<float> sc(S);
+  for (int64_t t = 0; t < T_; ++t) {
+    const int64_t L = S - T_ + t + 1;
+    float mx = -INFINITY, sum = 0.f;
+    for (int64_t j = 0; j < L; ++j) {
+      float d = 0.f;
+      for (int64_t i = 0; i < D; ++i) d += (float)q[t * qs + i] * (float)k[j * kvs + i];
+      sc[j] = d * scale;
+      mx = std::max(mx, sc[j]);
+    }
+    for (int64_t j = 0; j < L; ++j) sum += sc[j] = std::exp(sc[j] - mx);
+    for (int64_t i = 0; i < D; ++i) {
+      float o = 0.f;
+      for (int64_t j = 0; j < L; ++j) o += sc[j] * (float)v[j * kvs + i];
+      out[t * os + i] = (T)(o / sum);
+    }
+  }
+}
+
+#if LMLAB_X86
+// K of one head (S rows at stride kvs, D columns) → kp: ⌈S/32⌉·2 blocks of [D/2 pairs][16 keys] 32-bit words,
+// zeros past S; V → vp: ⌈S/32⌉·16 key pairs of [D columns][2 keys] bfloat16, zeros past S.
+LMLAB_AVX512 void pack_kv(const at::BFloat16* k, const at::BFloat16* v, int64_t kvs, int64_t S, int64_t D,
+                          int32_t* kp, at::BFloat16* vp) {
+  const int64_t Sp = (S + 31) / 32 * 32, P = D / 2;
+  const __m512i lanes = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32((int)(kvs / 2)));
+  for (int64_t b = 0; b < Sp / 16; ++b) {
+    const int64_t n = std::min<int64_t>(16, std::max<int64_t>(0, S - b * 16));
+    const __mmask16 m = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+    const int32_t* base = (const int32_t*)(k + b * 16 * kvs);
+    for (int64_t p = 0; p < P; ++p)
+      _mm512_storeu_si512(kp + (b * P + p) * 16, n ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, lanes, base + p, 4)
+                                                   : _mm512_setzero_si512());
+  }
+  // out[2i] = a[i], out[2i+1] = b[i]: the first 16 columns of two keys, then the next 16
+  __m512i lo_idx, hi_idx;
+  {
+    alignas(64) int16_t l[32], h[32];
+    for (int i = 0; i < 16; ++i) { l[2 * i] = i; l[2 * i + 1] = 32 + i; h[2 * i] = 16 + i; h[2 * i + 1] = 48 + i; }
+    lo_idx = _mm512_load_si512(l);
+    hi_idx = _mm512_load_si512(h);
+  }
+  for (int64_t j = 0; j < Sp / 2; ++j) {
+    at::BFloat16* dst = vp + j * 2 * D;
+    for (int64_t c = 0; c < D; c += 32) {
+      const __m512i a = 2 * j < S ? _mm512_loadu_si512(v + 2 * j * kvs + c) : _mm512_setzero_si512();
+      const __m512i b = 2 * j + 1 < S ? _mm512_loadu_si512(v + (2 * j + 1) * kvs + c) : _mm512_setzero_si512();
+      _mm512_storeu_si512(dst + 2 * c, _mm512_permutex2var_epi16(a, lo_idx, b));
+      _mm512_storeu_si512(dst + 2 * c + 32, _mm512_permutex2var_epi16(a, hi_idx, b));
+    }
+  }
+}
+
+// R query rows t0..t0+R−1 of one head; DV = D/16 output vectors per row.
+template <int R, int DV>
+LMLAB_AVX512 void causal_rows(const at::BFloat16* q, int64_t qs, const int32_t* kp, const at::BFloat16* vp, int64_t t0,
+                              int64_t off, float scale, at::BFloat16* out, int64_t os) {
+  constexpr int P = DV * 8, D = DV * 16;  // column pairs, columns
+  const int64_t end = off + t0 + R;  // keys the last row sees
+  float m[R];
+  __m512 l[R], o[R][DV];
+  const int32_t* qw[R];
+  for (int r = 0; r < R; ++r) {
+    m[r] = -INFINITY;
+    l[r] = _mm512_setzero_ps();
+    for (int i = 0; i < DV; ++i) o[r][i] = _mm512_setzero_ps();
+    qw[r] = (const int32_t*)(q + (t0 + r) * qs);
+  }
+  const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  alignas(64) int32_t pb[R][16];  // each row's 32 probabilities as bfloat16 pairs
+  for (int64_t j0 = 0; j0 < end; j0 += 32) {
+    const int32_t* kb = kp + (j0 / 16) * P * 16;
+    __m512 s[R][2];
+    for (int r = 0; r < R; ++r) s[r][0] = s[r][1] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+    for (int p = 0; p < P; ++p) {
+      const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kb + p * 16), k1 = (__m512bh)_mm512_loadu_si512(kb + (P + p) * 16);
+      for (int r = 0; r < R; ++r) {
+        const __m512bh qq = (__m512bh)_mm512_set1_epi32(qw[r][p]);
+        s[r][0] = _mm512_dpbf16_ps(s[r][0], qq, k0);
+        s[r][1] = _mm512_dpbf16_ps(s[r][1], qq, k1);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const int64_t L = off + t0 + r + 1 - j0;  // keys this row sees in the block
+      const __mmask16 m0 = L >= 16 ? (__mmask16)0xFFFF : L <= 0 ? (__mmask16)0 : _mm512_cmplt_epi32_mask(iota, _mm512_set1_epi32((int)L));
+      const __mmask16 m1 = L >= 32 ? (__mmask16)0xFFFF : L <= 16 ? (__mmask16)0 : _mm512_cmplt_epi32_mask(iota, _mm512_set1_epi32((int)(L - 16)));
+      const __m512 a = _mm512_mul_ps(s[r][0], _mm512_set1_ps(scale)), b = _mm512_mul_ps(s[r][1], _mm512_set1_ps(scale));
+      const __m512 ninf = _mm512_set1_ps(-INFINITY);
+      const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_mask_mov_ps(ninf, m0, a), _mm512_mask_mov_ps(ninf, m1, b)));
+      const float mn = std::max(m[r], top);
+      if (mn > m[r]) {
+        const __m512 alpha = _mm512_set1_ps(std::exp(m[r] - mn));
+        l[r] = _mm512_mul_ps(l[r], alpha);
+        for (int i = 0; i < DV; ++i) o[r][i] = _mm512_mul_ps(o[r][i], alpha);
+        m[r] = mn;
+      }
+      const __m512 mv = _mm512_set1_ps(m[r]);
+      const __m512 e0 = _mm512_maskz_mov_ps(m0, exp_ps(_mm512_sub_ps(a, mv)));
+      const __m512 e1 = _mm512_maskz_mov_ps(m1, exp_ps(_mm512_sub_ps(b, mv)));
+      l[r] = _mm512_add_ps(l[r], _mm512_add_ps(e0, e1));
+      _mm512_store_si512(pb[r], (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+    }
+    const at::BFloat16* vb = vp + j0 * D;  // 16 key pairs × D × 2
+    const int64_t pairs = std::min<int64_t>(16, (end - j0 + 1) / 2);
+    for (int64_t jp = 0; jp < pairs; ++jp) {
+      __m512bh vv[DV];
+      for (int i = 0; i < DV; ++i) vv[i] = (__m512bh)_mm512_loadu_si512(vb + jp * 2 * D + i * 32);
+      for (int r = 0; r < R; ++r) {
+        const __m512bh pp = (__m512bh)_mm512_set1_epi32(pb[r][jp]);
+        for (int i = 0; i < DV; ++i) o[r][i] = _mm512_dpbf16_ps(o[r][i], pp, vv[i]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(l[r]));
+    at::BFloat16* dst = out + (t0 + r) * os;
+    for (int i = 0; i < DV; ++i)
+      _mm256_storeu_si256((__m256i*)(dst + i * 16), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(o[r][i], inv)));
+  }
+}
+
+template <int DV>
+LMLAB_AVX512 void causal_tile(const at::BFloat16* q, int64_t qs, const int32_t* kp, const at::BFloat16* vp, int64_t t0,
+                              int64_t t1, int64_t off, float scale, at::BFloat16* out, int64_t os) {
+  constexpr int R = DV <= 4 ? 4 : 2;  // 4·DV output vectors in registers at D ≤ 64
+  int64_t t = t0;
+  for (; t + R <= t1; t += R) causal_rows<R, DV>(q, qs, kp, vp, t, off, scale, out, os);
+  for (; t < t1; ++t) causal_rows<1, DV>(q, qs, kp, vp, t, off, scale, out, os);
+}
+
+LMLAB_AVX512 bool causal_fast(const at::BFloat16* q, int64_t qs, const int32_t* kp, const at::BFloat16* vp, int64_t t0,
+                              int64_t t1, int64_t off, int64_t D, float scale, at::BFloat16* out, int64_t os) {
+  switch (D) {
+    case 32: causal_tile<2>(q, qs, kp, vp, t0, t1, off, scale, out, os); return true;
+    case 64: causal_tile<4>(q, qs, kp, vp, t0, t1, off, scale, out, os); return true;
+    case 96: causal_tile<6>(q, qs, kp, vp, t0, t1, off, scale, out, os); return true;
+    case 128: causal_tile<8>(q, qs, kp, vp, t0, t1, off, scale, out, os); return true;
+    default: return false;
+  }
+}
+#endif
+
+bool causal_fast_here(int64_t D) {
+  return has_avx512_bf16() && !force_scalar() && (D == 32 || D == 64 || D == 96 || D == 128);
+}
+
+constexpr int64_t CAUSAL_TILE = 32;  // query rows per task
+
+at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes(), "causal_attention: q B×H×T×D, k/v B×KV×S×D");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3) && q.size(1) % k.size(1) == 0 && k.size(2) >= q.size(2),
+              "causal_attention: shapes (S ≥ T, H a multiple of KV)");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
+              "causal_attention: bfloat16 q/k/v");
+  const int64_t B = q.size(0), H = q.size(1), T_ = q.size(2), D = q.size(3), KV = k.size(1), S = k.size(2), G = H / KV;
+  const int64_t off = S - T_;
+  // inputs with contiguous rows, rows of a head at a fixed stride (views of a fused projection or a cache keep theirs)
+  auto rows_ok = [](const at::Tensor& x) { return x.stride(3) == 1 && x.stride(2) % 2 == 0; };
+  at::Tensor qc = rows_ok(q) ? q : q.contiguous(), kc = rows_ok(k) ? k : k.contiguous(), vc = rows_ok(v) ? v : v.contiguous();
+  if (kc.stride(2) != vc.stride(2)) kc = k.contiguous(), vc = v.contiguous();  // one row stride for both
+  // the output in B×T×H×D memory (what the projection after attention reads), viewed as B×H×T×D
+  at::Tensor out = at::empty({B, T_, H, D}, q.options()).transpose(1, 2);
+  const at::BFloat16 *qp = qc.data_ptr<at::BFloat16>(), *kp = kc.data_ptr<at::BFloat16>(), *vp = vc.data_ptr<at::BFloat16>();
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  const int64_t qs = qc.stride(2), kvs = kc.stride(2), os = out.stride(2);
+  const bool fast = causal_fast_here(D);
+  const int64_t tiles = (T_ + CAUSAL_TILE - 1) / CAUSAL_TILE;
+  if (!fast) {
+    at::parallel_for(0, B * H, 1, [&](int64_t h0, int64_t h1) {
+      for (int64_t bh = h0; bh < h1; ++bh) {
+        const int64_t b = bh / H, h = bh % H, kh = h / G;
+        causal_scalar(qp + b * qc.stride(0) + h * qc.stride(1), qs, kp + b * kc.stride(0) + kh * kc.stride(1),
+                      vp + b * vc.stride(0) + kh * vc.stride(1), kvs, T_, S, D, (float)scale,
+                      op + b * out.stride(0) + h * out.stride(1), os);
+      }
+    });
+    return out;
+  }
+#if LMLAB_X86
+  const int64_t Sp = (S + 31) / 32 * 32;
+  std::vector<int32_t> kpack(B * KV * Sp * D / 2);
+  std::vector<at::BFloat16> vpack(B * KV * Sp * D);
+  at::parallel_for(0, B * KV, 1, [&](int64_t h0, int64_t h1) {
+    for (int64_t bh = h0; bh < h1; ++bh) {
+      const int64_t b = bh / KV, h = bh % KV;
+      pack_kv(kp + b * kc.stride(0) + h * kc.stride(1), vp + b * vc.stride(0) + h * vc.stride(1), kvs, S, D,
+              kpack.data() + bh * Sp * D / 2, vpack.data() + bh * Sp * D);
+    }
+  });
+  const int64_t n = B * H * tiles;
+  at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t j = i % 2 ? n - 1 - i / 2 : i / 2;  // a long tile, a short one, ...: even shares per thread
+      const int64_t bh = j / tiles, tile = j % tiles, b = bh / H, h = bh % H, kvh = b * KV + h / G;
+      const int64_t t0 = tile * CAUSAL_TILE, t1 = std::min(T_, t0 + CAUSAL_TILE);
+      causal_fast(qp + b * qc.stride(0) + h * qc.stride(1), qs, kpack.data() + kvh * Sp * D / 2, vpack.data() + kvh * Sp * D,
+                  t0, t1, off, D, (float)scale, op + b * out.stride(0) + h * out.stride(1), os);
+    }
+  });
+#endif
+  return out;
+}
+
+// whether causal_attention takes its vectorized path for heads D wide here (else a slow scalar loop: callers
+// then prefer PyTorch's attention)
+bool causal_attention_fast(int64_t D) { return causal_fast_here(D); }
+
 // which code path the integer kernels take here: "avx512" or "scalar"
 std::string isa() { return has_avx512_vnni() && !force_scalar() ? "avx512" : "scalar"; }
 
@@ -844,6 +1068,8 @@ TORCH_LIBRARY(lmlab, m) {
   m.def("bf16_gemv(Tensor x, Tensor w) -> Tensor");
   m.def("f32_gemv(Tensor x, Tensor w) -> Tensor");
   m.def("attend_cached(Tensor q, Tensor k, Tensor v, Tensor allowed, float scale) -> Tensor");
+  m.def("causal_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+  m.def("causal_attention_fast(int head_dim) -> bool", &causal_attention_fast);
   m.def("isa() -> str", &isa);
 }
 
@@ -853,4 +1079,5 @@ TORCH_LIBRARY_IMPL(lmlab, CPU, m) {
   m.impl("bf16_gemv", &bf16_gemv);
   m.impl("f32_gemv", &f32_gemv);
   m.impl("attend_cached", &attend_cached);
+  m.impl("causal_attention", &causal_attention);
 }
