@@ -699,6 +699,8 @@ LMLAB_AVX512_INLINE __m512 exp_ps(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+constexpr int64_t AHEAD = 8;  // slots read ahead (software prefetch)
+
 // STEPS = ⌈D/16⌉ vectors per head row (the last one masked by `tail`): scores 4 slots at a time, their sums
 // reduced together (reduce4); the output of each head accumulated in registers.
 template <typename T, int STEPS>
@@ -709,6 +711,11 @@ LMLAB_AVX512 void attend_avx512(const float* q, const T* k, const T* v, const in
   int64_t j = 0;
   for (; j + 4 <= L; j += 4) {
     const T* kr[4] = {k + slots[j] * D, k + slots[j + 1] * D, k + slots[j + 2] * D, k + slots[j + 3] * D};
+    if (j + AHEAD + 4 <= L)  // the cache comes from memory (a step streams the weights through every cache level)
+      for (int r = 0; r < 4; ++r) {
+        prefetch(k + slots[j + AHEAD + r] * D, D * (int64_t)sizeof(T));
+        prefetch(v + slots[j + AHEAD + r] * D, D * (int64_t)sizeof(T));  // for the weighted sum after the scores
+      }
     for (int64_t g = 0; g < G; ++g) {
       __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
 #pragma GCC unroll 8
