@@ -222,7 +222,9 @@ def _decode_speculative(runner: Runner, cache, logits: torch.Tensor, budgets: li
         lengths = [min(k, b - n - 1) if a else 0 for a, b, n in zip(active, budgets, watch.kept)]
         step = None
         if max(lengths) > 0:
+            t_pass = time.perf_counter()
             step = drafting.speculative_step(runner, cache, last, drafter, lengths, active, cfg, generator, seen)
+            t_pass = time.perf_counter() - t_pass
         if step is None:
             synchronize(device)
             t0 = time.perf_counter()
@@ -245,7 +247,7 @@ def _decode_speculative(runner: Runner, cache, logits: torch.Tensor, budgets: li
             stats.record(proposed, accepted, draft_steps=step.draft_steps, draft_s=step.draft_s,
                          target_s=step.target_s)
             if control is not None:
-                control.record(proposed, accepted, draft_s=step.draft_s, target_s=step.target_s)
+                control.record(proposed, accepted, draft_s=step.draft_s, target_s=step.target_s, pass_s=t_pass)
             if isinstance(drafter, drafting.LookupDrafter):
                 drafter.commit(emitted)
         if seen is not None:

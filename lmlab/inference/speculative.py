@@ -255,18 +255,19 @@ def expected_tokens(alpha: float, k: int) -> float:
     return sum(alpha ** i for i in range(k + 1))  # = (1 - α^(k+1)) / (1 - α), exact at α = 1
 
 
-def speedup(alpha: float, c: float, k: int, v: float = 0.0) -> float:
-    """Expected speed-up over plain decoding: S(k) = (1 - α^(k+1)) / ((1 - α)(k·c + 1 + k·v)).
+def speedup(alpha: float, c: float, k: int, v: float = 0.0, o: float = 0.0) -> float:
+    """Expected speed-up over plain decoding: S(k) = (1 - α^(k+1)) / ((1 - α)(k·c + 1 + k·v + o)).
 
     c = draft cost per drafted token / one plain target step; v = extra cost of each verified
-    token in the target pass relative to a plain step (0 when a k+1-token pass costs one step).
+    token in the target pass relative to a plain step (0 when a k+1-token pass costs one step);
+    o = the rest of a pass (verdict, cache roll-back, bookkeeping) in plain steps.
     """
-    return expected_tokens(alpha, k) / (k * c + 1.0 + k * v)
+    return expected_tokens(alpha, k) / (k * c + 1.0 + k * v + o)
 
 
-def best_k(alpha: float, c: float, k_max: int, v: float = 0.0) -> tuple[int, float]:
+def best_k(alpha: float, c: float, k_max: int, v: float = 0.0, o: float = 0.0) -> tuple[int, float]:
     """The k in 1..k_max with the highest expected speed-up, and that speed-up."""
-    return max(((k, speedup(alpha, c, k, v)) for k in range(1, k_max + 1)), key=lambda t: t[1])
+    return max(((k, speedup(alpha, c, k, v, o)) for k in range(1, k_max + 1)), key=lambda t: t[1])
 
 
 class _Ema:
@@ -289,8 +290,10 @@ class DraftController:
 
     The loop asks `k` before a step, then reports the step with `record` (a speculative pass) or
     `record_plain` (a plain step). α is estimated per drafted token as accepted / decided (the
-    drafts after a rejection were never judged), with exponentially decaying counts; c and v
-    from the step times. After `warmup` passes, speculation switches off when no k has
+    drafts after a rejection were never judged), with exponentially decaying counts; c, v and o
+    from the step times, each against the latest plain steps: while on, every `refresh_every`
+    passes one step is plain (k = 0), so the comparison follows a machine whose speed drifts
+    (a shared CPU's can halve within minutes). After `warmup` passes, speculation switches off when no k has
     S(k) >= 1; while off it re-probes after `probe_every` plain steps (doubling up to
     `probe_max` after each failed probe) for `probe_passes` passes of `probe_k` drafts (short, so
     that a probe that fails costs little), and switches back on only when S >= 1 + margin.
@@ -298,7 +301,8 @@ class DraftController:
 
     def __init__(self, k_max: int, *, cost_ratio: float | None = None, alpha_prior: float = 0.6,
                  prior_weight: float = 4.0, decay: float = 0.9, warmup: int = 4, margin: float = 0.05,
-                 probe_every: int = 32, probe_max: int = 512, probe_passes: int = 2, probe_k: int = 2):
+                 probe_every: int = 32, probe_max: int = 512, probe_passes: int = 2, probe_k: int = 2,
+                 refresh_every: int | None = 16):
         if k_max < 1:
             raise LmlabError(f"draft controller: k_max must be >= 1, got {k_max}")
         if not 0.0 <= alpha_prior <= 1.0 or not 0.0 < decay < 1.0:
@@ -310,7 +314,8 @@ class DraftController:
         self.probe_every, self.probe_k = probe_every, min(probe_k, k_max)
         self._acc, self._tried = alpha_prior * prior_weight, prior_weight
         self._draft_s, self._verify_s, self._plain_s = _Ema(decay), _Ema(decay), _Ema(decay)
-        self._v = _Ema(decay)
+        self._v, self._o = _Ema(decay), _Ema(decay)
+        self.refresh_every, self._since_plain = refresh_every, 0
         self._c_given = cost_ratio
         self.on, self.passes, self._since_off, self._probing = True, 0, 0, 0
         self.reason: str | None = None  # why speculation is off, or the last time it went off
@@ -334,21 +339,30 @@ class DraftController:
     def v(self) -> float:
         return max(self._v.value or 0.0, 0.0)
 
+    @property
+    def o(self) -> float:
+        return max(self._o.value or 0.0, 0.0)
+
     def best(self) -> tuple[int, float]:
-        return best_k(self.alpha, self.c, self.k_max, self.v)
+        return best_k(self.alpha, self.c, self.k_max, self.v, self.o)
 
     @property
     def k(self) -> int:
         """The draft length for the next step; 0 means take a plain step."""
-        if self.on or self._probing:
-            return self.probe_k if self._probing else self.best()[0]
+        if self._probing:
+            return self.probe_k
+        if self.on:
+            refresh = self.refresh_every is not None and self._since_plain >= self.refresh_every
+            return 0 if refresh else self.best()[0]
         return 0
 
     # -- observations
-    def record(self, proposed, accepted, draft_s: float | None = None, target_s: float | None = None) -> None:
+    def record(self, proposed, accepted, draft_s: float | None = None, target_s: float | None = None,
+               pass_s: float | None = None) -> None:
         """A speculative pass: per-row (or total) drafts proposed and accepted, and its times.
 
-        draft_s: seconds spent drafting this pass; target_s: seconds of the verification pass.
+        draft_s: seconds spent drafting this pass; target_s: seconds of the verification pass;
+        pass_s: seconds of the whole pass (drafting, verification and the rest).
         """
         proposed, accepted = _as_list(proposed), _as_list(accepted)
         if len(proposed) != len(accepted):
@@ -359,13 +373,15 @@ class DraftController:
             return  # nothing was drafted (no lookup match): a plain step in effect
         self._acc = self.decay * self._acc + sum(accepted)
         self._tried = self.decay * self._tried + sum(_tried(p, a) for p, a in zip(proposed, accepted))
-        self._timings(k, draft_s, target_s)
+        self._timings(k, draft_s, target_s, pass_s)
         self.passes += 1
+        self._since_plain += 1
         self._decide()
 
     def record_plain(self, target_s: float | None = None) -> None:
         """A plain target step (speculation off); its time calibrates c and v."""
         self.steps += 1
+        self._since_plain = 0
         if target_s is not None:
             self._plain_s.add(target_s)
         if not self.on and not self._probing:
@@ -374,13 +390,15 @@ class DraftController:
                 self._probing = self.probe_passes
                 self._acc, self._tried = self.alpha * 1.0, 1.0  # old evidence weighs one token
 
-    def _timings(self, k: int, draft_s, target_s) -> None:
+    def _timings(self, k: int, draft_s, target_s, pass_s) -> None:
         if draft_s is not None:
             self._draft_s.add(draft_s / k)
         if target_s is not None:
             self._verify_s.add(target_s)
             if self._plain_s.value:
                 self._v.add((target_s / self._plain_s.value - 1.0) / k)
+        if pass_s is not None and self._plain_s.value:
+            self._o.add((pass_s - (draft_s or 0.0) - (target_s or 0.0)) / self._plain_s.value)
 
     def _decide(self) -> None:
         k, s = self.best()
@@ -407,7 +425,7 @@ class DraftController:
 
     def _why(self, k: int, s: float, verdict: str) -> str:
         return (f"expected speed-up {s:.2f} {verdict} at best k={k} (acceptance {self.alpha:.2f}, "
-                f"cost ratio c={self.c:.2f}, verify cost v={self.v:.2f}) after {self.steps} steps")
+                f"cost ratio c={self.c:.2f}, verify cost v={self.v:.2f}, other o={self.o:.2f}) after {self.steps} steps")
 
 
 def _as_list(x) -> list[int]:

@@ -263,9 +263,13 @@ def test_best_k_is_the_analytical_argmax():
 
 
 def feed(ctl: DraftController, alpha: float, passes: int, rng: random.Random, draft_s=0.0, target_s=1.0):
-    """Speculative passes where each draft survives with probability alpha."""
+    """Speculative passes where each draft survives with probability alpha (and the plain steps the controller
+    asks for now and then to re-time a plain step, each taking target_s)."""
     for _ in range(passes):
         k = ctl.k
+        if k == 0 and ctl.on:
+            ctl.record_plain(target_s=target_s)
+            k = ctl.k
         assert k > 0
         n = 0
         while n < k and rng.random() < alpha:
@@ -283,8 +287,9 @@ def test_controller_picks_the_best_k_for_the_measured_alpha_and_c():
     ctl = DraftController(8, decay=0.99)
     feed(ctl, 0.8, 400, random.Random(2), draft_s=0.05, target_s=1.0)
     assert ctl.c == pytest.approx(0.05)
-    assert ctl.on and ctl.k == best_k(ctl.alpha, 0.05, 8)[0]
-    assert ctl.k == best_k(0.8, 0.05, 8)[0] or abs(ctl.k - best_k(0.8, 0.05, 8)[0]) == 1
+    k = ctl.best()[0]  # (ctl.k itself is 0 on the passes that re-time a plain step)
+    assert ctl.on and k == best_k(ctl.alpha, 0.05, 8)[0]
+    assert k == best_k(0.8, 0.05, 8)[0] or abs(k - best_k(0.8, 0.05, 8)[0]) == 1
 
 
 def test_controller_switches_off_when_drafting_costs_too_much():
@@ -346,6 +351,36 @@ def test_controller_measures_the_verify_cost():
     ctl.record_plain(target_s=1.0)
     ctl.record(4, 4, draft_s=0.0, target_s=1.8)  # a 5-token pass costs 1.8 plain steps
     assert ctl.v == pytest.approx(0.2)
+
+
+def test_controller_retimes_a_plain_step_every_so_often():
+    ctl = DraftController(4, warmup=1, refresh_every=5)
+    ctl.record_plain(target_s=1.0)
+    ks = []
+    for _ in range(12):
+        ks.append(ctl.k)
+        if ks[-1]:
+            ctl.record(ks[-1], ks[-1], draft_s=0.0, target_s=1.0)
+        else:
+            ctl.record_plain(target_s=2.0)  # the machine slowed down: plain steps now take 2
+    assert [k > 0 for k in ks] == [True] * 5 + [False] + [True] * 5 + [False]
+    assert ctl.on and ctl.v == 0.0  # verification passes (1.0) measured against the latest plain steps
+    assert DraftController(4, refresh_every=None).k > 0
+
+
+def test_controller_counts_the_rest_of_a_pass():
+    """Drafts cheap and often accepted, but each pass spends a plain step outside drafting and verification
+    (o): S(k) < 1 for every k, so speculation goes off, where without o it would stay on."""
+    alpha, c = 0.6, 0.1
+    assert best_k(alpha, c, 4)[1] > 1.2 and best_k(alpha, c, 4, o=1.0)[1] < 1
+    ctl = DraftController(4, warmup=3, decay=0.5)
+    ctl.record_plain(target_s=1.0)
+    rng = random.Random(5)
+    for _ in range(3):
+        k = ctl.k
+        n = sum(1 for _ in iter(lambda: rng.random() < alpha, False))
+        ctl.record(k, min(n, k), draft_s=c * k, target_s=1.0, pass_s=c * k + 1.0 + 1.0)
+    assert ctl.o == pytest.approx(1.0) and not ctl.on and "o=1.00" in ctl.reason
 
 
 def test_controller_bad_arguments():
