@@ -159,12 +159,16 @@ def compare(title: str, runner, tok, prompts: list[str], specs: list[Speculation
     for text in prompts:
         ids = tok.encode(text)
         log(f"- {text[:60]!r} ({len(ids)} prompt tokens)")
-        plain, t_plain = lmlab_run(runner, [ids], args.max_new_tokens)
+        # plain runs before and after the speculative ones, their mean the baseline: a shared machine's speed
+        # drifts over the minutes a prompt takes, and a drift that is linear cancels out of the ratios
+        plain, t_before = lmlab_run(runner, [ids], args.max_new_tokens)
+        fasts = [lmlab_run(runner, [ids], args.max_new_tokens, spec) for spec in specs]
+        _, t_after = lmlab_run(runner, [ids], args.max_new_tokens)
         n = len(plain.tokens[0])
-        p_tps = n / t_plain
-        log(f"  {'lmlab plain greedy':<34} {p_tps:7.2f} tok/s")
-        for i, spec in enumerate(specs):
-            fast, t_fast = lmlab_run(runner, [ids], args.max_new_tokens, spec)
+        p_tps = (n / t_before + n / t_after) / 2
+        log(f"  {'lmlab plain greedy':<34} {p_tps:7.2f} tok/s  (mean of {n / t_before:.2f} before and "
+            f"{n / t_after:.2f} after)")
+        for i, (spec, (fast, t_fast)) in enumerate(zip(specs, fasts)):
             log(spec_line("lmlab " + spec.method, len(fast.tokens[0]), t_fast, p_tps, fast.spec,
                           fast.tokens == plain.tokens))
             if i == 0:
@@ -189,13 +193,15 @@ def batched(runner, tok, prompts: list[str], specs: list[Speculation], args) -> 
             spec.draft.warm(batch=len(ids), tokens=(2,))  # the draft catching up
     for spec in [None, *specs]:
         lmlab_run(runner, ids, 4, spec)
-    plain, tp = lmlab_run(runner, ids, args.max_new_tokens)
+    plain, t_before = lmlab_run(runner, ids, args.max_new_tokens)  # plain before and after, as in compare()
+    fasts = [lmlab_run(runner, ids, args.max_new_tokens, spec) for spec in specs]
+    _, t_after = lmlab_run(runner, ids, args.max_new_tokens)
     n_p = sum(map(len, plain.tokens))
-    log(f"\n== batch {len(ids)}: plain {n_p / tp:.2f} tok/s")
-    for spec in specs:
-        fast, tf = lmlab_run(runner, ids, args.max_new_tokens, spec)
+    p_tps = (n_p / t_before + n_p / t_after) / 2
+    log(f"\n== batch {len(ids)}: plain {p_tps:.2f} tok/s (mean of {n_p / t_before:.2f} before and {n_p / t_after:.2f} after)")
+    for spec, (fast, tf) in zip(specs, fasts):
         n_f = sum(map(len, fast.tokens))
-        log(f"  {spec.method}: {n_f / tf:.2f} tok/s (x{(n_f / tf) / (n_p / tp):.2f}; acceptance "
+        log(f"  {spec.method}: {n_f / tf:.2f} tok/s (x{(n_f / tf) / p_tps:.2f}; acceptance "
             f"{fast.spec.acceptance_rate:.2f}, {'tokens = plain' if fast.tokens == plain.tokens else 'TOKENS DIFFER'})")
 
 
