@@ -8,7 +8,9 @@
      lmlab prompt lookup, HF greedy and HF prompt_lookup_num_tokens.
 For each speculative run: tokens/s, speed-up, acceptance rate, α (solved from tokens per pass), the measured
 cost ratio c, the analytical speed-up (1 - α^(k+1)) / ((1 - α)(k·c + 1)) for the mean k drafted, and the
-measured cost of a verification pass in plain steps (the formula takes it as 1).
+measured cost of a verification pass in plain steps (the formula takes it as 1); and the same formula over
+the steps the run took (its passes at S, its plain steps at 1: no lookup match, the controller re-timing a plain
+step, speculation switched off).
 Greedy everywhere: lmlab's speculative tokens are checked against its plain tokens.
 
     python bench/speculative.py                               # the full run (quiet machine: ~30+ min on CPU)
@@ -145,9 +147,15 @@ def spec_line(name: str, n_tok: int, secs: float, plain_tps: float, stats, same:
     alpha, k, c, s = analytical(stats)
     verify = (stats.target_s / stats.passes) * plain_tps if stats.passes else 0.0
     off = "; switched off" if stats.switched_off else ""
+    # the same formula over the steps the run took: its passes at S, its plain steps (no lookup match, the
+    # controller's re-timing steps, speculation off) at 1, in plain-step units
+    mix = ((stats.passes * expected_tokens(alpha, k) + stats.plain_steps)
+           / (stats.passes * (k * c + 1.0) + stats.plain_steps)) if stats.passes else 1.0
     return (f"  {name:<34} {tps:7.2f} tok/s  x{tps / plain_tps:5.2f}  acc {stats.acceptance_rate:.2f}  "
             f"α {alpha:.2f}  c {c:.3f}  k {k}  expected x{s:.2f}  achieved/expected {tps / plain_tps / s:.0%}  "
-            f"verify pass = {verify:.2f} plain steps{off}  {'tokens = plain' if same else 'TOKENS DIFFER'}")
+            f"({stats.passes} passes, {stats.plain_steps} plain steps: expected x{mix:.2f}, achieved "
+            f"{tps / plain_tps / mix:.0%})  verify pass = {verify:.2f} plain steps{off}  "
+            f"{'tokens = plain' if same else 'TOKENS DIFFER'}")
 
 
 def compare(title: str, runner, tok, prompts: list[str], specs: list[Speculation], args, hf_pair=None,

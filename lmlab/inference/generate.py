@@ -218,6 +218,8 @@ def _decode_speculative(runner: Runner, cache, logits: torch.Tensor, budgets: li
     plain_first = control is not None  # a timed plain step first gives the controller its c
     while not all(watch.done):
         active = [not d for d in watch.done]
+        if control is not None:
+            control.rows = [i for i in range(B) if active[i]]
         k = 0 if plain_first else (control.k if control is not None else spec.k)
         lengths = [min(k, b - n - 1) if a else 0 for a, b, n in zip(active, budgets, watch.kept)]
         step = None
@@ -247,7 +249,8 @@ def _decode_speculative(runner: Runner, cache, logits: torch.Tensor, budgets: li
             stats.record(proposed, accepted, draft_steps=step.draft_steps, draft_s=step.draft_s,
                          target_s=step.target_s)
             if control is not None:
-                control.record(proposed, accepted, draft_s=step.draft_s, target_s=step.target_s, pass_s=t_pass)
+                control.record(proposed, accepted, draft_s=step.draft_s, target_s=step.target_s, pass_s=t_pass,
+                               rows=live)
             if isinstance(drafter, drafting.LookupDrafter):
                 drafter.commit(emitted)
         if seen is not None:

@@ -82,7 +82,7 @@ class Attention(nn.Module):
         if (mask is not None and mask.dtype == torch.bool and T <= FEW_QUERIES and not self.training
                 and torch.compiler.is_compiling()):
             y = self._few_queries(q, k, v, mask)
-        elif mask is None and is_causal and _native_prompt_attention(q):
+        elif mask is None and is_causal and not self.training and _native_prompt_attention(q):
             y = torch.ops.lmlab.causal_attention(q, k, v, self.scale if self.scale is not None else self.head_dim ** -0.5)
         else:
             y = F.scaled_dot_product_attention(

@@ -383,6 +383,39 @@ def test_controller_counts_the_rest_of_a_pass():
     assert ctl.o == pytest.approx(1.0) and not ctl.on and "o=1.00" in ctl.reason
 
 
+def test_controller_starts_with_a_short_pass():
+    ctl = DraftController(8, warmup=1)
+    assert ctl.k == ctl.probe_k == 2  # the first pass measures what a pass costs before k grows
+    ctl.record_plain(target_s=1.0)
+    ctl.record(2, 2, draft_s=0.0, target_s=1.0)
+    assert ctl.k == 8
+
+
+def test_batch_rows_keep_their_own_acceptance():
+    """Row 0 copies its drafts, row 1 never does: while both draft, S(k) averages their expected tokens; once
+    row 0 has finished, the pass serves row 1 alone and speculation goes off (a pass costs the same with one
+    live row, and the pooled α still says 0.5)."""
+    ctl = DraftController(4, warmup=1, decay=0.8)
+    ctl.record_plain(target_s=1.0)
+    for _ in range(12):
+        ctl.rows = [0, 1]
+        k = ctl.k or 4
+        ctl.record([k, k], [k, 0], draft_s=0.05 * k, target_s=1.2, rows=[0, 1])
+    assert ctl.on and ctl.row_alpha(0) > 0.9 and ctl.row_alpha(1) < 0.1 and 0.4 < ctl.alpha < 0.95
+    ctl.rows = [1]
+    assert ctl.best()[1] < 1 < speedup(ctl.alpha, ctl.c, 1, ctl.v)
+    ctl.record([2], [0], draft_s=0.1, target_s=1.2, rows=[1])
+    assert not ctl.on
+
+
+def test_one_slow_first_plain_step_does_not_stay_the_baseline():
+    ctl = DraftController(4)
+    ctl.record_plain(target_s=2.0)  # the first step after a prompt, slow
+    for _ in range(3):
+        ctl.record_plain(target_s=1.0)
+    assert ctl._plain_s.value < 1.2
+
+
 def test_controller_bad_arguments():
     with pytest.raises(LmlabError, match="k_max"):
         DraftController(0)
