@@ -95,3 +95,24 @@ def test_prompt_pass_kernels_give_hf_logits(smollm2_path, hf_model):
         kernels.choose(runner.model, force={"1": "linear", "few": "linear", "prompt": many})
         got = runner.prefill(ids, runner.new_cache(1, ids.shape[1]))[0]
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=many)
+
+
+def test_bfloat16_prompt_attention_stays_as_close_to_hf_as_hf_bfloat16(smollm2_path, hf_model):
+    """A bfloat16 prompt takes lmlab's native causal_attention where it is vectorized: its logits stay about as
+    close to HF's float32 logits as HF's own bfloat16 run (measured mean |Δ| over 200 positions: 0.133 lmlab
+    native, 0.128 lmlab with PyTorch's attention, 0.114 HF bfloat16; a kernel that lets each query see one key
+    too many reads far more)."""
+    import copy
+
+    from lmlab.checkpoints import load
+    from lmlab.inference import native
+
+    if not native.causal_attention_fast(64):
+        pytest.skip("no vectorized native causal attention here")
+    model, tok = load(str(smollm2_path), dtype="float32")
+    ids = torch.tensor([tok.encode(PROMPT * 4)[:200]])
+    with torch.no_grad():
+        want = hf_model(ids).logits
+        hf_err = (copy.deepcopy(hf_model).bfloat16()(ids).logits.float() - want).abs().mean().item()
+        err = (model.bfloat16()(ids).float() - want).abs().mean().item()
+    assert err <= 1.5 * hf_err, (err, hf_err)
