@@ -122,6 +122,18 @@ def lmlab_run(runner, prompts: list[list[int]], n: int, spec: Speculation | None
     return res, time.perf_counter() - t
 
 
+def bracketed(runner, prompts: list[list[int]], specs: list[Speculation], n: int):
+    """Plain runs before and after the speculative ones, their mean the baseline: a shared machine's speed
+    drifts over the minutes a prompt takes, and a drift that is linear cancels out of the ratios.
+    (the first plain result, its mean tok/s, a note of both, [(result, seconds)] per spec)."""
+    plain, t_before = lmlab_run(runner, prompts, n)
+    fasts = [lmlab_run(runner, prompts, n, spec) for spec in specs]
+    _, t_after = lmlab_run(runner, prompts, n)
+    tokens = sum(map(len, plain.tokens))
+    before, after = tokens / t_before, tokens / t_after
+    return plain, (before + after) / 2, f"(mean of {before:.2f} before and {after:.2f} after)", fasts
+
+
 def solve_alpha(tokens_per_pass: float, k: int) -> float:
     """The per-token acceptance α whose expected tokens per pass with k drafts is the measured one."""
     lo, hi = 0.0, 1.0
@@ -167,15 +179,8 @@ def compare(title: str, runner, tok, prompts: list[str], specs: list[Speculation
     for text in prompts:
         ids = tok.encode(text)
         log(f"- {text[:60]!r} ({len(ids)} prompt tokens)")
-        # plain runs before and after the speculative ones, their mean the baseline: a shared machine's speed
-        # drifts over the minutes a prompt takes, and a drift that is linear cancels out of the ratios
-        plain, t_before = lmlab_run(runner, [ids], args.max_new_tokens)
-        fasts = [lmlab_run(runner, [ids], args.max_new_tokens, spec) for spec in specs]
-        _, t_after = lmlab_run(runner, [ids], args.max_new_tokens)
-        n = len(plain.tokens[0])
-        p_tps = (n / t_before + n / t_after) / 2
-        log(f"  {'lmlab plain greedy':<34} {p_tps:7.2f} tok/s  (mean of {n / t_before:.2f} before and "
-            f"{n / t_after:.2f} after)")
+        plain, p_tps, spread, fasts = bracketed(runner, [ids], specs, args.max_new_tokens)
+        log(f"  {'lmlab plain greedy':<34} {p_tps:7.2f} tok/s  {spread}")
         for i, (spec, (fast, t_fast)) in enumerate(zip(specs, fasts)):
             log(spec_line("lmlab " + spec.method, len(fast.tokens[0]), t_fast, p_tps, fast.spec,
                           fast.tokens == plain.tokens))
@@ -201,12 +206,8 @@ def batched(runner, tok, prompts: list[str], specs: list[Speculation], args) -> 
             spec.draft.warm(batch=len(ids), tokens=(2,))  # the draft catching up
     for spec in [None, *specs]:
         lmlab_run(runner, ids, 4, spec)
-    plain, t_before = lmlab_run(runner, ids, args.max_new_tokens)  # plain before and after, as in compare()
-    fasts = [lmlab_run(runner, ids, args.max_new_tokens, spec) for spec in specs]
-    _, t_after = lmlab_run(runner, ids, args.max_new_tokens)
-    n_p = sum(map(len, plain.tokens))
-    p_tps = (n_p / t_before + n_p / t_after) / 2
-    log(f"\n== batch {len(ids)}: plain {p_tps:.2f} tok/s (mean of {n_p / t_before:.2f} before and {n_p / t_after:.2f} after)")
+    plain, p_tps, spread, fasts = bracketed(runner, ids, specs, args.max_new_tokens)
+    log(f"\n== batch {len(ids)}: plain {p_tps:.2f} tok/s {spread}")
     for spec, (fast, tf) in zip(specs, fasts):
         n_f = sum(map(len, fast.tokens))
         log(f"  {spec.method}: {n_f / tf:.2f} tok/s (x{(n_f / tf) / p_tps:.2f}; acceptance "

@@ -18,6 +18,7 @@ Everything here is batch-aware: B rows, each with its own draft length and accep
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -255,17 +256,19 @@ def expected_tokens(alpha: float, k: int) -> float:
     return sum(alpha ** i for i in range(k + 1))  # = (1 - α^(k+1)) / (1 - α), exact at α = 1
 
 
-def speedup(alpha: float, c: float, k: int, v: float = 0.0, o: float = 0.0) -> float:
+def speedup(alpha: float | Sequence[float], c: float, k: int, v: float = 0.0, o: float = 0.0) -> float:
     """Expected speed-up over plain decoding: S(k) = (1 - α^(k+1)) / ((1 - α)(k·c + 1 + k·v + o)).
 
     c = draft cost per drafted token / one plain target step; v = extra cost of each verified
     token in the target pass relative to a plain step (0 when a k+1-token pass costs one step);
-    o = the rest of a pass (verdict, cache roll-back, bookkeeping) in plain steps.
+    o = the rest of a pass (verdict, cache roll-back, bookkeeping) in plain steps. Several α (the rows of a
+    batch, one pass for all): the expected tokens averaged over them.
     """
-    return expected_tokens(alpha, k) / (k * c + 1.0 + k * v + o)
+    alphas = [alpha] if isinstance(alpha, (int, float)) else list(alpha)
+    return sum(expected_tokens(a, k) for a in alphas) / len(alphas) / (k * c + 1.0 + k * v + o)
 
 
-def best_k(alpha: float, c: float, k_max: int, v: float = 0.0, o: float = 0.0) -> tuple[int, float]:
+def best_k(alpha: float | Sequence[float], c: float, k_max: int, v: float = 0.0, o: float = 0.0) -> tuple[int, float]:
     """The k in 1..k_max with the highest expected speed-up, and that speed-up."""
     return max(((k, speedup(alpha, c, k, v, o)) for k in range(1, k_max + 1)), key=lambda t: t[1])
 
@@ -360,12 +363,8 @@ class DraftController:
         """The k with the highest expected speed-up, and that speed-up: one α, or (a batch with `rows` set) the
         expected tokens averaged over the rows the next pass serves, each with its own α; a pass costs the
         same whichever rows still draft, so a batch whose last live row stops matching its drafts goes plain."""
-        if not self.rows:
-            return best_k(self.alpha, self.c, self.k_max, self.v, self.o)
-        alphas = [self.row_alpha(r) for r in self.rows]
-        cost = lambda k: k * self.c + 1.0 + k * self.v + self.o  # noqa: E731
-        return max(((k, sum(expected_tokens(a, k) for a in alphas) / len(alphas) / cost(k))
-                    for k in range(1, self.k_max + 1)), key=lambda t: t[1])
+        alpha = [self.row_alpha(r) for r in self.rows] if self.rows else self.alpha
+        return best_k(alpha, self.c, self.k_max, self.v, self.o)
 
     @property
     def k(self) -> int:
