@@ -209,9 +209,14 @@ def batched(runner, tok, prompts: list[str], specs: list[Speculation], args) -> 
     plain, p_tps, spread, fasts = bracketed(runner, ids, specs, args.max_new_tokens)
     log(f"\n== batch {len(ids)}: plain {p_tps:.2f} tok/s {spread}")
     for spec, (fast, tf) in zip(specs, fasts):
-        n_f = sum(map(len, fast.tokens))
+        n_f, st = sum(map(len, fast.tokens)), fast.spec
+        step_s = len(ids) / p_tps  # one plain batch step
+        verify = f"{st.target_s / st.passes / step_s:.2f}" if st.passes else "-"
+        off = f"; switched off: {st.switched_off}" if st.switched_off else ""
         log(f"  {spec.method}: {n_f / tf:.2f} tok/s (x{(n_f / tf) / p_tps:.2f}; acceptance "
-            f"{fast.spec.acceptance_rate:.2f}, {'tokens = plain' if fast.tokens == plain.tokens else 'TOKENS DIFFER'})")
+            f"{st.acceptance_rate:.2f}, {st.passes} passes and {st.plain_steps} plain steps, a pass = {verify} "
+            f"plain batch steps to verify, c {st.cost_ratio or 0:.3f}{off}; "
+            f"{'tokens = plain' if fast.tokens == plain.tokens else 'TOKENS DIFFER'})")
 
 
 def qwen_part(folder: Path, args, run: RunConfig) -> None:

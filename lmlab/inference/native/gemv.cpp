@@ -497,11 +497,12 @@ LMLAB_AVX512 inline __m512bh load_bf16(const at::BFloat16* p, __mmask32 mk) {
 // x: M × K bfloat16; 4 rows of W per step
 // R rows of x against the 4 rows of W at w (N×K; output columns n..n+3): 4·R accumulators, so each load of W
 // serves R rows of x (a verification pass of a few tokens reads W once and pays little more than one row).
-// Each step also prefetches the same 64 bytes of the next block's 4 rows (pf): memory keeps streaming while
-// the block computes. (Measured, Qwen2.5 1.5B shapes, 2 threads, AMD EPYC: a 4-row product took 1.2–1.3×
+// With more than one row of x (PF), each step also prefetches the same 64 bytes of the next block's 4 rows
+// (pf): memory keeps streaming while the block computes. (Measured, Qwen2.5 1.5B shapes, 2 threads, AMD EPYC: a 4-row product took 1.2–1.3×
 // a one-row one with a burst of prefetches per block, 1.0–1.1× with these; a 3-token verification pass of
-// the whole model went from 1.55× a compiled one-token step to 1.06×.)
-template <int R>
+// the whole model went from 1.55× a compiled one-token step to 1.06×. One row keeps a burst of prefetches a
+// block ahead: with the per-step ones SmolLM2's one-row bf16 products at K = 576 took 1.2–1.5× longer.)
+template <int R, bool PF>
 LMLAB_AVX512 inline void bf16_block(const at::BFloat16* x, const at::BFloat16* w, int64_t K, int64_t steps,
                                     __mmask32 tail, float* y, int64_t N, const at::BFloat16* pf) {
   __m512 a[R][4];
@@ -511,8 +512,10 @@ LMLAB_AVX512 inline void bf16_block(const at::BFloat16* x, const at::BFloat16* w
     for (int j = 0; j < 4; ++j) a[r][j] = _mm512_setzero_ps();
   for (int64_t i = 0; i < steps; ++i) {
     const __mmask32 mk = i == steps - 1 ? tail : ~(__mmask32)0;
+    if (PF) {
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) _mm_prefetch((const char*)(pf + j * K + i * 32), _MM_HINT_T0);
+    }
     __m512bh wv[4];
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) wv[j] = load_bf16(w + j * K + i * 32, mk);
@@ -529,7 +532,7 @@ LMLAB_AVX512 inline void bf16_block(const at::BFloat16* x, const at::BFloat16* w
     for (int j = 0; j < 4; ++j) y[r * N + j] = _mm512_reduce_add_ps(a[r][j]);
 }
 
-template <int R>
+template <int R, bool PF>
 LMLAB_AVX512 inline void f32_block(const float* x, const float* w, int64_t K, int64_t steps, __mmask16 tail,
                                    float* y, int64_t N, const float* pf) {
   __m512 a[R][4];
@@ -539,8 +542,10 @@ LMLAB_AVX512 inline void f32_block(const float* x, const float* w, int64_t K, in
     for (int j = 0; j < 4; ++j) a[r][j] = _mm512_setzero_ps();
   for (int64_t i = 0; i < steps; ++i) {
     const __mmask16 mk = i == steps - 1 ? tail : (__mmask16)0xFFFF;
+    if (PF) {
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) _mm_prefetch((const char*)(pf + j * K + i * 16), _MM_HINT_T0);
+    }
     __m512 wv[4];
 #pragma GCC unroll 4
     for (int j = 0; j < 4; ++j) wv[j] = _mm512_maskz_loadu_ps(mk, w + j * K + i * 16);
@@ -561,15 +566,21 @@ LMLAB_AVX512 void bf16_rows_avx512(const at::BFloat16* x, int64_t M, const at::B
                                    int64_t n0, int64_t n1, int64_t N, float* y) {
   const int64_t steps = (K + 31) / 32;
   const __mmask32 tail = (K % 32) ? (__mmask32)((1u << (K % 32)) - 1) : ~(__mmask32)0;
+  const int64_t ahead = (rows_ahead(2 * K) + 3) / 4 * 4;
   int64_t n = n0;
   for (; n + 4 <= n1; n += 4) {
     const at::BFloat16* r0 = w + n * K;
     const at::BFloat16* pf = w + std::min(n + 4, n1 - 4) * K;
+    if (M == 1) {
+      if (n + ahead + 4 <= n1) prefetch(w + (n + ahead) * K, 8 * K);
+      bf16_block<1, false>(x, r0, K, steps, tail, y + n, N, pf);
+      continue;
+    }
     int64_t m = 0;
-    for (; m + 4 <= M; m += 4) bf16_block<4>(x + m * K, r0, K, steps, tail, y + m * N + n, N, pf);
-    if (M - m == 3) { bf16_block<3>(x + m * K, r0, K, steps, tail, y + m * N + n, N, pf); m += 3; }
-    for (; m + 2 <= M; m += 2) bf16_block<2>(x + m * K, r0, K, steps, tail, y + m * N + n, N, pf);
-    for (; m < M; ++m) bf16_block<1>(x + m * K, r0, K, steps, tail, y + m * N + n, N, pf);
+    for (; m + 4 <= M; m += 4) bf16_block<4, true>(x + m * K, r0, K, steps, tail, y + m * N + n, N, pf);
+    if (M - m == 3) { bf16_block<3, true>(x + m * K, r0, K, steps, tail, y + m * N + n, N, pf); m += 3; }
+    for (; m + 2 <= M; m += 2) bf16_block<2, true>(x + m * K, r0, K, steps, tail, y + m * N + n, N, pf);
+    for (; m < M; ++m) bf16_block<1, true>(x + m * K, r0, K, steps, tail, y + m * N + n, N, pf);
   }
   for (; n < n1; ++n)
     for (int64_t m = 0; m < M; ++m) {
@@ -586,15 +597,21 @@ LMLAB_AVX512 void f32_rows_avx512(const float* x, int64_t M, const float* w, int
                                   int64_t N, float* y) {
   const int64_t steps = (K + 15) / 16;
   const __mmask16 tail = (K % 16) ? (__mmask16)((1u << (K % 16)) - 1) : (__mmask16)0xFFFF;
+  const int64_t ahead = (rows_ahead(4 * K) + 3) / 4 * 4;
   int64_t n = n0;
   for (; n + 4 <= n1; n += 4) {
     const float* r0 = w + n * K;
     const float* pf = w + std::min(n + 4, n1 - 4) * K;
+    if (M == 1) {
+      if (n + ahead + 4 <= n1) prefetch(w + (n + ahead) * K, 16 * K);
+      f32_block<1, false>(x, r0, K, steps, tail, y + n, N, pf);
+      continue;
+    }
     int64_t m = 0;
-    for (; m + 4 <= M; m += 4) f32_block<4>(x + m * K, r0, K, steps, tail, y + m * N + n, N, pf);
-    if (M - m == 3) { f32_block<3>(x + m * K, r0, K, steps, tail, y + m * N + n, N, pf); m += 3; }
-    for (; m + 2 <= M; m += 2) f32_block<2>(x + m * K, r0, K, steps, tail, y + m * N + n, N, pf);
-    for (; m < M; ++m) f32_block<1>(x + m * K, r0, K, steps, tail, y + m * N + n, N, pf);
+    for (; m + 4 <= M; m += 4) f32_block<4, true>(x + m * K, r0, K, steps, tail, y + m * N + n, N, pf);
+    if (M - m == 3) { f32_block<3, true>(x + m * K, r0, K, steps, tail, y + m * N + n, N, pf); m += 3; }
+    for (; m + 2 <= M; m += 2) f32_block<2, true>(x + m * K, r0, K, steps, tail, y + m * N + n, N, pf);
+    for (; m < M; ++m) f32_block<1, true>(x + m * K, r0, K, steps, tail, y + m * N + n, N, pf);
   }
   for (; n < n1; ++n)
     for (int64_t m = 0; m < M; ++m) {
