@@ -19,7 +19,7 @@ import torch
 from lmlab.checkpoints import load as load_checkpoint
 from lmlab.errors import LmlabError
 from lmlab.inference.compile import compile_step
-from lmlab.inference.drafting import DEFAULT_K, Speculation, check_pair, compile_few
+from lmlab.inference.drafting import DEFAULT_K, Speculation, check_pair, compile_few, narrow_head
 from lmlab.inference.kernels import choose as choose_kernels
 from lmlab.inference.kernels import quantized_choices, use_row_linears
 from lmlab.inference.quantize import SCHEMES, quantization_route, quantize_model
@@ -111,17 +111,23 @@ def add_speculation_args(p) -> None:
     p.add_argument("--no-adapt", action="store_true", help="always draft --speculate tokens (no switching off)")
     p.add_argument("--draft-quantize", default=None, choices=list(SCHEMES),
                    help="quantize the draft only (the target keeps --quantize): a cheaper draft, the same output")
+    p.add_argument("--draft-vocab", type=int, default=0, metavar="N",
+                   help="the draft scores only the first N token ids (+ stop ids): a cheaper draft step, the same output")
 
 
 def load_speculation(target: Runner, target_tok, *, draft: str | None = None, speculate: int | None = None,
                      prompt_lookup: int = 0, adapt: bool = True, run: RunConfig | None = None,
-                     draft_quantize: str | None = None, target_name: str = "target") -> Speculation | None:
+                     draft_quantize: str | None = None, draft_vocab: int = 0,
+                     target_name: str = "target") -> Speculation | None:
     """The Speculation that --draft/--speculate/--prompt-lookup ask for (None: plain decoding). The draft is
     loaded with the target's RunConfig (dtype, quantization, compiled step, device), its quantization
     replaced by `draft_quantize` when given, and checked against the target: decoder-only, the same
-    vocabulary and tokenizer. Greedy output stays the target's whatever the draft is."""
+    vocabulary and tokenizer. `draft_vocab` N > 0 narrows the draft's LM head to the first N ids and the stop
+    ids (drafting.narrow_head). Greedy output stays the target's whatever the draft is."""
     if draft_quantize and draft is None:
         raise LmlabError("--draft-quantize needs --draft MODEL (prompt lookup has no draft model)")
+    if draft_vocab and draft is None:
+        raise LmlabError("--draft-vocab needs --draft MODEL (prompt lookup has no draft model)")
     if draft is None and not prompt_lookup:
         if speculate is not None:
             raise LmlabError("--speculate needs --draft MODEL or --prompt-lookup N")
@@ -136,13 +142,15 @@ def load_speculation(target: Runner, target_tok, *, draft: str | None = None, sp
     Speculation(draft=draft, k=k)  # validate k before loading anything
     model, tok = load_checkpoint(draft, dtype="float32", device="cpu")
     check_pair(target.cfg, model.cfg, target_tok, tok, draft_name=draft, target_name=target_name)
+    vocab = narrow_head(model, draft_vocab, getattr(tok, "stop_ids", ())) if draft_vocab else None
     draft_run = replace(run or RunConfig(), quantize=draft_quantize) if draft_quantize else run
     draft_runner = prepare(model, draft_run)
     compile_few(target, draft_runner)
-    return Speculation(draft=draft_runner, k=k, adaptive=adapt, draft_name=draft)
+    return Speculation(draft=draft_runner, k=k, adaptive=adapt, draft_name=draft, draft_vocab=vocab)
 
 
 def speculation_options(args) -> dict:
     """load_speculation's keyword arguments from parsed add_speculation_args options."""
     return dict(draft=args.draft, speculate=args.speculate, prompt_lookup=args.prompt_lookup, adapt=not args.no_adapt,
-                draft_quantize=args.draft_quantize)
+                draft_quantize=args.draft_quantize,
+                draft_vocab=args.draft_vocab)

@@ -233,6 +233,51 @@ def test_the_chi_square_test_catches_a_wrong_residual(monkeypatch):
     assert chi_square_p(samples, joint) < 1e-6
 
 
+def test_sampling_with_a_narrowed_draft_head_follows_the_target_distribution():
+    """A draft that scores only 6 of the 10 ids (q = 0 on the rest): the target's tokens outside them come
+    from the residual alone, and the joint distribution is still the target's."""
+    target, draft = tiny_pair()
+    ids = drafting.narrow_head(draft, 5, extra_ids=[9])
+    assert ids.tolist() == [0, 1, 2, 3, 4, 9] and draft.lm_head.weight.shape == (6, draft.cfg.d_model)
+    prompt, knobs = [3, 7, 1, 4], SAMPLING[0]
+    cfg = GenerationConfig(max_new_tokens=4, seed=0, **knobs)
+    out = run(target, [prompt] * N_SAMPLES, cfg, Speculation(draft=draft, k=2, adaptive=False, draft_vocab=ids))
+    assert out.spec.passes >= 1 and 0 < out.spec.acceptance_rate < 0.95
+    drafted = {t for row in out.tokens for t in row}
+    assert drafted - set(ids.tolist()), "the target still makes the ids the draft cannot"
+    assert chi_square_p(out.tokens, exact_joint(target, prompt, cfg)) > 0.01
+
+
+def test_narrowed_draft_head_keeps_greedy_output_and_the_kept_logits(pair):
+    import copy
+
+    target, small = pair
+    narrow = copy.deepcopy(small)
+    ids = drafting.narrow_head(narrow, 200, extra_ids=[511, 7, None])
+    assert len(ids) == 201 and ids[-1] == 511
+    x = torch.tensor([[5, 9, 300, 2]])
+    with torch.inference_mode():
+        torch.testing.assert_close(narrow(x)[0], small(x)[0][:, ids], rtol=0, atol=0)
+    prompts = prompts_of([3, 11, 40], target.cfg.vocab_size)
+    cfg = GenerationConfig(max_new_tokens=24, **GREEDY)
+    plain = run(target, prompts, cfg).tokens
+    narrowed = run(target, prompts, cfg, Speculation(draft=narrow, k=3, adaptive=False, draft_vocab=ids))
+    assert narrowed.tokens == plain and narrowed.spec.passes > 0
+    # the target itself, narrowed to 64 ids + every id it emits here, still proposes exactly its own tokens
+    own = copy.deepcopy(target)
+    emitted = sorted({t for row in plain for t in row})
+    own_ids = drafting.narrow_head(own, 64, extra_ids=emitted)
+    assert max(emitted) >= 64 and len(own_ids) < target.cfg.vocab_size
+    selfish = run(target, prompts, cfg, Speculation(draft=own, k=3, adaptive=False, draft_vocab=own_ids))
+    assert selfish.tokens == plain and selfish.spec.acceptance_rate == 1.0
+    with pytest.raises(LmlabError, match="--draft-vocab 512 must be between 1 and 511"):
+        drafting.narrow_head(copy.deepcopy(small), 512)
+    with pytest.raises(LmlabError, match="--draft-vocab 0 must be"):
+        drafting.narrow_head(copy.deepcopy(small), 0)
+    with pytest.raises(LmlabError, match="needs a draft model"):
+        Speculation(prompt_lookup=2, draft_vocab=ids)
+
+
 # --------------------------------------------------------------------------- bad input
 def test_bad_speculation_input_is_named(pair):
     target, _ = pair
@@ -375,6 +420,7 @@ def test_cli_draft_and_prompt_lookup_with_run_options(tmp_path, capsys, monkeypa
     assert code == 0, err
     for opts in (["--draft", str(tiny), "--speculate", "3", "--no-adapt"], ["--prompt-lookup", "2"],
                  ["--draft", str(tiny), "--draft-quantize", "int4", "--speculate", "3", "--no-adapt"],
+                 ["--draft", str(tiny), "--draft-vocab", "40", "--speculate", "3", "--no-adapt"],
                  ["--draft", str(tiny), "--quantize", "int8", "--dtype", "bfloat16"]):
         code, out, err = lmlab_cli(capsys, monkeypatch, *base, "--stats", *opts)
         assert code == 0, (opts, err)
@@ -387,7 +433,9 @@ def test_cli_draft_and_prompt_lookup_with_run_options(tmp_path, capsys, monkeypa
     for opts, needle in ((["--draft", str(tiny), "--prompt-lookup", "2"], "not both"),
                          (["--prompt-lookup", "2", "--speculate", "0"], "k=0"),
                          (["--draft-quantize", "int4"], "--draft-quantize needs --draft"),
-                         (["--prompt-lookup", "2", "--draft-quantize", "int8"], "--draft-quantize needs --draft")):
+                         (["--prompt-lookup", "2", "--draft-quantize", "int8"], "--draft-quantize needs --draft"),
+                         (["--prompt-lookup", "2", "--draft-vocab", "40"], "--draft-vocab needs --draft"),
+                         (["--draft", str(tiny), "--draft-vocab", "100000"], "--draft-vocab 100000 must be between")):
         code, out, err = lmlab_cli(capsys, monkeypatch, *base, *opts)
         lines = [ln for ln in err.strip().splitlines() if ln.strip()]
         assert code == 1 and len(lines) == 1 and needle in lines[0], err
