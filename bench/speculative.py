@@ -2,7 +2,8 @@
 
   1. the Qwen pair (Qwen2.5-Coder 0.5B draft, 1.5B target, the same dtype) on code and open prose prompts:
      plain lmlab greedy, lmlab speculative (draft model, adaptive k <= --k), the same with the draft alone
-     quantized (--draft-quantize, default int4: a cheaper draft step, the same output), HF greedy and HF
+     quantized (--draft-quantize, default int4: a cheaper draft step, the same output), the same with the
+     draft's head narrowed to the first --draft-vocab ids (default 32768 of 151936), HF greedy and HF
      assisted generation (assistant_model=); batch --batch speculative vs batch --batch plain.
   2. SmolLM2-135M on input-grounded prompts (copy / rewrite / continue a given passage): plain lmlab,
      lmlab prompt lookup, HF greedy and HF prompt_lookup_num_tokens.
@@ -35,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lmlab.checkpoints import load as load_checkpoint, resolve  # noqa: E402
-from lmlab.inference.drafting import Speculation, compile_few  # noqa: E402
+from lmlab.inference.drafting import Speculation, compile_few, narrow_head  # noqa: E402
 from lmlab.inference.generate import generate_tokens  # noqa: E402
 from lmlab.inference.load import RunConfig, prepare  # noqa: E402
 from lmlab.inference.sampling import GenerationConfig  # noqa: E402
@@ -234,6 +235,11 @@ def qwen_part(folder: Path, args, run: RunConfig) -> None:
         d_model, _ = load_checkpoint(str(folder / DRAFT), dtype="float32", device="cpu")
         specs.append(Speculation(draft=prepare(d_model, replace(run, quantize=args.draft_quantize)), k=args.k,
                                  adaptive=not args.fixed_k, draft_name=f"qwen2.5-coder-0.5b ({args.draft_quantize})"))
+    if args.draft_vocab:  # the same draft, its head narrowed to the first N ids (+ stop ids): cheaper steps
+        d_model, _ = load_checkpoint(str(folder / DRAFT), dtype=run.dtype, device="cpu")
+        ids = narrow_head(d_model, args.draft_vocab, tok.stop_ids)
+        specs.append(Speculation(draft=prepare(d_model, run), k=args.k, adaptive=not args.fixed_k, draft_vocab=ids,
+                                 draft_name=f"qwen2.5-coder-0.5b ({run.quantize or run.dtype}, head {len(ids)} ids)"))
     compile_few(target, *(s.draft for s in specs))  # before the timings (the loop would build them on first use)
     hf_kw = {"assistant_model": hf_draft}
     n = args.prompts
@@ -273,6 +279,8 @@ def main() -> None:
     ap.add_argument("--quantize", default=None, choices=["int8", "int4"], help="both models' weights (lmlab)")
     ap.add_argument("--draft-quantize", default="int4", choices=["int8", "int4", "none"],
                     help="also run lmlab with the draft alone quantized (none: skip that run)")
+    ap.add_argument("--draft-vocab", type=int, default=32768,
+                    help="also run lmlab with the draft's head narrowed to the first N ids (0: skip that run)")
     ap.add_argument("--compile", action="store_true", help="lmlab's compiled decoding step")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip-hf", action="store_true")
