@@ -3,7 +3,7 @@
   1. the Qwen pair (Qwen2.5-Coder 0.5B draft, 1.5B target, the same dtype) on code and open prose prompts:
      plain lmlab greedy, lmlab speculative (draft model, adaptive k <= --k), the same with the draft alone
      quantized (--draft-quantize, default int4: a cheaper draft step, the same output), the same with the
-     draft's head narrowed to the first --draft-vocab ids (default 32768 of 151936), HF greedy and HF
+     draft's head narrowed to the first --draft-vocab ids (when given), HF greedy and HF
      assisted generation (assistant_model=); batch --batch speculative vs batch --batch plain.
   2. SmolLM2-135M on input-grounded prompts (copy / rewrite / continue a given passage): plain lmlab,
      lmlab prompt lookup, HF greedy and HF prompt_lookup_num_tokens.
@@ -279,8 +279,8 @@ def main() -> None:
     ap.add_argument("--quantize", default=None, choices=["int8", "int4"], help="both models' weights (lmlab)")
     ap.add_argument("--draft-quantize", default="int4", choices=["int8", "int4", "none"],
                     help="also run lmlab with the draft alone quantized (none: skip that run)")
-    ap.add_argument("--draft-vocab", type=int, default=32768,
-                    help="also run lmlab with the draft's head narrowed to the first N ids (0: skip that run)")
+    ap.add_argument("--draft-vocab", type=int, default=0,
+                    help="also run lmlab with the draft's head narrowed to the first N ids, e.g. 32768 (0: skip)")
     ap.add_argument("--compile", action="store_true", help="lmlab's compiled decoding step")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip-hf", action="store_true")

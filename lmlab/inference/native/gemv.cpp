@@ -498,10 +498,11 @@ LMLAB_AVX512 inline __m512bh load_bf16(const at::BFloat16* p, __mmask32 mk) {
 // R rows of x against the 4 rows of W at w (N×K; output columns n..n+3): 4·R accumulators, so each load of W
 // serves R rows of x (a verification pass of a few tokens reads W once and pays little more than one row).
 // With more than one row of x (PF), each step also prefetches the same 64 bytes of the next block's 4 rows
-// (pf): memory keeps streaming while the block computes. (Measured, Qwen2.5 1.5B shapes, 2 threads, AMD EPYC: a 4-row product took 1.2–1.3×
-// a one-row one with a burst of prefetches per block, 1.0–1.1× with these; a 3-token verification pass of
-// the whole model went from 1.55× a compiled one-token step to 1.06×. One row keeps a burst of prefetches a
-// block ahead: with the per-step ones SmolLM2's one-row bf16 products at K = 576 took 1.2–1.5× longer.)
+// (pf): memory keeps streaming while the block computes. (Measured, Qwen2.5 1.5B shapes, 2 threads, AMD
+// EPYC: a 4-row product took 1.2–1.3× a one-row one with a burst of prefetches per block, 1.0–1.1× with
+// these; a 3-token verification pass of the whole model went from 1.55× a compiled one-token step to 1.06×.
+// One row keeps a burst of prefetches a block ahead: with the per-step ones SmolLM2's one-row bf16 products
+// at K = 576 took 1.2–1.5× longer.)
 template <int R, bool PF>
 LMLAB_AVX512 inline void bf16_block(const at::BFloat16* x, const at::BFloat16* w, int64_t K, int64_t steps,
                                     __mmask32 tail, float* y, int64_t N, const at::BFloat16* pf) {
@@ -514,7 +515,7 @@ LMLAB_AVX512 inline void bf16_block(const at::BFloat16* x, const at::BFloat16* w
     const __mmask32 mk = i == steps - 1 ? tail : ~(__mmask32)0;
     if (PF) {
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) _mm_prefetch((const char*)(pf + j * K + i * 32), _MM_HINT_T0);
+      for (int j = 0; j < 4; ++j) _mm_prefetch((const char*)(pf + j * K + i * 32), _MM_HINT_T0);
     }
     __m512bh wv[4];
 #pragma GCC unroll 4
@@ -544,7 +545,7 @@ LMLAB_AVX512 inline void f32_block(const float* x, const float* w, int64_t K, in
     const __mmask16 mk = i == steps - 1 ? tail : (__mmask16)0xFFFF;
     if (PF) {
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) _mm_prefetch((const char*)(pf + j * K + i * 16), _MM_HINT_T0);
+      for (int j = 0; j < 4; ++j) _mm_prefetch((const char*)(pf + j * K + i * 16), _MM_HINT_T0);
     }
     __m512 wv[4];
 #pragma GCC unroll 4
