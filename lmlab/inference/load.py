@@ -152,5 +152,4 @@ def load_speculation(target: Runner, target_tok, *, draft: str | None = None, sp
 def speculation_options(args) -> dict:
     """load_speculation's keyword arguments from parsed add_speculation_args options."""
     return dict(draft=args.draft, speculate=args.speculate, prompt_lookup=args.prompt_lookup, adapt=not args.no_adapt,
-                draft_quantize=args.draft_quantize,
-                draft_vocab=args.draft_vocab)
+                draft_quantize=args.draft_quantize, draft_vocab=args.draft_vocab)
