@@ -30,6 +30,12 @@ from lmlab.utils.atomic import atomic_path
 from lmlab.utils.device import cpu_flags, notice, synchronize
 
 
+# 16-bit values are rounded wherever the eager forward rounds them, also inside fused code: without it the
+# one-token graph fed a residual sum it kept in float32 to the next norm while the few-token graph re-read the
+# rounded one, so a verification pass and plain steps disagreed in bfloat16 (logits by up to 0.4)
+INDUCTOR_CONFIG = {"emulate_precision_casts": True}
+
+
 def _step_graph(model, ids, allowed, slot, positions, ks, vs):
     """T tokens per row (written at slots `slot`) through a decoder-only model over its whole static cache:
     the compiled function."""
@@ -46,7 +52,7 @@ def _inductor_keeping_mv(gm, example_inputs):
 
     keep = (torch.ops.aten.mv.default, torch.ops.aten.addmv.default)
     table = {op: fn for op, fn in select_decomp_table().items() if op not in keep}
-    return compile_fx(gm, example_inputs, decompositions=table)
+    return compile_fx(gm, example_inputs, decompositions=table, config_patches=INDUCTOR_CONFIG)
 
 
 def first_line(e: Exception) -> str:
@@ -109,13 +115,15 @@ def _aot_package(model: torch.nn.Module, T: int = 1):
         ep = torch.export.export(_Step(model), example, dynamic_shapes=dims, strict=False)
     tensors = {**ep.state_dict, **ep.constants}
     key = "\n".join([ep.graph_module.print_readable(print_output=False), str(ep.graph_signature), torch.__version__,
+                     str(sorted(INDUCTOR_CONFIG.items())),
                      " ".join(sorted(cpu_flags())), str(model.device)])
     path = cache_dir() / f"step-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt2"
     if not path.is_file():
         notice("compiling the decoding step ahead of time (once per model, dtype and machine; a minute or two)")
         with atomic_path(path, suffix=".pt2") as tmp, torch.inference_mode():
             torch._inductor.aoti_compile_and_package(
-                ep, package_path=str(tmp), inductor_configs={"aot_inductor.package_constants_in_so": False})
+                ep, package_path=str(tmp),
+                inductor_configs={**INDUCTOR_CONFIG, "aot_inductor.package_constants_in_so": False})
     package = torch._inductor.aoti_load_package(str(path))
     names = package.get_constant_fqns()
     missing = [n for n in names if n not in tensors]

@@ -18,7 +18,7 @@ from lmlab.inference.compile import compile_step
 from lmlab.inference.generate import generate_tokens
 from lmlab.inference.runner import Runner
 from lmlab.inference.sampling import GenerationConfig, probabilities, process_logits
-from lmlab.model import KVCache
+from lmlab.model import KVCache, Transformer
 from test_generation import margin_model, prompts_of
 
 GREEDY = dict(temperature=0.0)
@@ -347,6 +347,45 @@ def test_compiled_verification_passes_give_the_plain_tokens(pair):
             assert run(runner, prompts, cfg, sp).tokens == plain
             assert [run(runner, [p], cfg, sp).tokens[0] for p in prompts] == plain
         assert runner.compiled and calls and max(calls) > 2
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_compiled_bfloat16_passes_equal_one_token_steps_bit_for_bit():
+    """In bfloat16 the compiled one-token step and the compiled few-token pass give the same logits at every
+    position, bit for bit (batch 1: the two ahead-of-time packages; batch 2: torch.compile), so greedy
+    verification accepts exactly what plain decoding would emit. Products take lmlab's native kernel, whose
+    rows do not depend on how many rows a call has; the compiled code must round 16-bit values at the same
+    places in both graphs (lmlab.inference.compile.INDUCTOR_CONFIG)."""
+    from lmlab.inference import native
+    from lmlab.inference.kernels import RowLinear, use_row_linears
+
+    if not native.available():
+        pytest.skip("lmlab's native kernels are not built here")
+    torch.manual_seed(0)  # SmolLM2's widths and 6 layers: there the two graphs fused (and rounded) differently
+    model = Transformer(preset("tiny-llama", d_model=576, n_head=9, n_kv_head=3, head_dim=64, d_ff=1536,
+                               n_layer=6)).to(torch.bfloat16).eval()
+    use_row_linears(model)
+    for m in model.modules():
+        if isinstance(m, RowLinear):
+            m.set_route("native", "native", ("native", "native"))
+    step = compile_step(model, few=True)
+    if step is None:
+        pytest.skip("torch.compile unavailable here")
+    try:
+        assert step.aot.get("one") is not None and step.aot.get("few") is not None
+        step.few_rows = 16
+        runner = Runner(model, step)
+        gen = torch.Generator().manual_seed(0)
+        for B in (1, 2):
+            prompt = torch.randint(0, model.cfg.vocab_size, (B, 9), generator=gen)
+            new = torch.randint(0, model.cfg.vocab_size, (B, 5), generator=gen)
+            one, few = runner.new_cache(B, 40), runner.new_cache(B, 40)
+            runner.prefill(prompt, one), runner.prefill(prompt, few)
+            steps = torch.stack([runner.step(new[:, i:i + 1], one) for i in range(5)], 1)
+            assert torch.equal(runner.logits_all(new, few), steps)
+        assert runner.compiled
     finally:
         torch._dynamo.reset()
 
