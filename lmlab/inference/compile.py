@@ -287,10 +287,11 @@ def compile_step(model: torch.nn.Module, few: bool = False) -> DecodeStep | None
 def _checked_aot(model: torch.nn.Module, T: int = 1):
     """The AOTInductor package for T tokens (T > 1: the few-token package), used only when a few greedy
     steps through it agree with the eager forward at every position: for dense float32 weights the same
-    tokens and logits within 0.1% of their norm; otherwise logits within 25% of their norm, since 16-bit
-    dtypes round after every eager op but not inside fused code, and int8 kernels quantize activations whose
-    rounding then flips (measured: 11% for SmolLM2 bfloat16, 0.9% for int8, whose compiled tokens equal
-    torch.compile's; unrelated logits are ~100% off)."""
+    tokens and logits within 0.1% of their norm; otherwise logits within 25% of their norm, since fused
+    16-bit reductions sum in another order than eager ops (a last-bit difference then grows over the layers),
+    and int8 kernels quantize activations whose rounding then flips (measured: 11% for SmolLM2 bfloat16
+    before INDUCTOR_CONFIG, 0.9% for int8, whose compiled tokens equal torch.compile's; unrelated logits are
+    ~100% off)."""
     package = _aot_package(model, T)
     device = model.device
     prompt = torch.tensor([[1, 2]], device=device)
