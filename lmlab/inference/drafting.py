@@ -297,6 +297,17 @@ def compile_few(*runners: Runner) -> None:
             runner.decode_step.add_few()
 
 
+def compiled_k_max(target: Runner, batch: int, k: int) -> int:
+    """The most drafts per pass the adaptive controller may choose for a batch of `batch` rows: k, capped where
+    a verification pass of batch × (k+1) rows would leave the target's compiled few-token step (DecodeStep.covers)
+    for the eager forward, whose products take other kernels than the compiled plain steps (in 16-bit dtypes
+    their last bits differ, so greedy output could part from plain greedy's) and cost more (measured: SmolLM2
+    bf16 lookup at batch 4, 28-row passes at 1.95 plain batch steps)."""
+    if not target.compiled or batch * 2 > target.decode_step.few_rows:
+        return k
+    return max(1, min(k, target.decode_step.few_rows // batch - 1))
+
+
 def draft_runner(spec: Speculation, target: Runner) -> Runner:
     """The draft as a Runner on the target's device."""
     runner = as_runner(spec.draft)

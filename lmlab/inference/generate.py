@@ -213,7 +213,7 @@ def _decode_speculative(runner: Runner, cache, logits: torch.Tensor, budgets: li
         drafting.compile_few(draft)
         draft_cache, _ = _prefill(draft, prompts, pad_id, _room(budgets, spec.k), chunk)
         drafter = drafting.ModelDrafter(draft, draft_cache, first, pad_id, vocab_ids=spec.draft_vocab)
-    control = DraftController(spec.k) if spec.adaptive else None
+    control = DraftController(drafting.compiled_k_max(runner, B, spec.k)) if spec.adaptive else None
     stats = SpecStats(method=spec.method)
     plain_first = control is not None  # a timed plain step first gives the controller its c
     while not all(watch.done):

@@ -167,6 +167,35 @@ def test_adaptive_controller_switches_a_useless_draft_off_and_says_so(pair):
     assert "speculation switched off" in out.spec.format(100.0)
 
 
+def test_adaptive_k_keeps_batched_verification_on_the_compiled_step(pair, monkeypatch):
+    """With a compiled target the adaptive controller drafts at most as many tokens as keep a verification pass
+    (batch x (k+1) rows) inside what the compiled few-token step takes; eager targets keep k, and so do batches
+    whose every pass is beyond it."""
+    import lmlab.inference.generate as generate_mod
+
+    target, _ = pair
+
+    class Step:  # a compiled step that takes up to 16 rows; every call here still runs eagerly
+        failed, few_rows = False, 16
+
+        def covers(self, B, T):
+            return False
+
+        def add_few(self):
+            pass
+
+    compiled = Runner(target, Step())
+    assert [drafting.compiled_k_max(compiled, b, 6) for b in (1, 2, 4, 8, 9)] == [6, 6, 3, 1, 6]
+    assert drafting.compiled_k_max(Runner(target), 4, 6) == 6
+    seen = []
+    real = generate_mod.DraftController
+    monkeypatch.setattr(generate_mod, "DraftController", lambda k_max: seen.append(k_max) or real(k_max))
+    prompts = prompts_of([3, 11, 40, 7], target.cfg.vocab_size)
+    cfg = GenerationConfig(max_new_tokens=8, **GREEDY)
+    assert run(compiled, prompts, cfg, Speculation(prompt_lookup=2, k=6)).tokens == run(target, prompts, cfg).tokens
+    assert seen == [3]
+
+
 # --------------------------------------------------------------------------- sampling is lossless
 def tiny_pair():
     target = margin_model("tiny-llama", seed=11, vocab_size=10)
